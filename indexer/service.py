@@ -1,0 +1,238 @@
+"""The indexer service: keeps the HNSW index current and answers queries from it.
+
+Two loops share one :class:`VectorIndex`:
+
+* the catalog feed, an aiokafka consumer assigned to *every* partition of the
+  catalog-vector topic (each indexer replica holds the whole catalog), applies
+  upserts and tombstones in order and records the offsets it has applied;
+* the faust agent on the query-vector topic (partitions shared by the replicas of the
+  consumer group) searches and produces each reply to the query's reply-to topic.
+
+Queries wait until the feed has caught up with the end of the vector topic as it was
+at start-up, so a restarted indexer never answers from a half-loaded index. The
+indexer's position and size are published in Redis for the CLI and the demo; when
+Redis is away, queries are still answered from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+import redis
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from indexer import stages
+from indexer.index import Mutation, VectorIndex
+from lookalike import contracts as c
+from lookalike.clients import aiokafka_config, confluent_config, faust_broker_url
+from lookalike.errors import ConfigError, InvalidMessage, UnknownItem
+from lookalike.settings import IndexerSettings
+
+log = logging.getLogger(__name__)
+
+STATUS_KEY = "lookalike:indexer:{group}:{instance}"
+STATUS_TTL_S = 15
+
+
+def topic_partitions(settings: IndexerSettings, topic: str) -> list[int]:
+    """The partition ids of a topic (blocking: run it in an executor)."""
+    meta = AdminClient(confluent_config(settings)).list_topics(topic, timeout=30)
+    found = meta.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        raise ConfigError(f"topic {topic} does not exist: create it with `lookalike topics create`")
+    return sorted(found.partitions)
+
+
+class Indexer:
+    """The index, its model version and its position in the catalog-vector topic."""
+
+    def __init__(self, settings: IndexerSettings) -> None:
+        self.settings = settings
+        self.index: VectorIndex | None = None
+        self.model_version: str | None = None
+        self.index_version: str | None = None
+        self.position: dict[int, int] = {}
+        self.caught_up = asyncio.Event()
+        self.skipped = 0
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+        self.search_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
+        self.write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
+
+    # -- catalog feed -------------------------------------------------------------
+    def apply_records(self, records: list[Any]) -> None:
+        """Decode and apply one fetched batch (runs in the writer thread)."""
+        mutations: list[Mutation] = []
+        for record in records:
+            try:
+                event = stages.parse_vector_record(record.key, record.value, c.headers_to_dict(record.headers))
+            except InvalidMessage as exc:
+                self.skipped += 1
+                log.warning("vector %s@%d skipped: %s", record.partition, record.offset, exc)
+                continue
+            if event.dim is not None and self.index is None:
+                self._create_index(event.dim, event.model_version)
+            if event.model_version != self.model_version and event.dim is not None:
+                self.skipped += 1
+                log.warning("vector for %s from model %s skipped: index serves %s",
+                            event.mutation.item_id, event.model_version, self.model_version)
+                continue
+            mutations.append(event.mutation)
+        if self.index is not None:
+            self.index.apply(mutations)
+
+    def _create_index(self, dim: int, model_version: str | None) -> None:
+        s = self.settings
+        self.index = VectorIndex(
+            dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
+            capacity=s.initial_capacity,
+        )
+        self.model_version = model_version
+        self.index_version = f"{model_version}/{uuid.uuid4().hex[:8]}"
+        log.info("new index %s (dim %d)", self.index_version, dim)
+
+    async def run_feed(self) -> None:
+        """Read the catalog-vector topic from the beginning, forever."""
+        s = self.settings
+        consumer = AIOKafkaConsumer(
+            **aiokafka_config(s), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        partitions = await asyncio.get_running_loop().run_in_executor(None, topic_partitions, s, s.catalog_vectors_topic)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(s.catalog_vectors_topic, p) for p in partitions]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            start_ends = await consumer.end_offsets(tps)
+            log.info("catalog feed: %d partitions, %d records to load", len(tps), sum(start_ends.values()))
+            loop = asyncio.get_running_loop()
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=2000)
+                for tp, records in batch.items():
+                    await loop.run_in_executor(self.write_pool, self.apply_records, records)
+                    self.position[tp.partition] = records[-1].offset + 1
+                if not self.caught_up.is_set():
+                    positions = {tp: await consumer.position(tp) for tp in tps}
+                    if all(positions[tp] >= start_ends[tp] for tp in tps):
+                        self.caught_up.set()
+                        log.info("catalog feed caught up: %d items", len(self.index) if self.index else 0)
+        finally:
+            await consumer.stop()
+
+    # -- queries ------------------------------------------------------------------
+    def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes]) -> tuple[str, bytes, bytes]:
+        """One query vector -> (reply topic, reply key, reply value). Never raises."""
+        dim = self.index.dim if self.index else None
+        try:
+            query = stages.parse_query_vector(key, value, headers, dim=dim, default_reply_to=self.settings.replies_topic)
+        except InvalidMessage as exc:
+            reply = c.error_reply(key.decode("utf-8", "replace") if key else "(missing)", exc.code, str(exc))
+            return self.settings.replies_topic, key or b"", c.encode_reply(reply)
+        try:
+            if self.index is None or len(self.index) == 0:
+                raise InvalidMessage("the index is empty: no catalog item has been indexed yet", code="empty_index")
+            reply = stages.answer(
+                self.index, query, model_version=self.model_version, index_version=self.index_version,
+                index_position=dict(self.position),
+            )
+        except (InvalidMessage, UnknownItem) as exc:
+            reply = c.error_reply(query.request_id, exc.code, str(exc), model_version=self.model_version,
+                                  index_version=self.index_version, timings_ms=query.timings_ms)
+        except Exception as exc:  # a bug must not stop the service; the client still gets an answer
+            log.exception("query %s failed", query.request_id)
+            reply = c.error_reply(query.request_id, "internal", f"{type(exc).__name__}: {exc}",
+                                  model_version=self.model_version, index_version=self.index_version)
+        return query.reply_to, query.request_key, c.encode_reply(reply)
+
+    # -- status -------------------------------------------------------------------
+    def status(self) -> dict[str, str]:
+        return {
+            "instance": self.instance,
+            "items": str(len(self.index) if self.index else 0),
+            "model_version": self.model_version or "",
+            "index_version": self.index_version or "",
+            "position": json.dumps({str(p): o for p, o in sorted(self.position.items())}),
+            "caught_up": "1" if self.caught_up.is_set() else "0",
+            "skipped": str(self.skipped),
+            "updated_at": f"{time.time():.3f}",
+        }
+
+    async def publish_status(self) -> None:
+        s = self.settings
+        client = aioredis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=2)
+        key = STATUS_KEY.format(group=s.indexer_group, instance=self.instance)
+        redis_ok = True
+        while True:
+            try:
+                async with client.pipeline(transaction=True) as pipe:
+                    await pipe.hset(key, mapping=self.status()).expire(key, STATUS_TTL_S).execute()
+                if not redis_ok:
+                    log.info("Redis is back")
+                redis_ok = True
+            except (redis.RedisError, OSError) as exc:
+                if redis_ok:
+                    log.warning("cannot publish status to Redis (%s); serving from memory meanwhile", exc)
+                redis_ok = False
+            await asyncio.sleep(s.status_interval_s)
+
+
+def create_app(settings: IndexerSettings) -> faust.App:
+    """The faust app: the query agent plus the catalog feed and status tasks."""
+    indexer = Indexer(settings)
+    app = faust.App(
+        settings.indexer_group,
+        broker=faust_broker_url(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+    )
+    query_vectors = app.topic(settings.query_vectors_topic, key_type=bytes, value_type=bytes, allow_empty=True)
+
+    @app.task
+    async def catalog_feed() -> None:
+        await indexer.run_feed()
+
+    @app.task
+    async def status() -> None:
+        await indexer.publish_status()
+
+    @app.agent(query_vectors, name="answer-queries")
+    async def answer_queries(stream: faust.Stream) -> None:
+        async for events in stream.take_events(64, within=0.002):
+            await indexer.caught_up.wait()
+            loop = asyncio.get_running_loop()
+            replies = await asyncio.gather(
+                *(
+                    loop.run_in_executor(indexer.search_pool, indexer.answer, e.key, e.value, c.headers_to_dict(e.headers))
+                    for e in events
+                )
+            )
+            by_topic: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+            for topic, key, value in replies:
+                by_topic[topic].append((key, value))
+            pending = []
+            for topic, records in by_topic.items():
+                for key, value in records:
+                    pending.append(await app.producer.send(topic, key, value, None, None, None))
+            await asyncio.gather(*pending)
+
+    app.lookalike_indexer = indexer  # type: ignore[attr-defined]
+    return app

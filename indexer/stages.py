@@ -1,0 +1,105 @@
+"""The indexer's pure stages: vector records -> index mutations, query vectors -> replies."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from indexer.index import Delete, Mutation, Upsert, VectorIndex
+from lookalike import contracts as c
+from lookalike.errors import InvalidMessage, ModelMismatch
+
+
+@dataclass(frozen=True)
+class VectorEvent:
+    """One record of the catalog-vector topic, decoded."""
+
+    mutation: Mutation
+    model_version: str | None
+    dim: int | None
+
+
+def parse_vector_record(key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> VectorEvent:
+    """A catalog-vector record -> an upsert or a delete. Raises InvalidMessage."""
+    item_id = c.decode_key(key, "item id (key)")
+    model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
+    if value is None:
+        return VectorEvent(Delete(item_id), model_version, None)
+    try:
+        dim = int(headers.get(c.H_VECTOR_DIM, b"").decode("ascii"))
+    except ValueError as exc:
+        raise InvalidMessage("vector-dim header is missing or not an integer", code="bad_header") from exc
+    vector = c.decode_vector(value, dim)
+    metadata = c.decode_metadata(headers.get(c.H_METADATA))
+    return VectorEvent(Upsert(item_id, vector, metadata), model_version, dim)
+
+
+@dataclass(frozen=True)
+class QueryVector:
+    request_key: bytes
+    request_id: str
+    reply_to: str
+    k: int
+    item_id: str | None
+    vector: np.ndarray | None
+    model_version: str | None
+    query_timestamp_ms: int | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def parse_query_vector(
+    key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], *, dim: int | None, default_reply_to: str
+) -> QueryVector:
+    """A query-vector record (written by a worker) -> what to search for and where to reply."""
+    request_id = c.decode_key(key, "request id (key)")
+    reply_to = headers.get(c.H_REPLY_TO, default_reply_to.encode()).decode("utf-8", "replace")
+    try:
+        k = int(headers.get(c.H_K, b"5").decode("ascii"))
+        ts = int(headers[c.H_QUERY_TS].decode("ascii")) if c.H_QUERY_TS in headers else None
+        timings = json.loads(headers.get(c.H_TIMINGS, b"{}").decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"malformed query-vector headers: {exc}", code="bad_header") from exc
+    item_id = headers[c.H_ITEM_ID].decode("utf-8", "replace") if c.H_ITEM_ID in headers else None
+    vector = None
+    if item_id is None:
+        if value is None or dim is None:
+            raise InvalidMessage("query vector is missing", code="bad_vector")
+        vector = c.decode_vector(value, dim)
+    model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
+    return QueryVector(key or b"", request_id, reply_to, k, item_id, vector, model_version, ts, dict(timings))
+
+
+def answer(
+    index: VectorIndex,
+    query: QueryVector,
+    *,
+    model_version: str | None,
+    index_version: str | None,
+    index_position: Mapping[int, int],
+) -> dict[str, Any]:
+    """Search the index for a query and build its reply. Raises InvalidMessage."""
+    if query.model_version != model_version:
+        raise ModelMismatch(f"query embedded by model {query.model_version}, the index serves {model_version}")
+    started = time.perf_counter()
+    if query.item_id is not None:
+        hits = index.search(index.vector(query.item_id), query.k, exclude=query.item_id)
+    else:
+        hits = index.search(query.vector, query.k)  # type: ignore[arg-type]
+    timings = dict(query.timings_ms)
+    timings["search"] = (time.perf_counter() - started) * 1000
+    if query.query_timestamp_ms is not None:
+        timings["total"] = time.time() * 1000 - query.query_timestamp_ms
+    results = [{"item_id": h.item_id, "score": round(h.score, 6), "metadata": dict(h.metadata)} for h in hits]
+    return c.ok_reply(
+        query.request_id,
+        results,
+        model_version=model_version,
+        index_version=index_version,
+        index_position=index_position,
+        timings_ms=timings,
+    )

@@ -1,0 +1,67 @@
+"""Kafka client configuration for the three clients Lookalike uses.
+
+confluent-kafka (producers, query client, admin), aiokafka (the indexer's catalog
+feed) and faust (the stream processors) each spell the same settings differently;
+these functions are the one place that translates :class:`CommonSettings`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from lookalike.settings import CommonSettings
+
+# Room for the largest allowed image plus headers and the record envelope.
+ENVELOPE_BYTES = 256 * 1024
+
+
+def max_message_bytes(settings: CommonSettings) -> int:
+    return settings.max_image_bytes + ENVELOPE_BYTES
+
+
+def confluent_config(settings: CommonSettings, **extra: Any) -> dict[str, Any]:
+    """librdkafka properties: bootstrap, security, message size."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "security.protocol": settings.kafka_security_protocol,
+        "message.max.bytes": max_message_bytes(settings),
+    }
+    if settings.kafka_sasl_mechanism:
+        config["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl.username"] = settings.kafka_sasl_username or ""
+        secret = settings.kafka_sasl_password
+        config["sasl.password"] = secret.get_secret_value() if secret else ""
+    config.update(extra)
+    return config
+
+
+def producer_config(settings: CommonSettings, **extra: Any) -> dict[str, Any]:
+    """An idempotent producer: acks=all, no duplicates on retry, low latency."""
+    return confluent_config(
+        settings,
+        **{"enable.idempotence": True, "acks": "all", "linger.ms": 2, "compression.type": "none", **extra},
+    )
+
+
+def aiokafka_config(settings: CommonSettings) -> dict[str, Any]:
+    """Keyword arguments for aiokafka clients."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap.split(","),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in {"SSL", "SASL_SSL"}:
+        config["ssl_context"] = ssl.create_default_context()
+    if settings.kafka_sasl_mechanism:
+        secret = settings.kafka_sasl_password
+        config.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=secret.get_secret_value() if secret else None,
+        )
+    return config
+
+
+def faust_broker_url(settings: CommonSettings) -> str:
+    """faust's broker URL: ``kafka://h1:9092;h2:9092``."""
+    return "kafka://" + ";".join(host.strip() for host in settings.kafka_bootstrap.split(","))

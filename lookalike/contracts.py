@@ -1,0 +1,193 @@
+"""The wire contracts: topic headers, the vector encoding, and the reply document.
+
+docs/contracts.md describes the same things for people and for clients in other
+languages; the JSON Schemas in ``lookalike/schemas`` are the machine-readable part and
+the tests validate every reply against them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from lookalike.errors import BadHeader, BadKey, InvalidMessage
+
+# Header names. Kafka headers are (str, bytes) pairs; values are UTF-8 text.
+H_METADATA = "metadata"
+H_REPLY_TO = "reply-to"
+H_K = "k"
+H_ITEM_ID = "item-id"
+H_MODEL_VERSION = "model-version"
+H_VECTOR_DTYPE = "vector-dtype"
+H_VECTOR_DIM = "vector-dim"
+H_QUERY_TS = "query-timestamp-ms"
+H_TIMINGS = "timings"
+H_ERROR_CODE = "error-code"
+H_ERROR_MESSAGE = "error-message"
+H_SOURCE_TOPIC = "source-topic"
+H_SOURCE_PARTITION = "source-partition"
+H_SOURCE_OFFSET = "source-offset"
+
+MAX_KEY_BYTES = 256
+MAX_METADATA_BYTES = 64 * 1024
+VECTOR_DTYPE = "float32"
+
+Headers = Sequence[tuple[str, bytes | None]]
+
+
+def headers_to_dict(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes] | None) -> dict[str, bytes]:
+    """Normalise client header lists (or faust's mapping) to a dict; the last value wins."""
+    if not headers:
+        return {}
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    out: dict[str, bytes] = {}
+    for name, value in pairs:
+        out[str(name)] = b"" if value is None else bytes(value)
+    return out
+
+
+def decode_key(key: bytes | None, what: str = "key") -> str:
+    """A message key as text: present, UTF-8, at most MAX_KEY_BYTES, no control characters."""
+    if not key:
+        raise BadKey(f"{what} is missing")
+    if len(key) > MAX_KEY_BYTES:
+        raise BadKey(f"{what} is {len(key)} bytes, the limit is {MAX_KEY_BYTES}")
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadKey(f"{what} is not valid UTF-8") from exc
+    if any(ord(c) < 32 for c in text):
+        raise BadKey(f"{what} contains control characters")
+    return text
+
+
+def decode_metadata(raw: bytes | None) -> dict[str, Any]:
+    """The ``metadata`` header: a JSON object, or an empty one when absent."""
+    if raw is None or raw == b"":
+        return {}
+    if len(raw) > MAX_METADATA_BYTES:
+        raise BadHeader(f"metadata header is {len(raw)} bytes, the limit is {MAX_METADATA_BYTES}")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadHeader(f"metadata header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise BadHeader("metadata header must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """What the headers of a query ask for."""
+
+    reply_to: str
+    k: int
+    item_id: str | None  # set: "more like this catalog item", the image is ignored
+
+
+def parse_query_headers(
+    headers: Mapping[str, bytes], *, default_reply_to: str, default_k: int, max_k: int, reply_topic_prefix: str
+) -> QueryOptions:
+    """Validate a query's headers. Raises BadHeader with a message a client can act on."""
+    reply_to = default_reply_to
+    if H_REPLY_TO in headers:
+        try:
+            reply_to = headers[H_REPLY_TO].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadHeader("reply-to header is not UTF-8") from exc
+        if not valid_topic_name(reply_to):
+            raise BadHeader(f"reply-to {reply_to!r} is not a valid topic name")
+        if reply_to != default_reply_to and not reply_to.startswith(reply_topic_prefix):
+            raise BadHeader(f"reply-to {reply_to!r} is outside the allowed prefix {reply_topic_prefix!r}")
+    k = default_k
+    if H_K in headers:
+        try:
+            k = int(headers[H_K].decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadHeader("k header is not an integer") from exc
+        if not 1 <= k <= max_k:
+            raise BadHeader(f"k={k} is outside 1..{max_k}")
+    item_id = None
+    if H_ITEM_ID in headers:
+        item_id = decode_key(headers[H_ITEM_ID], what="item-id header")
+    return QueryOptions(reply_to=reply_to, k=k, item_id=item_id)
+
+
+def valid_topic_name(name: str) -> bool:
+    """Kafka's own rule: 1-249 characters of [a-zA-Z0-9._-], not '.' or '..'."""
+    if not 0 < len(name) <= 249 or name in {".", ".."}:
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    """A vector as the bytes of little-endian float32, the value format of the vector topics."""
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def decode_vector(raw: bytes, dim: int) -> np.ndarray:
+    """Inverse of :func:`encode_vector`; checks the length against ``dim``."""
+    if len(raw) != dim * 4:
+        raise InvalidMessage(f"vector is {len(raw)} bytes, expected {dim * 4} for dim {dim}", code="bad_vector")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    """A JSON Schema shipped in ``lookalike/schemas`` (``reply``, ``metadata``)."""
+    text = resources.files("lookalike.schemas").joinpath(f"{name}.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def ok_reply(
+    request_id: str,
+    results: list[dict[str, Any]],
+    *,
+    model_version: str | None,
+    index_version: str | None,
+    index_position: Mapping[int, int],
+    timings_ms: Mapping[str, float],
+) -> dict[str, Any]:
+    """The reply document for an answered query."""
+    return {
+        "request_id": request_id,
+        "status": "ok",
+        "results": results,
+        "model_version": model_version,
+        "index_version": index_version,
+        "index_position": {str(p): o for p, o in sorted(index_position.items())},
+        "timings_ms": {name: round(value, 3) for name, value in timings_ms.items()},
+        "error": None,
+    }
+
+
+def error_reply(
+    request_id: str,
+    code: str,
+    message: str,
+    *,
+    model_version: str | None = None,
+    index_version: str | None = None,
+    timings_ms: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The reply document for a query that could not be answered."""
+    return {
+        "request_id": request_id,
+        "status": "error",
+        "results": [],
+        "model_version": model_version,
+        "index_version": index_version,
+        "index_position": {},
+        "timings_ms": {name: round(value, 3) for name, value in (timings_ms or {}).items()},
+        "error": {"code": code, "message": message[:1000]},
+    }
+
+
+def encode_reply(reply: Mapping[str, Any]) -> bytes:
+    return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

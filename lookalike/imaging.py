@@ -1,0 +1,121 @@
+"""Decoding and preprocessing of images: one implementation for catalog, queries and training.
+
+``decode_image`` turns untrusted bytes into an RGB picture or raises :class:`BadImage`;
+``preprocess`` turns a picture into the model's input tensor as the artifact's
+:class:`PreprocessSpec` says. Workers and training both call these two, so a model
+sees at serving time exactly what it saw while learning.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from lookalike.errors import BadImage, MessageTooLarge
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+# Background for transparent pixels: catalog photos are shot on white.
+BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How pixels become a model input. Stored in every model artifact."""
+
+    size: int = 64
+    resize: Literal["stretch", "pad"] = "stretch"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            size=int(raw["size"]),
+            resize=raw["resize"],
+            mean=tuple(float(v) for v in raw["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in raw["std"]),  # type: ignore[arg-type]
+        )
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Untrusted bytes -> an RGB image, upright as its EXIF says.
+
+    Raises MessageTooLarge or BadImage, never a Pillow exception.
+    """
+    if not data:
+        raise BadImage("image is empty")
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"image is {len(data)} bytes, the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            if img.width * img.height > max_pixels:
+                raise BadImage(f"image is {img.width}x{img.height}, over the {max_pixels} pixel limit")
+            img.seek(0)  # animated WebP/PNG: the first frame stands for the item
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"image rejected as a decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise BadImage(f"not a {'/'.join(sorted(ALLOWED_FORMATS))} image") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadImage(f"image cannot be decoded: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode (RGBA, LA, P, L, I;16, CMYK, ...) -> RGB, transparency on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in {"RGBA", "LA", "PA"}:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode.startswith("I;16") or img.mode in {"I", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        peak = arr.max() or 1.0
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def resize_to_square(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """The square the model sees: stretched, or padded with the background."""
+    size = spec.size
+    if spec.resize == "stretch":
+        return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    scale = size / max(img.width, img.height)
+    w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    canvas = Image.new("RGB", (size, size), BACKGROUND)
+    canvas.paste(img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0), ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+def to_uint8(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image -> uint8 array (size, size, 3), before normalisation (what caches store)."""
+    return np.asarray(resize_to_square(img, spec), dtype=np.uint8)
+
+
+def normalise(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) normalised by the spec's mean and std."""
+    arr = pixels.astype(np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.moveaxis(arr, -1, -3).copy()
+
+
+def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image -> float32 (3, size, size), the model input."""
+    return normalise(to_uint8(img, spec), spec)

@@ -1,0 +1,78 @@
+"""Running Lookalike's own services (worker, indexer) as local daemons, and reading their status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from lookalike.errors import StackError
+from lookalike.settings import CommonSettings, IndexerSettings, StackSettings
+from lookalike.stack.process import Daemon
+
+SERVICES = {"worker": "workers", "indexer": "indexer"}
+
+
+@dataclass
+class LocalServices:
+    stack: StackSettings
+
+    def daemon(self, name: str) -> Daemon:
+        return Daemon(name, self.stack.state_dir)
+
+    def up(self, env: dict[str, str] | None = None) -> dict[str, int]:
+        """Start the services that are not running; returns their pids."""
+        pids = {}
+        for name, module in SERVICES.items():
+            daemon = self.daemon(name)
+            pid = daemon.pid()
+            if pid is None:
+                pid = daemon.start([sys.executable, "-m", module], env={**os.environ, **(env or {})})
+            pids[name] = pid
+        return pids
+
+    def down(self) -> None:
+        for name in SERVICES:
+            self.daemon(name).stop(timeout_s=30)
+
+    def status(self) -> dict[str, str]:
+        return {name: f"pid {self.daemon(name).pid()}  log {self.daemon(name).log_file}" for name in SERVICES}
+
+
+def indexer_status(settings: CommonSettings | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    """What each live indexer instance last published in Redis."""
+    settings = settings or IndexerSettings()
+    group = group or IndexerSettings().indexer_group
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2, decode_responses=True)
+    out = []
+    for key in sorted(client.scan_iter(f"lookalike:indexer:{group}:*")):
+        raw = client.hgetall(key)
+        if raw:
+            raw["items"] = int(raw.get("items", 0))
+            raw["position"] = json.loads(raw.get("position") or "{}")
+            out.append(raw)
+    return out
+
+
+def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None = None,
+                   daemon: Daemon | None = None) -> dict[str, Any]:
+    """Block until an indexer reports at least ``count`` items and is caught up."""
+    deadline = time.monotonic() + timeout_s
+    last: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        try:
+            last = indexer_status(settings)
+        except redis.RedisError:
+            last = []
+        for status in last:
+            if status["items"] >= count and status.get("caught_up") == "1":
+                return status
+        if daemon is not None and daemon.pid() is None:
+            raise StackError(f"the indexer is not running; last lines of {daemon.log_file}:\n{daemon.log_tail()}")
+        time.sleep(0.5)
+    raise StackError(f"the index did not reach {count} items within {timeout_s:.0f}s (last status: {last})")

@@ -1,0 +1,261 @@
+"""The local stack: Apache Kafka (KRaft, one node) from Maven Central jars, and redis-server.
+
+Everything lives under one state folder (``LOOKALIKE_STACK_STATE_DIR``, default
+``~/.lookalike/stack``): broker data and config, Redis' working folder, pid files and
+logs. ``up`` is idempotent, ``down`` shuts both down cleanly (SIGTERM, then SIGKILL
+after a grace period). Ports are settings, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from lookalike.errors import StackError
+from lookalike.settings import StackSettings
+from lookalike.stack.process import Daemon, port_open
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+
+
+def _resource(name: str) -> Path:
+    return Path(str(resources.files("lookalike.stack").joinpath(name)))
+
+
+def _run(argv: list[str], what: str, timeout_s: float = 600) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except FileNotFoundError as exc:
+        raise StackError(f"{what}: {argv[0]} is not installed") from exc
+    if done.returncode != 0:
+        raise StackError(f"{what} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def java_binary() -> str:
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise StackError("no Java runtime: install a JDK 17+ (Debian: apt-get install openjdk-17-jre-headless)")
+    return java
+
+
+@dataclass
+class KafkaBroker:
+    settings: StackSettings
+
+    @property
+    def dir(self) -> Path:
+        return self.settings.state_dir / "kafka"
+
+    @property
+    def daemon(self) -> Daemon:
+        return Daemon("kafka", self.settings.state_dir)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.settings.kafka_port}"
+
+    def classpath(self) -> str:
+        """The broker's classpath, resolved once per version by Maven into ~/.m2."""
+        version = self.settings.kafka_version
+        cache = self.settings.state_dir.parent / f"kafka-{version}.classpath"
+        if cache.is_file():
+            entries = cache.read_text().strip()
+            if entries and all(Path(p).is_file() for p in entries.split(os.pathsep)):
+                return entries
+        if not shutil.which("mvn"):
+            raise StackError("Maven (mvn) is needed to fetch the Kafka jars: apt-get install maven")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        log.info("resolving org.apache.kafka:kafka_2.13:%s with Maven", version)
+        _run(
+            [
+                "mvn", "-q", "-B", "-f", str(_resource("pom.xml")),
+                f"-Dkafka.version={version}", "-Dmdep.includeScope=runtime",
+                f"-Dmdep.outputFile={cache}", "dependency:build-classpath",
+            ],
+            "resolving the Kafka jars",
+        )
+        return cache.read_text().strip()
+
+    def server_properties(self) -> str:
+        s = self.settings
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@{HOST}:{s.controller_port}",
+                f"listeners=PLAINTEXT://{HOST}:{s.kafka_port},CONTROLLER://{HOST}:{s.controller_port}",
+                f"advertised.listeners=PLAINTEXT://{HOST}:{s.kafka_port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={self.dir / 'data'}",
+                "num.partitions=4",
+                "auto.create.topics.enable=false",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=8",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "group.initial.rebalance.delay.ms=0",
+                "message.max.bytes=16777216",
+                "log.cleaner.backoff.ms=5000",
+                "",
+            ]
+        )
+
+    def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
+        return [
+            java_binary(), f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={_resource('log4j2.properties')}",
+            "-cp", self.classpath(), main, *args,
+        ]
+
+    def running(self) -> bool:
+        return self.daemon.pid() is not None and port_open(HOST, self.settings.kafka_port)
+
+    def answers(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        if not port_open(HOST, self.settings.kafka_port):
+            return False
+        try:
+            AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+            return True
+        except Exception:
+            return False
+
+    def up(self) -> None:
+        if self.running() and self.answers():
+            return
+        if self.daemon.pid() is None and port_open(HOST, self.settings.kafka_port):
+            raise StackError(f"port {self.settings.kafka_port} is taken by another process; set LOOKALIKE_STACK_KAFKA_PORT")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "server.properties"
+        config.write_text(self.server_properties())
+        if not (self.dir / "data" / "meta.properties").is_file():
+            cluster_id = self._cluster_id()
+            _run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)), "kafka storage format")
+        if self.daemon.pid() is None:
+            self.daemon.start(self._java("kafka.Kafka", str(config), heap=self.settings.kafka_heap))
+        self.daemon.wait_until(self.answers, self.settings.start_timeout_s, "the Kafka broker")
+
+    def _cluster_id(self) -> str:
+        path = self.dir / "cluster.id"
+        if not path.is_file():
+            # Kafka cluster ids are 16 random bytes in URL-safe base64 without padding.
+            import base64
+
+            path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        return path.read_text().strip()
+
+    def down(self) -> bool:
+        return self.daemon.stop(timeout_s=60)
+
+
+@dataclass
+class RedisServer:
+    settings: StackSettings
+
+    @property
+    def daemon(self) -> Daemon:
+        return Daemon("redis", self.settings.state_dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.settings.redis_port}/0"
+
+    def binary(self) -> str:
+        found = shutil.which("redis-server")
+        if found:
+            return found
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            log.info("installing Debian's redis-server")
+            _run(["apt-get", "update", "-q"], "apt-get update")
+            _run(["apt-get", "install", "-y", "-q", "redis-server"], "apt-get install redis-server")
+            found = shutil.which("redis-server")
+        if not found:
+            raise StackError("redis-server is not installed (Debian: apt-get install redis-server)")
+        return found
+
+    def answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def up(self) -> None:
+        if self.daemon.pid() is not None and self.answers():
+            return
+        if self.daemon.pid() is None and port_open(HOST, self.settings.redis_port):
+            raise StackError(f"port {self.settings.redis_port} is taken by another process; set LOOKALIKE_STACK_REDIS_PORT")
+        work = self.settings.state_dir / "redis"
+        work.mkdir(parents=True, exist_ok=True)
+        if self.daemon.pid() is None:
+            self.daemon.start(
+                [
+                    self.binary(), "--port", str(self.settings.redis_port), "--bind", HOST,
+                    "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(work),
+                    "--protected-mode", "yes",
+                ]
+            )
+        self.daemon.wait_until(self.answers, 30, "redis-server")
+
+    def down(self) -> bool:
+        return self.daemon.stop(timeout_s=15)
+
+
+class LocalStack:
+    """Kafka and Redis together, as `lookalike stack up|down|status` manages them."""
+
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.settings = settings or StackSettings()
+        self.kafka = KafkaBroker(self.settings)
+        self.redis = RedisServer(self.settings)
+
+    def up(self) -> None:
+        self.redis.up()
+        self.kafka.up()
+
+    def down(self) -> None:
+        self.kafka.down()
+        self.redis.down()
+
+    def status(self) -> dict[str, str]:
+        return {
+            "kafka": f"{'up' if self.kafka.running() else 'down'} {self.kafka.bootstrap} (pid {self.kafka.daemon.pid()})",
+            "redis": f"{'up' if self.redis.answers() else 'down'} {self.redis.url} (pid {self.redis.daemon.pid()})",
+            "state": str(self.settings.state_dir),
+        }
+
+    def env(self) -> dict[str, str]:
+        """The variables that point Lookalike's components at this stack."""
+        return {"LOOKALIKE_KAFKA_BOOTSTRAP": self.kafka.bootstrap, "LOOKALIKE_REDIS_URL": self.redis.url}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lookalike.stack up|down|status`` (also ``lookalike stack ...``)."""
+    args = argv if argv is not None else sys.argv[1:]
+    action = args[0] if args else "status"
+    stack = LocalStack()
+    if action == "up":
+        stack.up()
+    elif action == "down":
+        stack.down()
+    elif action != "status":
+        print(f"usage: lookalike stack up|down|status (not {action!r})", file=sys.stderr)
+        return 2
+    for name, line in stack.status().items():
+        print(f"{name:6} {line}")
+    return 0

@@ -1,0 +1,1 @@
+"""Producers: the catalog feed and the query client (confluent-kafka)."""

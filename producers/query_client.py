@@ -1,0 +1,103 @@
+"""The query client: publish an image, wait for its reply (with a deadline), return it.
+
+Replies arrive on a shared reply topic keyed by request id. The client assigns itself
+every partition of the reply topic at its current end *before* sending, so it cannot
+miss a fast reply, then reads until its own key shows up or the deadline passes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+
+from lookalike import contracts as c
+from lookalike.clients import confluent_config, producer_config
+from lookalike.errors import ReplyTimeout
+from lookalike.settings import ClientSettings
+
+
+class QueryClient:
+    """Ask Lookalike for the k items most similar to an image (or to a catalog item)."""
+
+    def __init__(self, settings: ClientSettings | None = None, reply_to: str | None = None) -> None:
+        self.settings = settings or ClientSettings()
+        self.reply_to = reply_to or self.settings.replies_topic
+        self.producer = Producer(producer_config(self.settings, **{"linger.ms": 0}))
+        self.consumer = Consumer(
+            confluent_config(
+                self.settings,
+                **{
+                    "group.id": f"{self.settings.client_id}-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "latest",
+                    "fetch.wait.max.ms": 10,
+                },
+            )
+        )
+        self._assigned = False
+        self._pending: set[bytes] = set()  # request ids sent and not yet returned
+        self._replies: dict[bytes, dict[str, Any]] = {}  # replies read for pending requests
+
+    def _assign(self) -> None:
+        if self._assigned:
+            return
+        meta = self.consumer.list_topics(self.reply_to, timeout=10)
+        topic = meta.topics.get(self.reply_to)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise ReplyTimeout(f"reply topic {self.reply_to!r} does not exist")
+        tps = []
+        for p in topic.partitions:
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.reply_to, p), timeout=10)
+            tps.append(TopicPartition(self.reply_to, p, high if high >= 0 else OFFSET_END))
+        self.consumer.assign(tps)
+        self._assigned = True
+
+    def send(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,
+             request_id: str | None = None) -> str:
+        """Publish a query; returns its request id. ``item_id``: "more like this item"."""
+        self._assign()
+        request_id = request_id or uuid.uuid4().hex
+        headers = [(c.H_REPLY_TO, self.reply_to.encode()), (c.H_K, str(k or self.settings.default_k).encode())]
+        if item_id is not None:
+            headers.append((c.H_ITEM_ID, item_id.encode()))
+        self.producer.produce(self.settings.queries_topic, key=request_id.encode(), value=image, headers=headers)
+        self.producer.flush(10)
+        self._pending.add(request_id.encode())
+        return request_id
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The reply for ``request_id``; raises ReplyTimeout after the deadline."""
+        key = request_id.encode()
+        deadline = time.monotonic() + (timeout_s or self.settings.reply_timeout_s)
+        while key not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReplyTimeout(f"no reply for request {request_id} within {timeout_s or self.settings.reply_timeout_s}s")
+            msg = self.consumer.poll(min(left, 0.2))
+            if msg is None or msg.error() is not None or msg.key() not in self._pending or msg.value() is None:
+                continue  # other clients' replies share the topic
+            try:
+                self._replies[msg.key()] = json.loads(msg.value())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+        self._pending.discard(key)
+        return self._replies.pop(key)
+
+    def ask(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,
+            timeout_s: float | None = None) -> dict[str, Any]:
+        """Send a query and wait for its reply."""
+        return self.wait(self.send(image, k=k, item_id=item_id), timeout_s)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(5)
+
+    def __enter__(self) -> QueryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Workers: a faust app that decodes, preprocesses and embeds catalog images and queries."""

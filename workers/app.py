@@ -1,0 +1,134 @@
+"""The embedding worker: a faust app with one agent for the catalog and one for queries.
+
+Both agents micro-batch (catalog: large batches, queries: small batches and a short
+wait), run the pure stages of :mod:`workers.stages` in a thread so the event loop
+keeps heartbeating, produce the results and wait for the broker's acknowledgement
+before faust may commit the batch's offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import faust
+from faust.types import EventT
+
+from lookalike import contracts as c
+from lookalike.clients import faust_broker_url, max_message_bytes
+from lookalike.embedder import Embedder
+from lookalike.errors import InvalidMessage
+from lookalike.settings import WorkerSettings
+from workers import stages
+from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
+
+log = logging.getLogger(__name__)
+
+
+def source_of(event: EventT) -> Source:
+    msg = event.message
+    ts = int(msg.timestamp * 1000) if msg.timestamp else None
+    return Source(msg.topic, msg.partition, msg.offset, ts)
+
+
+class EmbeddingWorker:
+    """The model and the thread it runs in; what the agents call for each batch."""
+
+    def __init__(self, settings: WorkerSettings, embedder: Embedder) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        # One inference thread: torch already uses every core inside one call.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+
+    def catalog_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
+        """-> (vector records, dead-letter records). Runs in the inference thread."""
+        images: list[CatalogImage] = []
+        out: list[Record] = []
+        dead: list[Record] = []
+        for key, value, headers, source in events:
+            try:
+                parsed = stages.parse_catalog(key, value, headers, source, self.settings)
+            except InvalidMessage as exc:
+                log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc)
+                dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
+                continue
+            if isinstance(parsed, CatalogRemoval):
+                out.append(stages.removal_record(parsed, self.embedder.version))
+            else:
+                images.append(parsed)
+        if images:
+            out.extend(stages.embed_catalog(self.embedder, images))
+        return out, dead
+
+    def query_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
+        """-> (query-vector records, [(reply topic, error reply record)]). Runs in the inference thread."""
+        queries: list[Query] = []
+        errors: list[tuple[str, Record]] = []
+        for key, value, headers, source in events:
+            try:
+                queries.append(stages.parse_query(key, value, headers, source, self.settings))
+            except InvalidMessage as exc:
+                log.info("query %s refused: %s", stages.request_id_of(key), exc)
+                rejected = Rejected(key, value, headers, exc, source)
+                reply_to = stages.reply_destination(headers, self.settings)
+                errors.append((reply_to, stages.error_reply_record(rejected, self.embedder.version)))
+        return (stages.embed_queries(self.embedder, queries) if queries else []), errors
+
+
+async def produce_all(app: faust.App, topic: str, records: Sequence[Record]) -> None:
+    """Send records and wait until the broker has them all (effects before commits)."""
+    pending = [await app.producer.send(topic, key, value, None, None, headers) for key, value, headers in records]
+    if pending:
+        await asyncio.gather(*pending)
+
+
+def unpack(events: Sequence[EventT]) -> list[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]:
+    return [(e.key, e.value, c.headers_to_dict(e.headers), source_of(e)) for e in events]
+
+
+def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
+    """The faust app with both agents wired to ``embedder``."""
+    worker = EmbeddingWorker(settings, embedder)
+    app = faust.App(
+        settings.worker_group,
+        broker=faust_broker_url(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_max_request_size=max_message_bytes(settings),
+        consumer_max_fetch_size=max_message_bytes(settings),
+        broker_commit_interval=1.0,
+    )
+    catalog_topic = app.topic(settings.catalog_topic, key_type=bytes, value_type=bytes, allow_empty=True)
+    queries_topic = app.topic(settings.queries_topic, key_type=bytes, value_type=bytes, allow_empty=True)
+    loop_executor = worker.executor
+
+    @app.agent(catalog_topic, name="embed-catalog")
+    async def embed_catalog(stream: faust.Stream) -> None:
+        within = max(settings.catalog_batch_wait_ms, 1) / 1000
+        async for events in stream.take_events(settings.catalog_batch_max, within=within):
+            loop = asyncio.get_running_loop()
+            records, dead = await loop.run_in_executor(loop_executor, worker.catalog_batch, unpack(events))
+            await produce_all(app, settings.catalog_vectors_topic, records)
+            await produce_all(app, settings.deadletter_topic, dead)
+            log.debug("catalog batch: %d events, %d vectors, %d dead letters", len(events), len(records), len(dead))
+
+    @app.agent(queries_topic, name="embed-queries")
+    async def embed_queries(stream: faust.Stream) -> None:
+        within = max(settings.query_batch_wait_ms, 1) / 1000
+        async for events in stream.take_events(settings.query_batch_max, within=within):
+            loop = asyncio.get_running_loop()
+            records, errors = await loop.run_in_executor(loop_executor, worker.query_batch, unpack(events))
+            await produce_all(app, settings.query_vectors_topic, records)
+            for reply_to, record in errors:
+                await produce_all(app, reply_to, [record])
+
+    app.lookalike_worker = worker  # type: ignore[attr-defined]
+    return app

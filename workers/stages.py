@@ -1,0 +1,197 @@
+"""The worker's pure stages, tested without Kafka.
+
+``parse_catalog`` / ``parse_query`` validate one message and decode its image;
+``embed_catalog`` / ``embed_queries`` run a batch through the model; the ``*_record``
+functions build the outgoing records. The faust app (``workers.app``) only polls,
+batches, calls these, produces and lets faust commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from lookalike import contracts as c
+from lookalike.embedder import Embedder
+from lookalike.errors import InvalidMessage
+from lookalike.imaging import decode_image
+from lookalike.settings import CommonSettings
+
+Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a message came from, for dead letters and logs."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    item_id: str
+    image: Image.Image
+    metadata_raw: bytes  # forwarded as it came, validated JSON
+    source: Source
+
+
+@dataclass(frozen=True)
+class CatalogRemoval:
+    item_id: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class Query:
+    request_key: bytes
+    request_id: str
+    options: c.QueryOptions
+    image: Image.Image | None  # None for "more like this item"
+    source: Source
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message that cannot be processed, with the reason."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    error: InvalidMessage
+    source: Source
+
+
+def parse_catalog(
+    key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings
+) -> CatalogImage | CatalogRemoval:
+    """A catalog event -> an image to embed, or a removal (tombstone). Raises InvalidMessage."""
+    item_id = c.decode_key(key, "item id (key)")
+    if value is None:
+        return CatalogRemoval(item_id, source)
+    metadata_raw = headers.get(c.H_METADATA, b"")
+    c.decode_metadata(metadata_raw)  # validate only; the indexer stores it
+    image = decode_image(value, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    return CatalogImage(item_id, image, metadata_raw, source)
+
+
+def parse_query(
+    key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings
+) -> Query:
+    """A query -> its options and decoded image. Raises InvalidMessage."""
+    started = time.perf_counter()
+    request_id = c.decode_key(key, "request id (key)")
+    options = c.parse_query_headers(
+        headers,
+        default_reply_to=settings.replies_topic,
+        default_k=settings.default_k,
+        max_k=settings.max_k,
+        reply_topic_prefix=settings.reply_topic_prefix,
+    )
+    image = None
+    if options.item_id is None:
+        if value is None:
+            raise InvalidMessage("query has no image and no item-id header", code="bad_image")
+        image = decode_image(value, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    timings = {"decode": (time.perf_counter() - started) * 1000}
+    if source.timestamp_ms is not None:
+        timings["queue"] = max(0.0, time.time() * 1000 - source.timestamp_ms - timings["decode"])
+    return Query(key or b"", request_id, options, image, source, timings)
+
+
+def reply_destination(headers: Mapping[str, bytes], settings: CommonSettings) -> str:
+    """Where an error reply for a broken query goes: its reply-to when that one is valid."""
+    try:
+        return c.parse_query_headers(
+            {c.H_REPLY_TO: headers[c.H_REPLY_TO]} if c.H_REPLY_TO in headers else {},
+            default_reply_to=settings.replies_topic,
+            default_k=settings.default_k,
+            max_k=settings.max_k,
+            reply_topic_prefix=settings.reply_topic_prefix,
+        ).reply_to
+    except InvalidMessage:
+        return settings.replies_topic
+
+
+def request_id_of(key: bytes | None) -> str:
+    """A printable request id even for a key that is not valid UTF-8 (for error replies)."""
+    if not key:
+        return "(missing)"
+    return key[: c.MAX_KEY_BYTES].decode("utf-8", errors="backslashreplace")
+
+
+def embed_catalog(embedder: Embedder, images: Sequence[CatalogImage]) -> list[Record]:
+    """Catalog images -> catalog-vector records, keyed by item id."""
+    vectors = embedder.embed_images([img.image for img in images])
+    return [
+        (
+            img.item_id.encode(),
+            c.encode_vector(vec),
+            [
+                (c.H_MODEL_VERSION, embedder.version.encode()),
+                (c.H_VECTOR_DTYPE, c.VECTOR_DTYPE.encode()),
+                (c.H_VECTOR_DIM, str(embedder.dim).encode()),
+                (c.H_METADATA, img.metadata_raw),
+                (c.H_SOURCE_OFFSET, f"{img.source.partition}:{img.source.offset}".encode()),
+            ],
+        )
+        for img, vec in zip(images, vectors, strict=True)
+    ]
+
+
+def removal_record(removal: CatalogRemoval, model_version: str) -> Record:
+    """A tombstone on the vector topic: the indexer deletes the item, compaction forgets it."""
+    return (removal.item_id.encode(), None, [(c.H_MODEL_VERSION, model_version.encode())])
+
+
+def embed_queries(embedder: Embedder, queries: Sequence[Query]) -> list[Record]:
+    """Queries -> query-vector records keyed by request id, options and timings in headers."""
+    with_image = [q for q in queries if q.image is not None]
+    started = time.perf_counter()
+    vectors = embedder.embed_images([q.image for q in with_image])  # type: ignore[misc]
+    embed_ms = (time.perf_counter() - started) * 1000
+    by_id = {id(q): vec for q, vec in zip(with_image, vectors, strict=True)}
+    records = []
+    for q in queries:
+        vec = by_id.get(id(q))
+        timings = dict(q.timings_ms)
+        if vec is not None:
+            timings["embed"] = embed_ms
+        headers = [
+            (c.H_REPLY_TO, q.options.reply_to.encode()),
+            (c.H_K, str(q.options.k).encode()),
+            (c.H_MODEL_VERSION, embedder.version.encode()),
+            (c.H_TIMINGS, json.dumps(timings).encode()),
+        ]
+        if q.source.timestamp_ms is not None:
+            headers.append((c.H_QUERY_TS, str(q.source.timestamp_ms).encode()))
+        if q.options.item_id is not None:
+            headers.append((c.H_ITEM_ID, q.options.item_id.encode()))
+        records.append((q.request_key, None if vec is None else c.encode_vector(vec), headers))
+    return records
+
+
+def deadletter_record(rejected: Rejected) -> Record:
+    """The original message, with why it was refused and where it came from."""
+    headers = [(name, value) for name, value in rejected.headers.items() if not name.startswith(("error-", "source-"))]
+    headers += [
+        (c.H_ERROR_CODE, rejected.error.code.encode()),
+        (c.H_ERROR_MESSAGE, str(rejected.error)[:1000].encode()),
+        (c.H_SOURCE_TOPIC, rejected.source.topic.encode()),
+        (c.H_SOURCE_PARTITION, str(rejected.source.partition).encode()),
+        (c.H_SOURCE_OFFSET, str(rejected.source.offset).encode()),
+    ]
+    return (rejected.key, rejected.value, headers)
+
+
+def error_reply_record(rejected: Rejected, model_version: str | None) -> Record:
+    error = rejected.error
+    reply = c.error_reply(request_id_of(rejected.key), error.code, str(error), model_version=model_version)
+    return (rejected.key or b"", c.encode_reply(reply), [])
