@@ -38,6 +38,7 @@ from indexer.index import Mutation, VectorIndex
 from lookalike import contracts as c
 from lookalike.clients import aiokafka_config, confluent_config, faust_broker_url
 from lookalike.errors import ConfigError, InvalidMessage, UnknownItem
+from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.settings import IndexerSettings
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,11 @@ def create_app(settings: IndexerSettings) -> faust.App:
     @app.task
     async def status() -> None:
         await indexer.publish_status()
+
+    @app.timer(interval=HEARTBEAT_EVERY_S)
+    async def heartbeat() -> None:
+        beat(heartbeat_path(settings, "indexer"), items=len(indexer.index) if indexer.index else 0,
+             caught_up=indexer.caught_up.is_set())
 
     @app.agent(query_vectors, name="answer-queries")
     async def answer_queries(stream: faust.Stream) -> None:

@@ -99,6 +99,15 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from lookalike.health import check, heartbeat_path
+    from lookalike.settings import CommonSettings
+
+    healthy, reason = check(heartbeat_path(CommonSettings(), args.service))
+    print(f"{args.service}: {'healthy' if healthy else 'UNHEALTHY'} ({reason})")
+    return 0 if healthy else 1
+
+
 def _models(args: argparse.Namespace) -> int:
     from lookalike.artifacts import ModelStore
     from lookalike.settings import CommonSettings
@@ -156,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="what the indexers report")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("health", help="exit 0 when the service's heartbeat is fresh (container healthchecks)")
+    p.add_argument("service", choices=["worker", "indexer"])
+    p.set_defaults(func=_health)
 
     p = sub.add_parser("models", help="stored models")
     p.add_argument("action", choices=["list"])

@@ -23,7 +23,7 @@ class LocalServices:
     stack: StackSettings
 
     def daemon(self, name: str) -> Daemon:
-        return Daemon(name, self.stack.state_dir)
+        return Daemon(name, self.stack.state_dir, marker=f"-m {SERVICES[name]}")
 
     def up(self, env: dict[str, str] | None = None) -> dict[str, int]:
         """Start the services that are not running; returns their pids."""
@@ -60,13 +60,13 @@ def indexer_status(settings: CommonSettings | None = None, group: str | None = N
 
 
 def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None = None,
-                   daemon: Daemon | None = None) -> dict[str, Any]:
+                   daemon: Daemon | None = None, group: str | None = None) -> dict[str, Any]:
     """Block until an indexer reports at least ``count`` items and is caught up."""
     deadline = time.monotonic() + timeout_s
     last: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         try:
-            last = indexer_status(settings)
+            last = indexer_status(settings, group)
         except redis.RedisError:
             last = []
         for status in last:

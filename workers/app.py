@@ -20,6 +20,7 @@ from lookalike import contracts as c
 from lookalike.clients import faust_broker_url, max_message_bytes
 from lookalike.embedder import Embedder
 from lookalike.errors import InvalidMessage
+from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.settings import WorkerSettings
 from workers import stages
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
@@ -129,6 +130,11 @@ def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
             await produce_all(app, settings.query_vectors_topic, records)
             for reply_to, record in errors:
                 await produce_all(app, reply_to, [record])
+
+    @app.timer(interval=HEARTBEAT_EVERY_S)
+    async def heartbeat() -> None:
+        beat(heartbeat_path(settings, "worker"), model_version=embedder.version,
+             assigned=len(app.consumer.assignment()))
 
     app.lookalike_worker = worker  # type: ignore[attr-defined]
     return app

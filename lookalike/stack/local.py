@@ -58,7 +58,7 @@ class KafkaBroker:
 
     @property
     def daemon(self) -> Daemon:
-        return Daemon("kafka", self.settings.state_dir)
+        return Daemon("kafka", self.settings.state_dir, marker="kafka.Kafka")
 
     @property
     def bootstrap(self) -> str:
@@ -168,7 +168,7 @@ class RedisServer:
 
     @property
     def daemon(self) -> Daemon:
-        return Daemon("redis", self.settings.state_dir)
+        return Daemon("redis", self.settings.state_dir, marker="redis-server")
 
     @property
     def url(self) -> str:

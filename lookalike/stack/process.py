@@ -43,6 +43,7 @@ class Daemon:
 
     name: str
     state_dir: Path
+    marker: str = ""  # a word of the command line: a stale pid file may name a recycled pid
 
     @property
     def pid_file(self) -> Path:
@@ -57,7 +58,16 @@ class Daemon:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if pid_alive(pid) else None
+        if not pid_alive(pid) or not self._is_ours(pid):
+            return None
+        return pid
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return True  # no /proc here: trust the pid file
+        return self.marker in cmdline
 
     def start(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,43 @@
+# Lookalike: the two commands of the README are `make demo` and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/datasets/fashion-9k
+PYTEST_ARGS ?=
+
+.PHONY: demo test unit integration venv up down status lint
+
+$(VENV)/.installed: pyproject.toml scripts/bootstrap
+	scripts/bootstrap $(VENV)
+	touch $@
+
+venv: $(VENV)/.installed
+
+## demo: stack up, train or reuse a model, ingest the sample catalog, answer queries, write a gallery
+demo: venv
+	$(BIN)/lookalike demo --data $(DATA)
+
+## test: unit tests (no servers) and integration tests on a real Kafka broker and Redis server
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit tests/model $(PYTEST_ARGS)
+
+integration: venv
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+up: venv
+	$(BIN)/lookalike stack up
+	$(BIN)/lookalike topics create
+
+down:
+	-$(BIN)/lookalike services down
+	-$(BIN)/lookalike stack down
+
+status: venv
+	$(BIN)/lookalike stack status
+	$(BIN)/lookalike services status
+	$(BIN)/lookalike status
+
+lint: venv
+	$(BIN)/ruff check lookalike producers workers indexer training tests

@@ -1,0 +1,151 @@
+"""The pipeline fixture: a worker and an indexer on random topics, with a tiny trained model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lookalike.artifacts import ModelCard, ModelStore
+from lookalike.services import wait_for_index
+from lookalike.settings import ClientSettings
+from lookalike.topics import ensure_topics
+from producers.catalog_feed import CatalogFeed
+from producers.query_client import QueryClient
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelCard]:
+    """A small embedder trained for a few seconds on generated shapes (the real one is `lookalike train`)."""
+    from training.synthetic import make_synthetic_catalog
+    from training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    data = make_synthetic_catalog(root / "data", classes=4, per_class=16, size=32, seed=3)
+    config = TrainConfig(
+        data=data, min_count=2, size=32, channels=(8, 16), embedding_dim=256, epochs=3, batch_size=16,
+        patience=None, cache_dir=root / "cache", threads=2,
+    )
+    store = ModelStore(root / "models")
+    card = train(config, store, progress=False)
+    return store.root, card
+
+
+@dataclass
+class Pipeline:
+    """A running worker + indexer pair on this test module's own topics."""
+
+    settings: ClientSettings
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def feed(self) -> CatalogFeed:
+        return CatalogFeed(self.settings)
+
+    def client(self, **kwargs) -> QueryClient:  # type: ignore[no-untyped-def]
+        return QueryClient(self.settings, **kwargs)
+
+    def log_text(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs.values())
+
+
+def topic_env(prefix: str) -> dict[str, str]:
+    return {
+        "LOOKALIKE_CATALOG_TOPIC": f"{prefix}.catalog",
+        "LOOKALIKE_QUERIES_TOPIC": f"{prefix}.queries",
+        "LOOKALIKE_REPLIES_TOPIC": f"{prefix}.replies",
+        "LOOKALIKE_DEADLETTER_TOPIC": f"{prefix}.deadletter",
+        "LOOKALIKE_CATALOG_VECTORS_TOPIC": f"{prefix}.catalog.vectors",
+        "LOOKALIKE_QUERY_VECTORS_TOPIC": f"{prefix}.queries.vectors",
+        "LOOKALIKE_REPLY_TOPIC_PREFIX": f"{prefix}.",
+        "LOOKALIKE_WORKER_GROUP": f"{prefix}-worker",
+        "LOOKALIKE_INDEXER_GROUP": f"{prefix}-indexer",
+        "LOOKALIKE_PARTITIONS": "2",
+    }
+
+
+def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dict[str, str] | None = None) -> Pipeline:
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        **topic_env(prefix),
+        "LOOKALIKE_KAFKA_BOOTSTRAP": cluster.kafka_bootstrap,
+        "LOOKALIKE_REDIS_URL": cluster.redis_url,
+        "LOOKALIKE_MODEL_DIR": str(models),
+        "LOOKALIKE_HOME": str(workdir),
+        "LOOKALIKE_TORCH_THREADS": "1",
+        "LOOKALIKE_CATALOG_BATCH_WAIT_MS": "20",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    settings = ClientSettings(**{k[len("LOOKALIKE_"):].lower(): v for k, v in env.items()
+                                 if k.startswith("LOOKALIKE_") and k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
+    ensure_topics(settings)
+    pipeline = Pipeline(settings, env)
+    for name, module in (("worker", "workers"), ("indexer", "indexer")):
+        log = workdir / f"{name}.log"
+        pipeline.logs[name] = log
+        with log.open("wb") as fh:
+            pipeline.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", module], env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT
+            )
+    return pipeline
+
+
+def stop_pipeline(pipeline: Pipeline) -> None:
+    for proc in pipeline.procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in pipeline.procs.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def warm_up(pipeline: Pipeline, image: bytes, timeout_s: float = 90) -> None:
+    """Publish one item and ask for it until the whole path answers (groups joined, model loaded)."""
+    feed = pipeline.feed()
+    feed.publish("warm-up", image, {"title": "warm-up"})
+    feed.flush()
+    wait_for_index(1, timeout_s, settings=pipeline.settings, group=pipeline.env["LOOKALIKE_INDEXER_GROUP"])
+    deadline = time.monotonic() + timeout_s
+    with pipeline.client() as client:
+        while time.monotonic() < deadline:
+            assert pipeline.alive(), "a service died:\n" + pipeline.log_text("worker")[-3000:] + pipeline.log_text("indexer")[-3000:]
+            try:
+                reply = client.ask(image, timeout_s=5)
+            except Exception:  # noqa: BLE001 - not answering yet
+                continue
+            if reply["status"] == "ok":
+                return
+    raise AssertionError("the pipeline did not answer:\n" + pipeline.log_text("worker")[-3000:] + pipeline.log_text("indexer")[-3000:])
+
+
+@pytest.fixture(scope="module")
+def pipeline(cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    from tests.images import jpeg_bytes
+
+    models, _card = tiny_model
+    running = start_pipeline(cluster, models, tmp_path_factory.mktemp("pipeline"))
+    try:
+        warm_up(running, jpeg_bytes(seed=999))
+        yield running
+    finally:
+        stop_pipeline(running)

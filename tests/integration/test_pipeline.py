@@ -1,0 +1,150 @@
+"""The walking skeleton's acceptance, on a real broker and a real Redis server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import jsonschema
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from lookalike import contracts as c
+from lookalike.clients import confluent_config
+from tests.images import jpeg_bytes
+
+pytestmark = pytest.mark.integration
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def ask_until(client, image, predicate, timeout_s: float, **kwargs):  # type: ignore[no-untyped-def]
+    """Ask repeatedly until a reply satisfies ``predicate``; returns (reply, seconds)."""
+    started = time.monotonic()
+    reply = None
+    while time.monotonic() - started < timeout_s:
+        reply = client.ask(image, timeout_s=max(0.5, timeout_s - (time.monotonic() - started)), **kwargs)
+        if predicate(reply):
+            return reply, time.monotonic() - started
+    raise AssertionError(f"no satisfying reply within {timeout_s}s; last: {reply}")
+
+
+def first_id(reply) -> str | None:  # type: ignore[no-untyped-def]
+    return reply["results"][0]["item_id"] if reply["status"] == "ok" and reply["results"] else None
+
+
+def test_published_item_is_found_first_within_2s(pipeline) -> None:  # type: ignore[no-untyped-def]
+    item_id, image = new_id("item"), jpeg_bytes(seed=1)
+    with pipeline.client() as client:
+        feed = pipeline.feed()
+        published = time.monotonic()
+        feed.publish(item_id, image, {"title": "red things", "articleType": "Tshirts"})
+        feed.flush()
+        reply, _ = ask_until(client, image, lambda r: first_id(r) == item_id, timeout_s=2.0)
+        took = time.monotonic() - published
+    assert took < 2.0
+    jsonschema.validate(reply, c.schema("reply"))
+    top = reply["results"][0]
+    assert top["score"] > 0.999
+    assert top["metadata"] == {"title": "red things", "articleType": "Tshirts"}
+    assert reply["model_version"] and reply["index_version"].startswith(reply["model_version"])
+    assert {"decode", "embed", "search", "total"} <= set(reply["timings_ms"])
+
+
+def test_tombstone_removes_and_new_image_replaces(pipeline) -> None:  # type: ignore[no-untyped-def]
+    item_id, first, second = new_id("item"), jpeg_bytes(seed=11), jpeg_bytes(seed=12)
+    feed = pipeline.feed()
+    with pipeline.client() as client:
+        feed.publish(item_id, first, {"title": "first"})
+        feed.flush()
+        ask_until(client, first, lambda r: first_id(r) == item_id, timeout_s=10)
+
+        feed.remove(item_id)
+        feed.flush()
+        reply, _ = ask_until(client, first, lambda r: item_id not in {h["item_id"] for h in r["results"]}, timeout_s=10)
+        assert reply["status"] == "ok"
+
+        feed.publish(item_id, second, {"title": "second"})
+        feed.flush()
+        reply, _ = ask_until(client, second, lambda r: first_id(r) == item_id, timeout_s=10)
+        assert reply["results"][0]["metadata"] == {"title": "second"}
+        # The old image no longer matches the item exactly: its vector was replaced.
+        old = client.ask(first, k=50, timeout_s=10)
+        scores = {h["item_id"]: h["score"] for h in old["results"]}
+        assert scores.get(item_id, 0.0) < 0.999
+
+
+def read_deadletters(pipeline, key: bytes, timeout_s: float):  # type: ignore[no-untyped-def]
+    consumer = Consumer(confluent_config(pipeline.settings, **{"group.id": new_id("dlq"), "auto.offset.reset": "earliest"}))
+    consumer.assign([TopicPartition(pipeline.settings.deadletter_topic, 0, 0)])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None and msg.key() == key:
+                return msg
+    finally:
+        consumer.close()
+    raise AssertionError(f"no dead letter for {key!r} within {timeout_s}s")
+
+
+def test_corrupt_catalog_image_goes_to_deadletter_and_service_keeps_running(pipeline) -> None:  # type: ignore[no-untyped-def]
+    bad_id, good_id = new_id("corrupt"), new_id("good")
+    feed = pipeline.feed()
+    truncated = jpeg_bytes(seed=21)[:300]
+    feed.publish(bad_id, truncated, {"title": "broken"})
+    feed.publish(good_id, jpeg_bytes(seed=22), {"title": "fine"})
+    feed.flush()
+    msg = read_deadletters(pipeline, bad_id.encode(), timeout_s=15)
+    headers = c.headers_to_dict(msg.headers())
+    assert headers[c.H_ERROR_CODE] == b"bad_image"
+    assert headers[c.H_SOURCE_TOPIC] == pipeline.settings.catalog_topic.encode()
+    assert msg.value() == truncated, "the dead letter keeps the original bytes"
+    assert headers[c.H_METADATA] == b'{"title": "broken"}'
+    with pipeline.client() as client:
+        ask_until(client, jpeg_bytes(seed=22), lambda r: first_id(r) == good_id, timeout_s=10)
+    assert pipeline.alive()
+
+
+def test_corrupt_query_gets_error_reply_and_service_keeps_running(pipeline) -> None:  # type: ignore[no-untyped-def]
+    with pipeline.client() as client:
+        reply = client.ask(b"\xff\xd8\xff\xe0 this is not really a jpeg", timeout_s=10)
+        assert reply["status"] == "error"
+        assert reply["error"]["code"] == "bad_image"
+        jsonschema.validate(reply, c.schema("reply"))
+        reply = client.ask(jpeg_bytes(seed=999), timeout_s=10)
+        assert reply["status"] == "ok"
+    assert pipeline.alive()
+
+
+def test_bad_k_header_gets_error_reply(pipeline) -> None:  # type: ignore[no-untyped-def]
+    with pipeline.client() as client:
+        reply = client.ask(jpeg_bytes(seed=999), k=100_000, timeout_s=10)
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "bad_header"
+
+
+def test_more_like_this_item(pipeline) -> None:  # type: ignore[no-untyped-def]
+    ids = [new_id("mlt") for _ in range(3)]
+    feed = pipeline.feed()
+    for seed, item_id in enumerate(ids, start=31):
+        feed.publish(item_id, jpeg_bytes(seed=seed), {"title": item_id})
+    feed.flush()
+    with pipeline.client() as client:
+        ask_until(client, jpeg_bytes(seed=33), lambda r: first_id(r) == ids[2], timeout_s=10)
+        reply = client.ask(None, item_id=ids[0], k=3, timeout_s=10)
+        assert reply["status"] == "ok", reply
+        assert ids[0] not in [h["item_id"] for h in reply["results"]]
+        assert len(reply["results"]) == 3
+        missing = client.ask(None, item_id=new_id("nope"), timeout_s=10)
+    assert missing["status"] == "error" and missing["error"]["code"] == "unknown_item"
+
+
+def test_services_report_healthy(pipeline) -> None:  # type: ignore[no-untyped-def]
+    from lookalike.health import check, heartbeat_path
+
+    for service in ("worker", "indexer"):
+        healthy, reason = check(heartbeat_path(pipeline.settings, service))
+        assert healthy, f"{service}: {reason}"

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from indexer.index import Delete, Upsert, VectorIndex
+from lookalike.errors import UnknownItem
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
+    vecs = rng.normal(size=(n, dim)).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def test_upsert_search_delete_replace() -> None:
+    rng = np.random.default_rng(0)
+    vecs = unit(rng, 50)
+    index = VectorIndex(16, capacity=16)
+    index.apply([Upsert(f"item-{i}", v, {"i": i}) for i, v in enumerate(vecs)])
+    assert len(index) == 50
+    assert index.capacity >= 50  # grew from 16
+    hits = index.search(vecs[7], 5)
+    assert hits[0].item_id == "item-7" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].metadata == {"i": 7}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+    index.apply([Delete("item-7")])
+    assert "item-7" not in index and len(index) == 49
+    assert all(h.item_id != "item-7" for h in index.search(vecs[7], 10))
+
+    index.apply([Upsert("item-7", vecs[8], {"i": "again"})])  # comes back with another vector
+    assert "item-7" in index
+    top = index.search(vecs[8], 2)
+    assert {h.item_id for h in top} == {"item-7", "item-8"}
+    np.testing.assert_allclose(index.vector("item-7"), vecs[8], atol=1e-6)
+
+    index.apply([Upsert("item-3", vecs[9], {})])  # replace in place
+    assert len(index) == 50
+    assert index.search(vecs[3], 1)[0].item_id != "item-3"
+
+
+def test_k_is_clamped_to_live_items_and_empty_index() -> None:
+    index = VectorIndex(16)
+    assert index.search(np.ones(16, np.float32), 5) == []
+    vecs = unit(np.random.default_rng(1), 3)
+    index.apply([Upsert(str(i), v, {}) for i, v in enumerate(vecs)])
+    index.apply([Delete("0")])
+    assert len(index.search(vecs[1], 100)) == 2
+
+
+def test_more_like_this_excludes_the_item() -> None:
+    vecs = unit(np.random.default_rng(2), 10)
+    index = VectorIndex(16)
+    index.apply([Upsert(str(i), v, {}) for i, v in enumerate(vecs)])
+    hits = index.search(index.vector("4"), 3, exclude="4")
+    assert len(hits) == 3 and "4" not in {h.item_id for h in hits}
+    with pytest.raises(UnknownItem):
+        index.vector("nope")
+
+
+def test_readers_and_one_writer_concurrently() -> None:
+    """Searches during growth (resize) and deletes neither crash nor see torn state."""
+    rng = np.random.default_rng(3)
+    vecs = unit(rng, 3001)
+    index = VectorIndex(16, capacity=16)
+    index.apply([Upsert("seed", vecs[0], {})])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        local = np.random.default_rng()
+        while not stop.is_set():
+            try:
+                hits = index.search(vecs[local.integers(0, 3000)], 5)
+                assert 1 <= len(hits) <= 5
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for start in range(1, 3001, 100):
+        index.apply([Upsert(f"i{j}", vecs[j], {}) for j in range(start, start + 100)])
+        index.apply([Delete(f"i{j}") for j in range(start, start + 10)])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+    assert len(index) == 1 + 3000 - 300

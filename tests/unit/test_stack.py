@@ -1,0 +1,47 @@
+"""The local stack's pieces that run without starting Kafka (integration tests start it)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from lookalike.settings import StackSettings
+from lookalike.stack.local import KafkaBroker
+from lookalike.stack.process import Daemon
+
+
+def test_server_properties_follow_the_settings(tmp_path: Path) -> None:
+    broker = KafkaBroker(StackSettings(kafka_port=29092, controller_port=29093, state_dir=tmp_path))
+    props = dict(line.split("=", 1) for line in broker.server_properties().splitlines() if line)
+    assert props["process.roles"] == "broker,controller"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:29092,CONTROLLER://127.0.0.1:29093"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:29093"
+    assert props["log.dirs"] == str(tmp_path / "kafka" / "data")
+    assert props["auto.create.topics.enable"] == "false"
+    assert broker.bootstrap == "127.0.0.1:29092"
+
+
+def test_daemon_start_stop_and_stale_pid_file(tmp_path: Path) -> None:
+    daemon = Daemon("sleeper", tmp_path, marker="lookalike-test-sleeper")
+    assert daemon.pid() is None
+    pid = daemon.start([sys.executable, "-c", "import time, sys; time.sleep(60)", "lookalike-test-sleeper"])
+    assert daemon.pid() == pid
+    assert daemon.stop(timeout_s=5)
+    assert daemon.pid() is None and not daemon.pid_file.exists()
+    # A pid file naming a live process that is not ours (this test runner) is stale.
+    daemon.pid_file.write_text(f"{__import__('os').getpid()}\n")
+    assert daemon.pid() is None
+
+
+def test_daemon_escalates_to_sigkill(tmp_path: Path) -> None:
+    daemon = Daemon("stubborn", tmp_path, marker="stubborn")
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    daemon.start([sys.executable, "-c", code, "stubborn"])
+    deadline = time.monotonic() + 10
+    while "ready" not in daemon.log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert daemon.stop(timeout_s=1)
+    assert time.monotonic() - started < 5
+    assert daemon.pid() is None

@@ -1,0 +1,127 @@
+"""The worker's and the indexer's pure stages, without Kafka."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from indexer import stages as istages
+from indexer.index import Delete, Upsert, VectorIndex
+from lookalike import contracts as c
+from lookalike.artifacts import ModelCard
+from lookalike.embedder import Embedder
+from lookalike.errors import InvalidMessage, ModelMismatch
+from lookalike.imaging import PreprocessSpec
+from lookalike.model import EmbeddingNet, ModelSpec
+from lookalike.settings import WorkerSettings
+from tests.images import jpeg_bytes
+from workers import stages
+from workers.stages import CatalogImage, CatalogRemoval, Rejected, Source
+
+SETTINGS = WorkerSettings(_env_file=None)
+SRC = Source("lookalike.catalog", 1, 42, 1_700_000_000_000)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    torch.manual_seed(0)
+    spec = ModelSpec(input_size=32, channels=(8, 16), num_classes=3)
+    card = ModelCard("test-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=32), ["a", "b", "c"], "0" * 64)
+    return Embedder(EmbeddingNet(spec), card, torch.device("cpu"))
+
+
+def test_catalog_image_and_tombstone() -> None:
+    parsed = stages.parse_catalog(b"1163", jpeg_bytes(1), {c.H_METADATA: b'{"title": "t"}'}, SRC, SETTINGS)
+    assert isinstance(parsed, CatalogImage) and parsed.item_id == "1163" and parsed.image.mode == "RGB"
+    assert stages.parse_catalog(b"1163", None, {}, SRC, SETTINGS) == CatalogRemoval("1163", SRC)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "headers", "code"),
+    [
+        (b"1", b"garbage", {}, "bad_image"),
+        (None, jpeg_bytes(1), {}, "bad_key"),
+        (b"\xff", jpeg_bytes(1), {}, "bad_key"),
+        (b"1", jpeg_bytes(1), {c.H_METADATA: b"not json"}, "bad_header"),
+    ],
+)
+def test_catalog_refusals(key, value, headers, code) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidMessage) as err:
+        stages.parse_catalog(key, value, headers, SRC, SETTINGS)
+    assert err.value.code == code
+
+
+def test_catalog_vectors_are_unit_and_carry_headers(embedder: Embedder) -> None:
+    images = [stages.parse_catalog(str(i).encode(), jpeg_bytes(i), {}, SRC, SETTINGS) for i in range(3)]
+    records = stages.embed_catalog(embedder, images)  # type: ignore[arg-type]
+    key, value, headers = records[0]
+    assert key == b"0"
+    vec = c.decode_vector(value, 256)  # type: ignore[arg-type]
+    assert np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-5)
+    h = dict(headers)
+    assert h[c.H_MODEL_VERSION] == b"test-v1" and h[c.H_VECTOR_DIM] == b"256"
+    assert h[c.H_SOURCE_OFFSET] == b"1:42"
+
+
+def test_same_image_same_vector_as_query(embedder: Embedder) -> None:
+    """Catalog and query go through one preprocessing: the same bytes give the same vector."""
+    image = jpeg_bytes(5)
+    cat = stages.embed_catalog(embedder, [stages.parse_catalog(b"x", image, {}, SRC, SETTINGS)])  # type: ignore[list-item]
+    query = stages.parse_query(b"req", image, {}, SRC, SETTINGS)
+    q_key, q_value, q_headers = stages.embed_queries(embedder, [query])[0]
+    assert q_key == b"req"
+    np.testing.assert_allclose(c.decode_vector(q_value, 256), c.decode_vector(cat[0][1], 256), atol=1e-6)  # type: ignore[arg-type]
+    assert {"decode", "embed", "queue"} <= set(json.loads(dict(q_headers)[c.H_TIMINGS]))
+
+
+def test_more_like_this_query_needs_no_image(embedder: Embedder) -> None:
+    query = stages.parse_query(b"req", None, {c.H_ITEM_ID: b"1163"}, SRC, SETTINGS)
+    assert query.image is None
+    key, value, headers = stages.embed_queries(embedder, [query])[0]
+    assert value is None and dict(headers)[c.H_ITEM_ID] == b"1163"
+
+
+def test_deadletter_keeps_original_and_says_why() -> None:
+    error = InvalidMessage("broken", code="bad_image")
+    key, value, headers = stages.deadletter_record(Rejected(b"k", b"v", {"metadata": b"{}"}, error, SRC))
+    h = dict(headers)
+    assert (key, value) == (b"k", b"v")
+    assert h[c.H_ERROR_CODE] == b"bad_image" and h[c.H_SOURCE_OFFSET] == b"42" and h["metadata"] == b"{}"
+
+
+def test_error_reply_for_unreadable_key_is_still_keyed_by_it() -> None:
+    rejected = Rejected(b"\xff\xfe", b"x", {}, InvalidMessage("bad", code="bad_key"), SRC)
+    key, value, _ = stages.error_reply_record(rejected, "m")
+    reply = json.loads(value)  # type: ignore[arg-type]
+    assert key == b"\xff\xfe" and reply["status"] == "error" and reply["error"]["code"] == "bad_key"
+
+
+def test_reply_destination_falls_back_when_reply_to_is_not_allowed() -> None:
+    assert stages.reply_destination({c.H_REPLY_TO: b"elsewhere"}, SETTINGS) == SETTINGS.replies_topic
+    assert stages.reply_destination({c.H_REPLY_TO: b"lookalike.mine"}, SETTINGS) == "lookalike.mine"
+
+
+def test_indexer_applies_vector_records_and_answers() -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(4, 8)).astype(np.float32)
+    index = VectorIndex(8)
+    events = [
+        istages.parse_vector_record(str(i).encode(), c.encode_vector(v), {c.H_VECTOR_DIM: b"8", c.H_MODEL_VERSION: b"m"})
+        for i, v in enumerate(vecs)
+    ]
+    assert isinstance(events[0].mutation, Upsert) and events[0].model_version == "m"
+    index.apply([e.mutation for e in events])
+    tomb = istages.parse_vector_record(b"3", None, {c.H_MODEL_VERSION: b"m"})
+    assert tomb.mutation == Delete("3")
+    index.apply([tomb.mutation])
+
+    headers = {c.H_K: b"2", c.H_MODEL_VERSION: b"m", c.H_TIMINGS: b'{"embed": 1.0}', c.H_QUERY_TS: b"1"}
+    query = istages.parse_query_vector(b"r", c.encode_vector(vecs[1]), headers, dim=8, default_reply_to="replies")
+    reply = istages.answer(index, query, model_version="m", index_version="m/1", index_position={0: 4})
+    assert [r["item_id"] for r in reply["results"]][0] == "1" and len(reply["results"]) == 2
+    assert reply["timings_ms"]["embed"] == 1.0 and "search" in reply["timings_ms"]
+    with pytest.raises(ModelMismatch):
+        istages.answer(index, query, model_version="other", index_version=None, index_position={})
