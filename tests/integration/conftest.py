@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lookalike.artifacts import ModelCard, ModelStore
+from lookalike.errors import ReplyTimeout
 from lookalike.services import wait_for_index
 from lookalike.settings import ClientSettings
 from lookalike.topics import ensure_topics
@@ -60,6 +61,9 @@ class Pipeline:
 
     def log_text(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
+
+    def logs_tail(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- {name}\n{self.log_text(name)[-chars:]}" for name in self.logs)
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs.values())
@@ -128,18 +132,20 @@ def warm_up(pipeline: Pipeline, image: bytes, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     with pipeline.client() as client:
         while time.monotonic() < deadline:
-            assert pipeline.alive(), "a service died:\n" + pipeline.log_text("worker")[-3000:] + pipeline.log_text("indexer")[-3000:]
+            assert pipeline.alive(), "a service died:\n" + pipeline.logs_tail()
             try:
                 reply = client.ask(image, timeout_s=5)
-            except Exception:  # noqa: BLE001 - not answering yet
+            except ReplyTimeout:  # not answering yet
                 continue
             if reply["status"] == "ok":
                 return
-    raise AssertionError("the pipeline did not answer:\n" + pipeline.log_text("worker")[-3000:] + pipeline.log_text("indexer")[-3000:])
+    raise AssertionError("the pipeline did not answer:\n" + pipeline.logs_tail())
 
 
 @pytest.fixture(scope="module")
-def pipeline(cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+def pipeline(
+    cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
     from tests.images import jpeg_bytes
 
     models, _card = tiny_model

@@ -37,7 +37,7 @@ def test_kcat_example_gets_the_reply(pipeline, tmp_path: Path) -> None:  # type:
         done = subprocess.run([str(SCRIPT), str(path), request_id], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         reply = json.loads(done.stdout)
-        if reply["results"] and reply["results"][0]["item_id"] == item_id or time.monotonic() > deadline:
+        if (reply["results"] and reply["results"][0]["item_id"] == item_id) or time.monotonic() > deadline:
             break
         request_id = f"req-{uuid.uuid4().hex[:8]}"
     jsonschema.validate(reply, c.schema("reply"))

@@ -80,7 +80,7 @@ def test_same_image_same_vector_as_query(embedder: Embedder) -> None:
 def test_more_like_this_query_needs_no_image(embedder: Embedder) -> None:
     query = stages.parse_query(b"req", None, {c.H_ITEM_ID: b"1163"}, SRC, SETTINGS)
     assert query.image is None
-    key, value, headers = stages.embed_queries(embedder, [query])[0]
+    _key, value, headers = stages.embed_queries(embedder, [query])[0]
     assert value is None and dict(headers)[c.H_ITEM_ID] == b"1163"
 
 
@@ -121,7 +121,8 @@ def test_indexer_applies_vector_records_and_answers() -> None:
     headers = {c.H_K: b"2", c.H_MODEL_VERSION: b"m", c.H_TIMINGS: b'{"embed": 1.0}', c.H_QUERY_TS: b"1"}
     query = istages.parse_query_vector(b"r", c.encode_vector(vecs[1]), headers, dim=8, default_reply_to="replies")
     reply = istages.answer(index, query, model_version="m", index_version="m/1", index_position={0: 4})
-    assert [r["item_id"] for r in reply["results"]][0] == "1" and len(reply["results"]) == 2
+    assert reply["results"][0]["item_id"] == "1"
+    assert len(reply["results"]) == 2
     assert reply["timings_ms"]["embed"] == 1.0 and "search" in reply["timings_ms"]
     with pytest.raises(ModelMismatch):
         istages.answer(index, query, model_version="other", index_version=None, index_position={})
