@@ -215,10 +215,12 @@ def create_app(settings: IndexerSettings) -> faust.App:
     async def status() -> None:
         await indexer.publish_status()
 
-    @app.timer(interval=HEARTBEAT_EVERY_S)
+    @app.task
     async def heartbeat() -> None:
-        beat(heartbeat_path(settings, "indexer"), items=len(indexer.index) if indexer.index else 0,
-             caught_up=indexer.caught_up.is_set())
+        while True:
+            beat(heartbeat_path(settings, "indexer"), items=len(indexer.index) if indexer.index else 0,
+                 caught_up=indexer.caught_up.is_set())
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     @app.agent(query_vectors, name="answer-queries")
     async def answer_queries(stream: faust.Stream) -> None:

@@ -93,7 +93,7 @@ class StackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LOOKALIKE_STACK_", frozen=True, extra="ignore")
 
-    kafka_version: str = "4.1.1"
+    kafka_version: str = "4.4.0"
     kafka_port: int = 19092
     controller_port: int = 19093
     redis_port: int = 16379

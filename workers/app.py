@@ -131,10 +131,11 @@ def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
             for reply_to, record in errors:
                 await produce_all(app, reply_to, [record])
 
-    @app.timer(interval=HEARTBEAT_EVERY_S)
+    @app.task
     async def heartbeat() -> None:
-        beat(heartbeat_path(settings, "worker"), model_version=embedder.version,
-             assigned=len(app.consumer.assignment()))
+        while True:
+            beat(heartbeat_path(settings, "worker"), model_version=embedder.version)
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     app.lookalike_worker = worker  # type: ignore[attr-defined]
     return app
