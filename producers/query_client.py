@@ -57,13 +57,15 @@ class QueryClient:
         self._assigned = True
 
     def send(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,
-             request_id: str | None = None) -> str:
-        """Publish a query; returns its request id. ``item_id``: "more like this item"."""
+             request_id: str | None = None, headers: dict[str, bytes] | None = None) -> str:
+        """Publish a query; returns its request id. ``item_id``: "more like this item";
+        ``headers`` are added to (and override) the standard ones."""
         self._assign()
         request_id = request_id or uuid.uuid4().hex
-        headers = [(c.H_REPLY_TO, self.reply_to.encode()), (c.H_K, str(k or self.settings.default_k).encode())]
+        standard = {c.H_REPLY_TO: self.reply_to.encode(), c.H_K: str(k or self.settings.default_k).encode()}
         if item_id is not None:
-            headers.append((c.H_ITEM_ID, item_id.encode()))
+            standard[c.H_ITEM_ID] = item_id.encode()
+        headers = list({**standard, **(headers or {})}.items())
         self.producer.produce(self.settings.queries_topic, key=request_id.encode(), value=image, headers=headers)
         self.producer.flush(10)
         self._pending.add(request_id.encode())

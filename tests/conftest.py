@@ -15,8 +15,11 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+from lookalike.artifacts import ModelCard, ModelStore
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,20 @@ def cluster() -> Iterator[Cluster]:
     yield Cluster(stack.kafka.bootstrap, stack.redis.url, "local stack")
     if not was_running and os.environ.get("LOOKALIKE_TESTS_KEEP_STACK") != "1":
         stack.down()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelCard]:
+    """A small embedder trained for a few seconds on generated shapes (the real one is `lookalike train`)."""
+    from training.synthetic import make_synthetic_catalog
+    from training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    data = make_synthetic_catalog(root / "data", classes=4, per_class=16, size=32, seed=3)
+    config = TrainConfig(
+        data=data, min_count=2, size=32, channels=(8, 16), embedding_dim=256, epochs=3, batch_size=16,
+        patience=None, cache_dir=root / "cache", threads=2,
+    )
+    store = ModelStore(root / "models")
+    card = train(config, store, progress=False)
+    return store.root, card

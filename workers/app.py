@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import faust
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from faust.types import EventT
 
 from lookalike import contracts as c
-from lookalike.clients import faust_broker_url, max_message_bytes
+from lookalike.clients import confluent_config, faust_broker_url, max_message_bytes
 from lookalike.embedder import Embedder
-from lookalike.errors import InvalidMessage
+from lookalike.errors import BadHeader, InvalidMessage
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.settings import WorkerSettings
 from workers import stages
@@ -34,6 +37,27 @@ def source_of(event: EventT) -> Source:
     return Source(msg.topic, msg.partition, msg.offset, ts)
 
 
+class ReplyTopics:
+    """Which topics exist, so a query naming a missing reply-to topic gets an error reply
+    instead of stalling the producer (topics are not auto-created)."""
+
+    MIN_REFRESH_S = 1.0  # a flood of bad reply-to names costs at most one look-up a second
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._admin = AdminClient(confluent_config(settings))
+        self._known: set[str] = {settings.replies_topic}
+        self._refreshed = 0.0
+
+    def exists(self, topic: str) -> bool:
+        if topic not in self._known and time.monotonic() - self._refreshed > self.MIN_REFRESH_S:
+            self._refreshed = time.monotonic()
+            try:
+                self._known = set(self._admin.list_topics(timeout=5).topics) | self._known
+            except KafkaException as exc:
+                log.warning("cannot list topics: %s", exc)
+        return topic in self._known
+
+
 class EmbeddingWorker:
     """The model and the thread it runs in; what the agents call for each batch."""
 
@@ -42,6 +66,7 @@ class EmbeddingWorker:
         self.embedder = embedder
         # One inference thread: torch already uses every core inside one call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.reply_topics = ReplyTopics(settings)
 
     def catalog_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
         """-> (vector records, dead-letter records). Runs in the inference thread."""
@@ -69,11 +94,16 @@ class EmbeddingWorker:
         errors: list[tuple[str, Record]] = []
         for key, value, headers, source in events:
             try:
-                queries.append(stages.parse_query(key, value, headers, source, self.settings))
+                query = stages.parse_query(key, value, headers, source, self.settings)
+                if not self.reply_topics.exists(query.options.reply_to):
+                    raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
+                queries.append(query)
             except InvalidMessage as exc:
                 log.info("query %s refused: %s", stages.request_id_of(key), exc)
                 rejected = Rejected(key, value, headers, exc, source)
                 reply_to = stages.reply_destination(headers, self.settings)
+                if not self.reply_topics.exists(reply_to):
+                    reply_to = self.settings.replies_topic
                 errors.append((reply_to, stages.error_reply_record(rejected, self.embedder.version)))
         return (stages.embed_queries(self.embedder, queries) if queries else []), errors
 

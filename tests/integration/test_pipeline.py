@@ -148,3 +148,14 @@ def test_services_report_healthy(pipeline) -> None:  # type: ignore[no-untyped-d
     for service in ("worker", "indexer"):
         healthy, reason = check(heartbeat_path(pipeline.settings, service))
         assert healthy, f"{service}: {reason}"
+
+
+def test_missing_reply_topic_gets_error_on_default_topic(pipeline) -> None:  # type: ignore[no-untyped-def]
+    """A reply-to topic that does not exist must not stall the worker."""
+    missing = pipeline.settings.reply_topic_prefix + "does-not-exist-" + uuid.uuid4().hex[:6]
+    with pipeline.client() as client:
+        request_id = client.send(jpeg_bytes(seed=999), headers={c.H_REPLY_TO: missing.encode()})
+        reply = client.wait(request_id, timeout_s=15)
+        assert reply["status"] == "error" and reply["error"]["code"] == "bad_header"
+        assert "does not exist" in reply["error"]["message"]
+        assert client.ask(jpeg_bytes(seed=999), timeout_s=10)["status"] == "ok"
