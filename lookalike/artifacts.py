@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -102,6 +103,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from services running as another user
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -133,26 +135,33 @@ class ModelStore:
             raise ModelArtifactError(f"preprocess size {preprocess.size} != model input {model.spec.input_size}")
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
-        weights = staging / WEIGHTS_FILE
-        state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-        save_file(state, str(weights))
-        weights_sha = sha256_file(weights)
-        now = datetime.now(UTC)
-        version = f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:8]}"
-        card = ModelCard(
-            version=version,
-            created_at=now.isoformat(timespec="seconds"),
-            spec=model.spec,
-            preprocess=preprocess,
-            classes=list(classes),
-            weights_sha256=weights_sha,
-            metrics=dict(metrics or {}),
-            training=dict(training or {}),
-            data_split_sha256=data_split_sha256,
-        )
-        (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", "utf-8")
-        os.replace(staging, self.root / version)
-        return card
+        try:
+            staging.chmod(0o755)  # readable by services running as another user (shared volumes)
+            weights = staging / WEIGHTS_FILE
+            state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+            save_file(state, str(weights))
+            weights_sha = sha256_file(weights)
+            now = datetime.now(UTC)
+            version = f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:8]}"
+            target = self.root / version
+            if target.exists():  # the same weights saved again within the same second
+                return self.card(version)
+            card = ModelCard(
+                version=version,
+                created_at=now.isoformat(timespec="seconds"),
+                spec=model.spec,
+                preprocess=preprocess,
+                classes=list(classes),
+                weights_sha256=weights_sha,
+                metrics=dict(metrics or {}),
+                training=dict(training or {}),
+                data_split_sha256=data_split_sha256,
+            )
+            (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n", "utf-8")
+            os.replace(staging, target)
+            return card
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename succeeded
 
     def versions(self) -> list[str]:
         """Stored versions, oldest first (versions sort by creation time)."""

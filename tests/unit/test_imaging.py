@@ -1,0 +1,172 @@
+"""Decoding untrusted image bytes and preprocessing them as the model expects."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.errors import BadImage, InvalidMessage, MessageTooLarge
+from lookalike.imaging import PreprocessSpec, decode_image, normalise, preprocess, to_uint8
+
+LIMITS = {"max_bytes": 8 * 1024 * 1024, "max_pixels": 40_000_000}
+RED = (220, 20, 20)
+
+
+def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's shape)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def test_decodes_rgb_jpeg() -> None:
+    img = decode_image(encode(Image.new("RGB", (30, 20), RED), "JPEG", quality=95), **LIMITS)
+    assert (img.mode, img.size) == ("RGB", (30, 20))
+    assert np.abs(np.asarray(img, np.int16)[10, 15] - RED).max() < 10
+
+
+def test_transparent_pixels_become_white() -> None:
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red
+    rgba.paste((0, 0, 255, 255), (0, 0, 5, 10))  # left half opaque blue
+    arr = np.asarray(decode_image(encode(rgba, "PNG"), **LIMITS))
+    assert arr.shape == (10, 10, 3)
+    assert (arr[:, 5:] == 255).all()
+    assert (arr[:, :5] == (0, 0, 255)).all()
+
+
+def test_greyscale_becomes_rgb_with_equal_channels() -> None:
+    grey = Image.linear_gradient("L").resize((32, 32))
+    arr = np.asarray(decode_image(encode(grey, "JPEG"), **LIMITS))
+    assert arr.shape == (32, 32, 3)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    assert arr.min() < 30 and arr.max() > 220
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
+    img = decode_image(encode(cmyk, "JPEG", quality=95), **LIMITS)
+    r, g, b = np.asarray(img, np.int16)[8, 8]
+    assert img.mode == "RGB"
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_palette_png_with_transparency() -> None:
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([*RED, 0, 255, 0] + [0, 0, 0] * 254)
+    pal.paste(1, (0, 0, 4, 8))
+    pal.info["transparency"] = 0  # index 0 (red) is transparent
+    arr = np.asarray(decode_image(encode(pal, "PNG", transparency=0), **LIMITS))
+    assert (arr[:, :4] == (0, 255, 0)).all()
+    assert (arr[:, 4:] == 255).all()
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (40, 20), RED)
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    decoded = decode_image(encode(img, "JPEG", exif=exif, quality=95), **LIMITS)
+    assert decoded.size == (20, 40)
+    arr = np.asarray(decoded, np.int16)
+    assert arr[2, 10, 2] > 200  # the blue band is now on top
+    assert arr[-2, 10, 0] > 200
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"this is not an image at all", id="garbage"),
+        pytest.param(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, id="corrupt-png"),
+    ],
+)
+def test_undecodable_bytes_are_bad_images(data: bytes) -> None:
+    with pytest.raises(BadImage):
+        decode_image(data, **LIMITS)
+
+
+def test_truncated_jpeg_is_a_bad_image() -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG", quality=90)
+    with pytest.raises(BadImage, match="cannot be decoded"):
+        decode_image(data[: len(data) // 2], **LIMITS)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_formats_outside_the_allowed_set_are_refused(fmt: str) -> None:
+    with pytest.raises(BadImage, match="not a JPEG/PNG/WEBP image"):
+        decode_image(encode(Image.new("RGB", (8, 8), RED), fmt), **LIMITS)
+
+
+def test_bytes_over_the_limit_are_too_large() -> None:
+    data = encode(Image.new("RGB", (8, 8), RED), "PNG")
+    with pytest.raises(MessageTooLarge) as info:
+        decode_image(data, max_bytes=len(data) - 1, max_pixels=1_000_000)
+    assert info.value.code == "too_large"
+    assert isinstance(info.value, InvalidMessage)
+
+
+def test_pixels_over_the_limit_are_refused() -> None:
+    data = encode(Image.new("RGB", (40, 30), RED), "PNG")
+    assert decode_image(data, max_bytes=10_000, max_pixels=1200).size == (40, 30)
+    with pytest.raises(BadImage, match="pixel limit") as info:
+        decode_image(data, max_bytes=10_000, max_pixels=1199)
+    assert info.value.code == "bad_image"
+
+
+@pytest.mark.parametrize("side", [20_000, 100_000])
+def test_a_small_file_claiming_huge_dimensions_is_refused_before_decoding(side: int) -> None:
+    data = png_claiming(side, side)
+    assert len(data) < 200
+    with pytest.raises(BadImage):
+        decode_image(data, **LIMITS)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_preprocess_shapes_and_types(resize: str) -> None:
+    spec = PreprocessSpec(size=32, resize=resize)  # type: ignore[arg-type]
+    img = Image.new("RGB", (60, 80), RED)
+    pixels = to_uint8(img, spec)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    tensor = preprocess(img, spec)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == np.float32
+    assert np.allclose(tensor, normalise(pixels, spec))
+    batch = normalise(np.stack([pixels, pixels]), spec)
+    assert batch.shape == (2, 3, 32, 32)
+
+
+def test_pad_keeps_the_aspect_on_white_and_stretch_fills() -> None:
+    img = Image.new("RGB", (64, 32), RED)  # wide: padding goes above and below
+    padded = to_uint8(img, PreprocessSpec(size=32, resize="pad"))
+    stretched = to_uint8(img, PreprocessSpec(size=32, resize="stretch"))
+    assert (padded[:7] == 255).all() and (padded[-7:] == 255).all()
+    assert (padded[16] == RED).all()
+    assert (stretched == RED).all()
+
+
+def test_normalise_maps_the_pixel_range_by_mean_and_std() -> None:
+    spec = PreprocessSpec(size=2)
+    pixels = np.array([[[0, 0, 0], [255, 255, 255]], [[0, 0, 0], [255, 255, 255]]], np.uint8)
+    out = normalise(pixels, spec)
+    assert out.shape == (3, 2, 2)
+    assert np.allclose(out[:, :, 0], -1.0) and np.allclose(out[:, :, 1], 1.0)
+
+
+def test_preprocess_spec_round_trips_through_a_dict() -> None:
+    spec = PreprocessSpec(size=48, resize="pad", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec

@@ -1,0 +1,367 @@
+"""The training recipe on generated data: split, pixels, steps, metrics, artifacts, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
+from lookalike.catalog import iter_catalog
+from lookalike.errors import BadImage
+from lookalike.imaging import PreprocessSpec, normalise
+from lookalike.model import EmbeddingNet, ModelSpec
+from training import cli, data
+from training.data import Split, keep_largest_classes, load_labelled, load_pixels, stratified_split
+from training.synthetic import make_synthetic_catalog
+from training.train import (
+    TrainConfig,
+    augment,
+    embed_all,
+    eval_step,
+    prepare_data,
+    retrieval_metrics,
+    seed_everything,
+    to_batch,
+    train,
+    train_step,
+)
+
+# Shapes in random colours: a network must learn shape to beat chance (0.25).
+SHAPES_CONFIG = TrainConfig(
+    size=32,
+    channels=(8, 16, 32),
+    embedding_dim=32,
+    dropout=0.0,
+    epochs=20,
+    batch_size=16,
+    lr=3e-3,
+    augment=True,  # shapes sit anywhere in the picture: flips and crops help here
+    min_count=5,
+    patience=None,
+    threads=2,
+    device="cpu",
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    return make_synthetic_catalog(folder, classes=4, per_class=40, size=32, seed=0, colour_by_class=False)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, ModelCard]:
+    home = tmp_path_factory.mktemp("home")
+    store = ModelStore(home / "models")
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=home / "cache")
+    return store, train(config, store, progress=False)
+
+
+# --- synthetic catalog ---------------------------------------------------------------
+
+
+def test_synthetic_catalog_has_the_kaggle_layout(tmp_path: Path) -> None:
+    folder = make_synthetic_catalog(tmp_path / "cat", classes=5, per_class=3, size=48)
+    header = (folder / "styles.csv").read_text("utf-8").splitlines()[0]
+    assert header == "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+    items = list(iter_catalog(folder))
+    assert len(items) == 15
+    assert all(item.item_id.isdigit() for item in items)
+    assert {item.label for item in items} == {"Circles", "Squares", "Triangles", "Crosses", "Diamonds"}
+    assert "," in items[0].metadata["title"]  # titles with commas, as in the real file
+    pixels = load_pixels(items, PreprocessSpec(size=48), tmp_path / "cache")
+    assert pixels.shape == (15, 48, 48, 3)
+    assert len({p.tobytes() for p in pixels}) == 15  # no two pictures are the same
+
+
+def test_synthetic_catalog_is_reproducible_and_fast(tmp_path: Path) -> None:
+    import time
+
+    started = time.perf_counter()
+    a = make_synthetic_catalog(tmp_path / "a", classes=5, per_class=10)
+    assert time.perf_counter() - started < 1.0
+    b = make_synthetic_catalog(tmp_path / "b", classes=5, per_class=10)
+    assert (a / "styles.csv").read_bytes() == (b / "styles.csv").read_bytes()
+    assert (a / "images" / "10007.jpg").read_bytes() == (b / "images" / "10007.jpg").read_bytes()
+
+
+def test_more_classes_than_shapes_get_distinct_names(tmp_path: Path) -> None:
+    folder = make_synthetic_catalog(tmp_path, classes=10, per_class=1, size=16)
+    labels = [item.label for item in iter_catalog(folder)]
+    assert len(set(labels)) == 10
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def test_load_labelled_drops_small_classes(tmp_path: Path) -> None:
+    folder = make_synthetic_catalog(tmp_path, classes=3, per_class=6, size=16)
+    for item in list(iter_catalog(folder))[:9:3]:  # three of class 0's six pictures
+        item.image_path.unlink()
+    assert len(load_labelled(folder, min_count=3)) == 15
+    kept = load_labelled(folder, min_count=4)
+    assert len(kept) == 12
+    assert "Circles" not in {item.label for item in kept}
+
+
+def test_keep_largest_classes(tmp_path: Path) -> None:
+    folder = make_synthetic_catalog(tmp_path, classes=3, per_class=4, size=16)
+    (folder / "images" / "10000.jpg").unlink()  # class 0 now has 3
+    items = load_labelled(folder, min_count=1)
+    assert {item.label for item in keep_largest_classes(items, 2)} == {"Squares", "Triangles"}
+
+
+def test_stratified_split_is_deterministic_disjoint_and_stratified(shapes_catalog: Path) -> None:
+    items = load_labelled(shapes_catalog, min_count=5)
+    split = stratified_split(items, test_fraction=0.2, seed=7)
+    assert stratified_split(list(reversed(items)), test_fraction=0.2, seed=7) == split  # order does not matter
+    assert set(split.train_ids).isdisjoint(split.test_ids)
+    assert set(split.train_ids) | set(split.test_ids) == {item.item_id for item in items}
+    assert split.classes == ("Circles", "Crosses", "Squares", "Triangles")
+    label = {item.item_id: item.label for item in items}
+    for name in split.classes:
+        assert sum(label[i] == name for i in split.test_ids) == 8  # 20% of 40
+    other = stratified_split(items, test_fraction=0.2, seed=8)
+    assert other.test_ids != split.test_ids
+    assert other.sha256 != split.sha256
+
+
+def test_every_class_keeps_a_training_and_a_test_item(tmp_path: Path) -> None:
+    items = load_labelled(make_synthetic_catalog(tmp_path, classes=2, per_class=2, size=16), min_count=1)
+    split = stratified_split(items, test_fraction=0.9)
+    assert (len(split.train_ids), len(split.test_ids)) == (2, 2)
+    with pytest.raises(ValueError):
+        stratified_split(items, test_fraction=1.0)
+
+
+def test_split_json_round_trip_keeps_the_checksum(shapes_catalog: Path, tmp_path: Path) -> None:
+    split = stratified_split(load_labelled(shapes_catalog, min_count=5))
+    path = tmp_path / "split.json"
+    split.save(path)
+    loaded = Split.load(path)
+    assert loaded == split
+    assert loaded.sha256 == split.sha256
+    assert json.loads(path.read_text("utf-8"))["format"] == 1
+    assert len(split.sha256) == 64
+
+
+def test_load_pixels_decodes_then_reads_its_cache(
+    shapes_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = load_labelled(shapes_catalog, min_count=5)[:10]
+    spec = PreprocessSpec(size=24)
+    pixels = load_pixels(items, spec, tmp_path)
+    assert pixels.shape == (10, 24, 24, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels[3], data.decode_file(items[3].image_path, spec))
+    (cache,) = tmp_path.glob("pixels-*.npz")
+    with np.load(cache, allow_pickle=False) as saved:  # no object arrays in the cache
+        assert list(saved["ids"]) == [item.item_id for item in items]
+
+    def no_decoding(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("decoded although the cache is current")
+
+    monkeypatch.setattr(data, "decode_all", no_decoding)
+    assert np.array_equal(load_pixels(items, spec, tmp_path), pixels)
+    with pytest.raises(AssertionError):  # another spec is another cache entry
+        load_pixels(items, PreprocessSpec(size=24, resize="pad"), tmp_path)
+    stat = items[0].image_path.stat()
+    os.utime(items[0].image_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError):  # a changed file is another cache entry
+        load_pixels(items, spec, tmp_path)
+
+
+def test_load_pixels_with_a_process_pool_matches_one_process(
+    shapes_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = load_labelled(shapes_catalog, min_count=5)[:12]
+    spec = PreprocessSpec(size=16)
+    serial = load_pixels(items, spec, tmp_path / "one", workers=1)
+    monkeypatch.setattr(data, "POOL_MIN_ITEMS", 1)
+    assert np.array_equal(load_pixels(items, spec, tmp_path / "pool", workers=2), serial)
+
+
+def test_a_bad_file_is_reported_with_its_item(shapes_catalog: Path, tmp_path: Path) -> None:
+    items = load_labelled(shapes_catalog, min_count=5)[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    items[1] = replace(items[1], image_path=broken)
+    with pytest.raises(BadImage, match=items[1].item_id):
+        load_pixels(items, PreprocessSpec(size=16), tmp_path)
+
+
+# --- steps ---------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_on_known_vectors() -> None:
+    catalog = np.array([[1.0, 0.0], [0.95, 0.31], [0.31, 0.95], [0.0, 1.0], [-1.0, 0.0]])
+    catalog_labels = np.array([0, 0, 1, 1, 2])
+    queries = np.array(
+        [
+            [1.0, 0.1],  # nearest: 0, 0, 1 -> hit, 2/3
+            [0.2, 1.0],  # nearest: 1, 1, 0 -> miss, 1/3
+            [-5.0, 0.5],  # nearest: 2, 0, 1 -> hit, 1/3 (length does not matter)
+        ]
+    )
+    metrics = retrieval_metrics(catalog, catalog_labels, queries, np.array([0, 0, 2]), k=3)
+    assert metrics == pytest.approx({"top1_accuracy": 2 / 3, "precision_at_3": 4 / 9})
+    perfect = retrieval_metrics(catalog, catalog_labels, catalog * 3, catalog_labels, k=1)
+    assert perfect == {"top1_accuracy": 1.0, "precision_at_1": 1.0}
+    with pytest.raises(ValueError):
+        retrieval_metrics(catalog, catalog_labels, queries, np.array([0, 0, 2]), k=6)
+
+
+def tiny_batch(n: int = 8) -> tuple[EmbeddingNet, tuple[torch.Tensor, torch.Tensor]]:
+    seed_everything(0)
+    model = EmbeddingNet(ModelSpec(input_size=16, channels=(4, 8), embedding_dim=8, num_classes=2, dropout=0.0))
+    pixels = np.zeros((n, 16, 16, 3), np.uint8)
+    pixels[n // 2 :] = 255  # class 1 is white, class 0 black
+    labels = np.array([0] * (n // 2) + [1] * (n - n // 2))
+    return model, to_batch(pixels, labels, PreprocessSpec(size=16), torch.device("cpu"))
+
+
+def test_train_step_learns_and_eval_step_counts() -> None:
+    model, batch = tiny_batch()
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first, _ = eval_step(model, batch, loss_fn)
+    for _ in range(20):
+        train_step(model, batch, loss_fn, optimizer)
+    last, correct = eval_step(model, batch, loss_fn)
+    assert last < first / 2
+    assert correct == 8
+    assert not model.training
+
+
+def test_augment_keeps_shape_and_range_and_varies() -> None:
+    spec = PreprocessSpec(size=16)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    inputs = torch.from_numpy(normalise(pixels, spec))
+    generator = torch.Generator().manual_seed(0)
+    once, twice = augment(inputs, spec, generator), augment(inputs, spec, generator)
+    assert once.shape == inputs.shape
+    assert once.min() >= -1.0 - 1e-6 and once.max() <= 1.0 + 1e-6
+    assert not torch.allclose(once, inputs) and not torch.allclose(once, twice)
+
+
+def test_embed_all_gives_unit_vectors_in_input_order() -> None:
+    model, _ = tiny_batch(n=5)
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    vectors = embed_all(model, pixels, PreprocessSpec(size=16), batch_size=2)
+    assert vectors.shape == (5, 8) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    alone = embed_all(model, pixels[3:4], PreprocessSpec(size=16))
+    assert np.allclose(vectors[3], alone[0], atol=1e-5)
+
+
+# --- the recipe ----------------------------------------------------------------------
+
+
+def test_shapes_are_not_separable_without_training(shapes_catalog: Path, tmp_path: Path) -> None:
+    # Guards the test below: an untrained network must not already pass it.
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path)
+    labelled = prepare_data(config, progress=False)
+    seed_everything(config.seed)
+    model = EmbeddingNet(config.model_spec(len(labelled.split.classes)))
+    spec = config.preprocess_spec()
+    metrics = retrieval_metrics(
+        embed_all(model, labelled.train_x, spec), labelled.train_y, embed_all(model, labelled.test_x, spec), labelled.test_y
+    )
+    assert metrics["precision_at_5"] < 0.55
+
+
+def test_training_learns_shapes(trained: tuple[ModelStore, ModelCard]) -> None:
+    _, card = trained
+    # Chance is 0.25 and an untrained network stays under 0.55 (above); over 12 seeds of
+    # data and weights this recipe gave 0.956 to 1.0, so 0.8 fails only when learning does.
+    assert card.metrics["precision_at_5"] > 0.8
+    assert card.metrics["top1_accuracy"] > 0.8
+    assert card.metrics["test_accuracy"] > 0.8
+
+
+def test_training_stores_a_self_describing_champion(
+    trained: tuple[ModelStore, ModelCard], shapes_catalog: Path
+) -> None:
+    store, card = trained
+    assert store.aliases() == {CHAMPION: card.version}
+    assert card.classes == ["Circles", "Crosses", "Squares", "Triangles"]
+    assert card.preprocess == PreprocessSpec(size=32)
+    assert card.embedding_dim == 32
+    assert card.training["config"]["epochs"] == 20
+    assert card.training["config"]["data"] == str(shapes_catalog)
+    split = Split.load(store.root / card.training["split_file"])
+    assert split.sha256 == card.data_split_sha256
+    assert len(split.test_ids) == card.training["test_size"] == 32
+    assert 1 <= card.training["best_epoch"] <= card.training["epochs_run"] == 20
+    json.dumps(card.to_dict())  # everything in the card is plain JSON
+
+
+def test_stored_model_reproduces_the_metrics(trained: tuple[ModelStore, ModelCard], tmp_path: Path) -> None:
+    store, card = trained
+    model, loaded = store.load(CHAMPION)
+    config = replace(SHAPES_CONFIG, data=Path(card.training["config"]["data"]), cache_dir=tmp_path)
+    labelled = prepare_data(config, progress=False)
+    spec = loaded.preprocess
+    metrics = retrieval_metrics(
+        embed_all(model, labelled.train_x, spec), labelled.train_y, embed_all(model, labelled.test_x, spec), labelled.test_y
+    )
+    assert metrics == pytest.approx({k: card.metrics[k] for k in metrics}, abs=1e-6)
+
+
+def test_a_second_model_becomes_champion_only_when_promoted(
+    trained: tuple[ModelStore, ModelCard], shapes_catalog: Path, tmp_path: Path
+) -> None:
+    store, first = trained
+    quick = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=1)
+    second = train(quick, store, progress=False)
+    assert store.resolve(CHAMPION) == first.version
+    # Another seed: the same seed gives the same weights, hence the same version within a second.
+    third = train(replace(quick, promote=True, seed=1), store, progress=False)
+    assert store.resolve(CHAMPION) == third.version
+    assert {first.version, second.version, third.version} <= set(store.versions())
+    store.set_alias(CHAMPION, first.version)  # the module's other tests expect the first
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+def test_cli_trains_then_reuses_the_champion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_synthetic_catalog(tmp_path / "cat", classes=3, per_class=10, size=16)
+    monkeypatch.setenv("LOOKALIKE_DATA", str(folder))
+    args = ["--model-dir", str(tmp_path / "models"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert cli.build_parser().parse_args([]).data == folder
+    assert cli.main([*args, "--epochs", "1", "--size", "16", "--batch-size", "8", "--min-count", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "P@5" in out and "s training" in out
+    version = ModelStore(tmp_path / "models").resolve(CHAMPION)
+
+    def no_training(*_: object, **__: object) -> ModelCard:
+        raise AssertionError("trained although --reuse found a champion")
+
+    monkeypatch.setattr(cli, "train", no_training)
+    assert cli.main([*args, "--reuse"]) == 0
+    assert version in capsys.readouterr().out
+
+
+def test_cli_without_a_catalog_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--data", str(tmp_path / "missing"), "--model-dir", str(tmp_path), "--quiet"]) == 2
+    assert "no catalog folder" in capsys.readouterr().err
+
+
+def test_module_logs_one_line_per_epoch(
+    shapes_catalog: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=2)
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        train(config, ModelStore(tmp_path / "models"), progress=False)
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 2 and "test accuracy" in epochs[0]

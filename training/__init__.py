@@ -1,0 +1,1 @@
+"""Training: data loading, the classifier recipe, evaluation, and saving artifacts."""

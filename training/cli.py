@@ -1,0 +1,135 @@
+"""``lookalike train``: train the seed recipe on a catalog folder and store the model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
+from lookalike.errors import LookalikeError
+from lookalike.settings import CommonSettings
+from training.train import TrainConfig, train
+
+DEFAULT_DATA = "../shared/datasets/fashion-9k"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lookalike train`` arguments; defaults are :class:`TrainConfig`'s."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="lookalike train",
+        description="Train the embedder on a catalog folder (Kaggle Fashion Product Images layout).",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("LOOKALIKE_DATA", DEFAULT_DATA)),
+        help="catalog folder with styles.csv and images/ (env LOOKALIKE_DATA; default %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
+    parser.add_argument("--size", type=int, default=defaults.size, help="input side in pixels (default %(default)s)")
+    parser.add_argument("--resize", choices=["stretch", "pad"], default=defaults.resize, help="default %(default)s")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default %(default)s)")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default=defaults.lr_schedule,
+        help="cosine: decay to 0 over the run (default %(default)s)",
+    )
+    parser.add_argument("--min-count", type=int, default=defaults.min_count, help="smallest class kept (%(default)s)")
+    parser.add_argument("--limit-classes", type=int, default=None, help="train on the N largest classes only")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="weights and batch order (%(default)s)")
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.augment,
+        help="random flips, crops and brightness/contrast while training (default %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=defaults.device, help="auto: CUDA when available"
+    )
+    parser.add_argument(
+        "--promote",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="make the new model champion even if there is one (without: only when there is none)",
+    )
+    parser.add_argument("--model-dir", type=Path, default=None, help="model store (default: LOOKALIKE_MODEL_DIR)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-pixel cache ($LOOKALIKE_HOME/cache)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="if the store has a champion, show it and exit without training"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=args.data,
+        epochs=args.epochs,
+        size=args.size,
+        resize=args.resize,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        min_count=args.min_count,
+        limit_classes=args.limit_classes,
+        seed=args.seed,
+        augment=args.augment,
+        threads=args.threads,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        promote=args.promote,
+    )
+
+
+def describe(card: ModelCard) -> str:
+    """One line for people: version and retrieval figures."""
+    m = card.metrics
+    return (
+        f"model {card.version}: top-1 {m.get('top1_accuracy', float('nan')):.3f}, "
+        f"P@5 {m.get('precision_at_5', float('nan')):.3f}, "
+        f"classifier accuracy {m.get('test_accuracy', float('nan')):.3f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lookalike train``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = ModelStore(args.model_dir or CommonSettings().models_path)
+    try:
+        if args.reuse and CHAMPION in store.aliases():
+            card = store.card(CHAMPION)
+            print(f"{CHAMPION} exists, not training: {describe(card)}")
+            return 0
+        if not args.data.is_dir():
+            print(f"error: no catalog folder at {args.data} (set --data or LOOKALIKE_DATA)", file=sys.stderr)
+            return 2
+        started = time.perf_counter()
+        with logging_redirect_tqdm():
+            card = train(config_from_args(args), store, progress=not args.quiet)
+    except (LookalikeError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - started
+    champion = store.aliases().get(CHAMPION)
+    print(describe(card))
+    print(
+        f"  {card.training['train_size']} train / {card.training['test_size']} test images, "
+        f"{len(card.classes)} classes, best epoch {card.training['best_epoch']}/{card.training['epochs_run']}"
+    )
+    print(
+        f"  {seconds:.0f} s in all: {card.training['load_seconds']:.0f} s loading, "
+        f"{card.training['train_seconds']:.0f} s training"
+    )
+    print(f"  stored in {store.root / card.version}; champion: {champion}")
+    return 0

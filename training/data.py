@@ -1,0 +1,255 @@
+"""Training data: labelled catalog items, a reproducible split, and cached pixels.
+
+Pixels are made by :func:`lookalike.imaging.decode_image` and
+:func:`lookalike.imaging.to_uint8`, the functions the workers call on catalog and
+query images, so the model learns on exactly what it will be served. Decoded pixels
+are cached as ``.npz`` (no pickle) under a key that changes with the item set, the
+files' sizes and mtimes, and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lookalike.catalog import CatalogItem, iter_catalog
+from lookalike.errors import BadImage, InvalidMessage
+from lookalike.imaging import PreprocessSpec, decode_image, to_uint8
+from lookalike.settings import default_home
+
+log = logging.getLogger(__name__)
+
+SPLIT_FORMAT = 1
+CACHE_FORMAT = 1
+# Catalog files are ours, not untrusted queries: generous limits, still bounded.
+# Pillow itself refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179M) as bombs.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_FILE_PIXELS = 80_000_000
+# Below this many images a process pool costs more than it saves.
+POOL_MIN_ITEMS = 256
+
+
+def load_labelled(folder: Path, min_count: int = 10, label: str = "articleType") -> list[CatalogItem]:
+    """Catalog items that carry ``label``, keeping only classes with at least ``min_count`` items.
+
+    Order is the catalog's file order.
+    """
+    items = [item for item in iter_catalog(Path(folder)) if item.metadata.get(label)]
+    counts = Counter(item.metadata[label] for item in items)
+    kept = {name for name, n in counts.items() if n >= min_count}
+    log.info(
+        "%s: %d labelled items in %d classes; %d classes have >= %d items (%d items)",
+        folder,
+        len(items),
+        len(counts),
+        len(kept),
+        min_count,
+        sum(counts[name] for name in kept),
+    )
+    return [item for item in items if item.metadata[label] in kept]
+
+
+def keep_largest_classes(items: Sequence[CatalogItem], n: int, label: str = "articleType") -> list[CatalogItem]:
+    """Only the items of the ``n`` most frequent classes (ties broken by class name)."""
+    counts = Counter(item.metadata[label] for item in items)
+    largest = {name for name, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]}
+    return [item for item in items if item.metadata[label] in largest]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which items train and which test. Ids are sorted, so equal splits are equal JSON."""
+
+    train_ids: tuple[str, ...]
+    test_ids: tuple[str, ...]
+    classes: tuple[str, ...]  # sorted; a class's index is its classifier output
+    label: str = "articleType"
+    seed: int = 1234
+    test_fraction: float = 0.2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SPLIT_FORMAT,
+            "label": self.label,
+            "seed": self.seed,
+            "test_fraction": self.test_fraction,
+            "classes": list(self.classes),
+            "train_ids": list(self.train_ids),
+            "test_ids": list(self.test_ids),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Split:
+        if raw.get("format") != SPLIT_FORMAT:
+            raise ValueError(f"split format {raw.get('format')!r} is not {SPLIT_FORMAT}")
+        return cls(
+            train_ids=tuple(str(i) for i in raw["train_ids"]),
+            test_ids=tuple(str(i) for i in raw["test_ids"]),
+            classes=tuple(str(c) for c in raw["classes"]),
+            label=str(raw["label"]),
+            seed=int(raw["seed"]),
+            test_fraction=float(raw["test_fraction"]),
+        )
+
+    def canonical_json(self) -> str:
+        """The JSON the checksum is taken over: sorted keys, no whitespace."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n", "utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        return cls.from_dict(json.loads(Path(path).read_text("utf-8")))
+
+
+def stratified_split(
+    items: Sequence[CatalogItem],
+    test_fraction: float = 0.2,
+    seed: int = 1234,
+    label: str = "articleType",
+) -> Split:
+    """Per class, a seeded shuffle of its sorted ids; the first ``round(n * test_fraction)`` test.
+
+    Every class keeps at least one training item, and one test item when it has two
+    or more. The result depends only on the ids, labels, fraction and seed, not on
+    the order of ``items``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    by_class: dict[str, list[str]] = {}
+    for item in items:
+        by_class.setdefault(item.metadata[label], []).append(item.item_id)
+    rng = np.random.default_rng(seed)
+    train_ids: list[str] = []
+    test_ids: list[str] = []
+    for name in sorted(by_class):
+        ids = sorted(set(by_class[name]))
+        order = rng.permutation(len(ids))
+        n_test = min(max(round(len(ids) * test_fraction), 1), len(ids) - 1)
+        test_ids += [ids[i] for i in order[:n_test]]
+        train_ids += [ids[i] for i in order[n_test:]]
+    return Split(
+        train_ids=tuple(sorted(train_ids)),
+        test_ids=tuple(sorted(test_ids)),
+        classes=tuple(sorted(by_class)),
+        label=label,
+        seed=seed,
+        test_fraction=test_fraction,
+    )
+
+
+def select(items: Sequence[CatalogItem], ids: Sequence[str]) -> list[CatalogItem]:
+    """The items with these ids, in the order of ``ids``."""
+    by_id = {item.item_id: item for item in items}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise KeyError(f"{len(missing)} split ids are not in the catalog, e.g. {missing[:3]}")
+    return [by_id[i] for i in ids]
+
+
+def pixels_cache_key(items: Sequence[CatalogItem], spec: PreprocessSpec) -> str:
+    """A hash of what the pixels depend on: ids, files (size, mtime) and preprocessing."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": CACHE_FORMAT, "spec": spec.to_dict()}, sort_keys=True).encode())
+    for item in items:
+        stat = item.image_path.stat()
+        digest.update(f"\n{item.item_id}\t{item.image_path}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def decode_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    """One image file -> uint8 (S, S, 3), as serving would preprocess it."""
+    img = decode_image(Path(path).read_bytes(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
+    return to_uint8(img, spec)
+
+
+def _decode_job(job: tuple[str, Path, PreprocessSpec]) -> np.ndarray:
+    item_id, path, spec = job
+    try:
+        return decode_file(path, spec)
+    except InvalidMessage as exc:
+        raise BadImage(f"item {item_id} ({path}): {exc}") from exc
+
+
+def decode_all(items: Sequence[CatalogItem], spec: PreprocessSpec, workers: int, progress: bool) -> np.ndarray:
+    """Decode every item's image -> uint8 (N, S, S, 3); raises BadImage naming the item."""
+    jobs = [(item.item_id, item.image_path, spec) for item in items]
+    out = np.empty((len(jobs), spec.size, spec.size, 3), np.uint8)
+    bar = tqdm(total=len(jobs), desc="decoding images", unit="img", disable=not progress, leave=False)
+    with bar:
+        if workers <= 1 or len(jobs) < POOL_MIN_ITEMS:
+            for i, job in enumerate(jobs):
+                out[i] = _decode_job(job)
+                bar.update()
+        else:
+            # Decoding is pure CPU in Pillow; separate processes use every core.
+            with get_context("spawn").Pool(workers) as pool:
+                for i, pixels in enumerate(pool.imap(_decode_job, jobs, chunksize=64)):
+                    out[i] = pixels
+                    bar.update()
+    return out
+
+
+def load_pixels(
+    items: Sequence[CatalogItem],
+    spec: PreprocessSpec,
+    cache_dir: Path | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Pixels of ``items`` in order -> uint8 (N, S, S, 3), from the cache when it is current.
+
+    ``cache_dir`` defaults to ``default_home() / "cache"``; ``workers`` defaults to the
+    number of CPUs.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_home() / "cache"
+    ids = np.array([item.item_id for item in items], dtype=np.str_)
+    path = cache_dir / f"pixels-{pixels_cache_key(items, spec)[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                pixels, cached_ids = cached["pixels"], cached["ids"]
+            if pixels.shape == (len(items), spec.size, spec.size, 3) and np.array_equal(cached_ids, ids):
+                log.info("pixels of %d items from cache %s", len(items), path)
+                return pixels
+            log.warning("cache %s does not match its items; decoding again", path)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cache %s is unreadable (%s); decoding again", path, exc)
+    pixels = decode_all(items, spec, workers or os.cpu_count() or 1, progress)
+    save_npz_atomic(path, pixels=pixels, ids=ids)
+    log.info("decoded %d images; cached in %s", len(items), path)
+    return pixels
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` to a temporary file, then rename: readers never see half a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
