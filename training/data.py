@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -253,3 +253,34 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def class_balanced_batches(
+    labels: np.ndarray, classes_per_batch: int, per_class: int, n_batches: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """``n_batches`` P x K batches: P classes drawn uniformly, K items of each.
+
+    Every class is equally likely whatever its size, so the tail of a long-tailed
+    catalog is seen as often as its head. Within a class, items come from a shuffled
+    cycle (every item once before any twice); a class with fewer than K items repeats
+    some. Yields index arrays into ``labels`` of length P * K (P capped at the number
+    of classes), grouped by class.
+    """
+    if classes_per_batch < 1 or per_class < 1:
+        raise ValueError(f"need P >= 1 and K >= 1, got P={classes_per_batch}, K={per_class}")
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    members = {c: np.flatnonzero(labels == c) for c in classes}
+    queues: dict[Any, list[int]] = {c: [] for c in classes}
+    p = min(classes_per_batch, len(classes))
+    for _ in range(n_batches):
+        batch: list[int] = []
+        for c in rng.choice(classes, size=p, replace=False):
+            while len(queues[c]) < per_class:
+                # a new cycle, its items not already waiting first: no repeats within a batch for classes of K or more
+                waiting = set(queues[c])
+                cycle = rng.permutation(members[c]).tolist()
+                queues[c] += [i for i in cycle if i not in waiting] + [i for i in cycle if i in waiting]
+            batch += queues[c][:per_class]
+            del queues[c][:per_class]
+        yield np.array(batch, np.int64)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class KafkaBroker:
     def dir(self) -> Path:
         return self.settings.state_dir / "kafka"
 
-    @property
+    @cached_property
     def daemon(self) -> Daemon:
         return Daemon("kafka", self.settings.state_dir, marker="kafka.Kafka")
 
@@ -166,7 +167,7 @@ class KafkaBroker:
 class RedisServer:
     settings: StackSettings
 
-    @property
+    @cached_property
     def daemon(self) -> Daemon:
         return Daemon("redis", self.settings.state_dir, marker="redis-server")
 

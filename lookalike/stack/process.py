@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lookalike.errors import StackError
@@ -44,6 +44,7 @@ class Daemon:
     name: str
     state_dir: Path
     marker: str = ""  # a word of the command line: a stale pid file may name a recycled pid
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
     def pid_file(self) -> Path:
@@ -67,7 +68,7 @@ class Daemon:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return True  # no /proc here: trust the pid file
-        return self.marker in cmdline
+        return not cmdline or self.marker in cmdline  # empty while the process is still exec-ing
 
     def start(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +83,7 @@ class Daemon:
                 cwd=cwd,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
+        self._proc = proc
         return proc.pid
 
     def stop(self, timeout_s: float = 30.0) -> bool:
@@ -99,6 +101,12 @@ class Daemon:
         self.pid_file.unlink(missing_ok=True)
         return True
 
+    def _exited(self) -> bool:
+        """Did the process die? Our own child is asked directly; otherwise the pid file."""
+        if self._proc is not None:
+            return self._proc.poll() is not None
+        return self.pid() is None
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -111,7 +119,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if ready():
                 return
-            if self.pid() is None:
+            if self._exited():
                 raise StackError(f"{what} exited during start-up; last lines of {self.log_file}:\n{self.log_tail()}")
             time.sleep(0.3)
         raise StackError(f"{what} did not answer within {timeout_s:.0f}s; last lines of {self.log_file}:\n{self.log_tail()}")
