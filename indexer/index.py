@@ -7,10 +7,13 @@ only under the writer's lock.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hnswlib
@@ -85,10 +88,13 @@ class VectorIndex:
 
     def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 200, ef_search: int = 64, capacity: int = 1024):
         self.dim = dim
+        self.m = m
+        self.ef_construction = ef_construction
         self.ef_search = ef_search
         self._index = hnswlib.Index(space="cosine", dim=dim)
         self._index.init_index(max_elements=capacity, M=m, ef_construction=ef_construction)
         self._index.set_ef(ef_search)
+        self._position: dict[int, int] = {}  # source partition -> next offset applied
         self._labels: dict[str, int] = {}
         self._item_ids: list[str] = []  # label -> item id
         self._live: set[int] = set()
@@ -110,9 +116,16 @@ class VectorIndex:
         with self._lock.read():
             return {self._item_ids[label] for label in self._live}
 
-    def apply(self, mutations: Sequence[Mutation]) -> None:
-        """Apply upserts and deletes in order, under the writer's lock."""
-        if not mutations:
+    @property
+    def position(self) -> dict[int, int]:
+        """Per source partition, the next offset after what the index holds."""
+        with self._lock.read():
+            return dict(self._position)
+
+    def apply(self, mutations: Sequence[Mutation], position: Mapping[int, int] | None = None) -> None:
+        """Apply upserts and deletes in order, and record the source offsets they bring the
+        index to, in one step under the writer's lock (so a snapshot sees both or neither)."""
+        if not mutations and not position:
             return
         with self._lock.write():
             for mutation in mutations:
@@ -120,6 +133,7 @@ class VectorIndex:
                     self._upsert(mutation)
                 else:
                     self._delete(mutation.item_id)
+            self._position.update(position or {})
 
     def _upsert(self, upsert: Upsert) -> None:
         vector = np.asarray(upsert.vector, dtype=np.float32).reshape(1, self.dim)
@@ -172,3 +186,47 @@ class VectorIndex:
                     continue
                 hits.append(Hit(item_id, 1.0 - float(distance), self._metadata.get(label, {})))
             return hits[:k]
+
+    # -- serialisation (no pickle) ---------------------------------------------------
+    def export(self) -> tuple[bytes, bytes, dict[str, Any]]:
+        """(hnswlib index bytes, items JSON bytes, facts) of one consistent state.
+
+        Runs under the *read* lock: searches go on, only the writer waits.
+        """
+        with self._lock.read():
+            with tempfile.TemporaryDirectory(prefix="lookalike-index-") as tmp:
+                path = Path(tmp) / "index.bin"
+                self._index.save_index(str(path))
+                index_bytes = path.read_bytes()
+            items = {
+                "labels": self._item_ids,
+                "live": sorted(self._live),
+                "metadata": {str(label): meta for label, meta in self._metadata.items()},
+            }
+            facts = {
+                "dim": self.dim, "space": "cosine", "m": self.m, "ef_construction": self.ef_construction,
+                "ef_search": self.ef_search, "items": len(self._live), "labels": len(self._item_ids),
+                "capacity": self._index.get_max_elements(), "position": {str(p): o for p, o in self._position.items()},
+            }
+        return index_bytes, json.dumps(items, separators=(",", ":")).encode(), facts
+
+    @classmethod
+    def restore(cls, index_bytes: bytes, items_bytes: bytes, facts: Mapping[str, Any]) -> VectorIndex:
+        """Rebuild from :meth:`export` output. ef is set again: hnswlib does not save it."""
+        index = cls(int(facts["dim"]), m=int(facts["m"]), ef_construction=int(facts["ef_construction"]),
+                    ef_search=int(facts["ef_search"]), capacity=16)
+        with tempfile.TemporaryDirectory(prefix="lookalike-index-") as tmp:
+            path = Path(tmp) / "index.bin"
+            path.write_bytes(index_bytes)
+            index._index = hnswlib.Index(space="cosine", dim=index.dim)
+            index._index.load_index(str(path), max_elements=int(facts["capacity"]))
+        index._index.set_ef(index.ef_search)
+        items = json.loads(items_bytes)
+        index._item_ids = list(items["labels"])
+        index._labels = {item_id: label for label, item_id in enumerate(index._item_ids)}
+        index._live = set(items["live"])
+        index._metadata = {int(label): meta for label, meta in items["metadata"].items()}
+        index._position = {int(p): int(o) for p, o in facts["position"].items()}
+        if len(index._live) != int(facts["items"]) or index._index.element_count != len(index._item_ids):
+            raise ValueError("snapshot items do not match the index they came with")
+        return index

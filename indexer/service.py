@@ -35,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 
 from indexer import stages
 from indexer.index import Mutation, VectorIndex
+from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
 from lookalike.clients import aiokafka_config, confluent_config, faust_broker_url
 from lookalike.errors import ConfigError, InvalidMessage, UnknownItem
@@ -64,16 +65,20 @@ class Indexer:
         self.index: VectorIndex | None = None
         self.model_version: str | None = None
         self.index_version: str | None = None
-        self.position: dict[int, int] = {}
+        self.pending_position: dict[int, int] = {}
+        self.applied_since_snapshot = 0
+        self.last_snapshot_id: str | None = None
+        self.last_snapshot_at: float | None = None
         self.caught_up = asyncio.Event()
         self.skipped = 0
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         self.search_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
         self.write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
+        self.snapshot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
 
     # -- catalog feed -------------------------------------------------------------
-    def apply_records(self, records: list[Any]) -> None:
-        """Decode and apply one fetched batch (runs in the writer thread)."""
+    def apply_records(self, partition: int, records: list[Any]) -> None:
+        """Decode and apply one fetched batch of a partition (runs in the writer thread)."""
         mutations: list[Mutation] = []
         for record in records:
             try:
@@ -90,8 +95,12 @@ class Indexer:
                             event.mutation.item_id, event.model_version, self.model_version)
                 continue
             mutations.append(event.mutation)
+        position = {partition: records[-1].offset + 1}
         if self.index is not None:
-            self.index.apply(mutations)
+            self.index.apply(mutations, position)
+            self.applied_since_snapshot += len(mutations)
+        else:  # only tombstones so far: nothing to delete, but the position moves on
+            self.pending_position.update(position)
 
     def _create_index(self, dim: int, model_version: str | None) -> None:
         s = self.settings
@@ -99,31 +108,123 @@ class Indexer:
             dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
             capacity=s.initial_capacity,
         )
+        self.index.apply([], self.pending_position)
         self.model_version = model_version
         self.index_version = f"{model_version}/{uuid.uuid4().hex[:8]}"
         log.info("new index %s (dim %d)", self.index_version, dim)
 
+    @property
+    def position(self) -> dict[int, int]:
+        return self.index.position if self.index is not None else dict(self.pending_position)
+
+    # -- snapshots ----------------------------------------------------------------
+    def snapshot_store(self) -> SnapshotStore:
+        s = self.settings
+        client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=30)
+        return SnapshotStore(client, f"lookalike:snapshots:{s.indexer_group}",
+                             chunk_bytes=s.snapshot_chunk_bytes, keep=s.snapshot_keep)
+
+    def restore(self) -> None:
+        """Load the newest usable snapshot (runs before the feed starts). Falls back to older
+        ones, then to a full replay; every refusal is logged with its reason."""
+        try:
+            store = self.snapshot_store()
+            candidates = store.history()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("snapshots unavailable (%s): full replay of the catalog", exc)
+            return
+        for snapshot_id in candidates:
+            try:
+                snap = store.read(snapshot_id)
+                facts = snap.manifest
+                pinned = self.settings.model_version
+                if pinned and facts.get("model_version") != pinned:
+                    raise SnapshotError(f"snapshot {snapshot_id} is of model {facts.get('model_version')}, "
+                                        f"this indexer serves {pinned}")
+                index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts)
+            except (SnapshotError, ValueError, KeyError, RuntimeError, redis.RedisError) as exc:
+                log.warning("snapshot %s refused: %s", snapshot_id, exc)
+                continue
+            self.index = index
+            self.model_version = facts.get("model_version")
+            self.index_version = facts.get("index_version")
+            self.last_snapshot_id, self.last_snapshot_at = snapshot_id, float(facts["created_at"])
+            log.info("restored snapshot %s: %d items of model %s at %s", snapshot_id, len(index),
+                     self.model_version, index.position)
+            break
+        else:
+            log.info("no usable snapshot (%d tried): full replay of the catalog", len(candidates))
+        try:
+            removed = store.remove_orphans()
+            if removed:
+                log.info("removed %d unfinished snapshots", removed)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot clean unfinished snapshots: %s", exc)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Write a snapshot of the current state (runs in the snapshot thread)."""
+        if self.index is None:
+            return None
+        started = time.perf_counter()
+        applied = self.applied_since_snapshot
+        index_bytes, items_bytes, facts = self.index.export()
+        exported = time.perf_counter()
+        facts.update(model_version=self.model_version, index_version=self.index_version)
+        manifest = self.snapshot_store().write(index_bytes, items_bytes, facts)
+        self.applied_since_snapshot -= applied
+        self.last_snapshot_id, self.last_snapshot_at = manifest["id"], manifest["created_at"]
+        log.info("snapshot %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest["id"],
+                 facts["items"], (len(index_bytes) + len(items_bytes)) / 1e6, (exported - started) * 1000,
+                 (time.perf_counter() - exported) * 1000)
+        return manifest
+
+    async def run_snapshots(self) -> None:
+        """Snapshot on a schedule and on mutation counts; Redis being away only delays it."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            changed = self.applied_since_snapshot
+            due = changed >= s.snapshot_every_items or (changed and time.monotonic() - last >= s.snapshot_interval_s)
+            if not due or not self.caught_up.is_set():
+                continue
+            try:
+                await loop.run_in_executor(self.snapshot_pool, self.snapshot)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("snapshot failed (%s); queries go on from memory, next try in %.0fs",
+                            exc, s.snapshot_interval_s)
+            last = time.monotonic()
+
     async def run_feed(self) -> None:
-        """Read the catalog-vector topic from the beginning, forever."""
+        """Restore the newest usable snapshot, then read the catalog-vector topic from the
+        offsets it covers (from the beginning without one), forever."""
         s = self.settings
         consumer = AIOKafkaConsumer(
             **aiokafka_config(s), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
-        partitions = await asyncio.get_running_loop().run_in_executor(None, topic_partitions, s, s.catalog_vectors_topic)
+        loop = asyncio.get_running_loop()
+        partitions = await loop.run_in_executor(None, topic_partitions, s, s.catalog_vectors_topic)
+        if s.snapshots:
+            await loop.run_in_executor(self.write_pool, self.restore)
         await consumer.start()
         try:
             tps = [TopicPartition(s.catalog_vectors_topic, p) for p in partitions]
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            restored = self.position
+            for tp in tps:
+                if tp.partition in restored:
+                    consumer.seek(tp, restored[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
             start_ends = await consumer.end_offsets(tps)
-            log.info("catalog feed: %d partitions, %d records to load", len(tps), sum(start_ends.values()))
-            loop = asyncio.get_running_loop()
+            log.info("catalog feed: %d partitions, %d records to replay", len(tps),
+                     sum(start_ends[tp] - restored.get(tp.partition, 0) for tp in tps))
             while True:
                 batch = await consumer.getmany(timeout_ms=200, max_records=2000)
                 for tp, records in batch.items():
-                    await loop.run_in_executor(self.write_pool, self.apply_records, records)
-                    self.position[tp.partition] = records[-1].offset + 1
+                    await loop.run_in_executor(self.write_pool, self.apply_records, tp.partition, records)
                 if not self.caught_up.is_set():
                     positions = {tp: await consumer.position(tp) for tp in tps}
                     if all(positions[tp] >= start_ends[tp] for tp in tps):
@@ -146,7 +247,7 @@ class Indexer:
                 raise InvalidMessage("the index is empty: no catalog item has been indexed yet", code="empty_index")
             reply = stages.answer(
                 self.index, query, model_version=self.model_version, index_version=self.index_version,
-                index_position=dict(self.position),
+                index_position=self.position,
             )
         except (InvalidMessage, UnknownItem) as exc:
             reply = c.error_reply(query.request_id, exc.code, str(exc), model_version=self.model_version,
@@ -165,6 +266,8 @@ class Indexer:
             "model_version": self.model_version or "",
             "index_version": self.index_version or "",
             "position": json.dumps({str(p): o for p, o in sorted(self.position.items())}),
+            "snapshot": self.last_snapshot_id or "",
+            "snapshot_at": f"{self.last_snapshot_at or 0:.3f}",
             "caught_up": "1" if self.caught_up.is_set() else "0",
             "skipped": str(self.skipped),
             "updated_at": f"{time.time():.3f}",
@@ -210,6 +313,11 @@ def create_app(settings: IndexerSettings) -> faust.App:
     @app.task
     async def catalog_feed() -> None:
         await indexer.run_feed()
+
+    if settings.snapshots:
+        @app.task
+        async def snapshots() -> None:
+            await indexer.run_snapshots()
 
     @app.task
     async def status() -> None:

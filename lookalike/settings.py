@@ -79,6 +79,11 @@ class IndexerSettings(CommonSettings):
     hnsw_ef_search: int = Field(64, ge=8)
     initial_capacity: int = Field(1024, ge=16)
     status_interval_s: float = Field(1.0, gt=0)
+    snapshots: bool = True
+    snapshot_interval_s: float = Field(30.0, gt=0)  # at most this long between snapshots while items change
+    snapshot_every_items: int = Field(10_000, ge=1)  # or as soon as this many mutations were applied
+    snapshot_keep: int = Field(3, ge=1)
+    snapshot_chunk_bytes: int = Field(16 * MiB, ge=1024)
 
 
 class ClientSettings(CommonSettings):
