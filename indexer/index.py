@@ -7,6 +7,7 @@ only under the writer's lock.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import threading
@@ -112,6 +113,10 @@ class VectorIndex:
     def capacity(self) -> int:
         return self._index.get_max_elements()
 
+    def items_digest(self) -> str:
+        """SHA-256 of the sorted live item ids: equal digests, equal item sets."""
+        return hashlib.sha256("\n".join(sorted(self.item_ids())).encode()).hexdigest()
+
     def item_ids(self) -> set[str]:
         with self._lock.read():
             return {self._item_ids[label] for label in self._live}
@@ -205,7 +210,7 @@ class VectorIndex:
             }
             facts = {
                 "dim": self.dim, "space": "cosine", "m": self.m, "ef_construction": self.ef_construction,
-                "ef_search": self.ef_search, "items": len(self._live), "labels": len(self._item_ids),
+                "ef_search": self.ef_search, "item_count": len(self._live), "labels": len(self._item_ids),
                 "capacity": self._index.get_max_elements(), "position": {str(p): o for p, o in self._position.items()},
             }
         return index_bytes, json.dumps(items, separators=(",", ":")).encode(), facts
@@ -227,6 +232,6 @@ class VectorIndex:
         index._live = set(items["live"])
         index._metadata = {int(label): meta for label, meta in items["metadata"].items()}
         index._position = {int(p): int(o) for p, o in facts["position"].items()}
-        if len(index._live) != int(facts["items"]) or index._index.element_count != len(index._item_ids):
+        if len(index._live) != int(facts["item_count"]) or index._index.element_count != len(index._item_ids):
             raise ValueError("snapshot items do not match the index they came with")
         return index

@@ -142,7 +142,7 @@ class Indexer:
                     raise SnapshotError(f"snapshot {snapshot_id} is of model {facts.get('model_version')}, "
                                         f"this indexer serves {pinned}")
                 index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts)
-            except (SnapshotError, ValueError, KeyError, RuntimeError, redis.RedisError) as exc:
+            except Exception as exc:  # whatever is wrong with a snapshot, the next one or a replay is right
                 log.warning("snapshot %s refused: %s", snapshot_id, exc)
                 continue
             self.index = index
@@ -174,9 +174,15 @@ class Indexer:
         self.applied_since_snapshot -= applied
         self.last_snapshot_id, self.last_snapshot_at = manifest["id"], manifest["created_at"]
         log.info("snapshot %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest["id"],
-                 facts["items"], (len(index_bytes) + len(items_bytes)) / 1e6, (exported - started) * 1000,
+                 facts["item_count"], (len(index_bytes) + len(items_bytes)) / 1e6, (exported - started) * 1000,
                  (time.perf_counter() - exported) * 1000)
         return manifest
+
+    def snapshot_lost(self) -> bool:
+        """Is our last snapshot no longer current (Redis restarted empty, or it was deleted)?"""
+        if self.index is None or self.last_snapshot_id is None:
+            return self.index is not None
+        return self.snapshot_store().current() != self.last_snapshot_id
 
     async def run_snapshots(self) -> None:
         """Snapshot on a schedule and on mutation counts; Redis being away only delays it."""
@@ -186,10 +192,14 @@ class Indexer:
         while True:
             await asyncio.sleep(0.5)
             changed = self.applied_since_snapshot
-            due = changed >= s.snapshot_every_items or (changed and time.monotonic() - last >= s.snapshot_interval_s)
-            if not due or not self.caught_up.is_set():
+            interval_over = time.monotonic() - last >= s.snapshot_interval_s
+            due = changed >= s.snapshot_every_items or (changed and interval_over)
+            if not self.caught_up.is_set() or not (due or interval_over):
                 continue
             try:
+                if not due and not await loop.run_in_executor(self.snapshot_pool, self.snapshot_lost):
+                    last = time.monotonic()
+                    continue
                 await loop.run_in_executor(self.snapshot_pool, self.snapshot)
             except (redis.RedisError, OSError) as exc:
                 log.warning("snapshot failed (%s); queries go on from memory, next try in %.0fs",
@@ -260,7 +270,11 @@ class Indexer:
 
     # -- status -------------------------------------------------------------------
     def status(self) -> dict[str, str]:
+        extra = {}
+        if self.settings.status_digest and self.index is not None:
+            extra["items_digest"] = self.index.items_digest()
         return {
+            **extra,
             "instance": self.instance,
             "items": str(len(self.index) if self.index else 0),
             "model_version": self.model_version or "",
@@ -307,6 +321,8 @@ def create_app(settings: IndexerSettings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 4,
     )
     query_vectors = app.topic(settings.query_vectors_topic, key_type=bytes, value_type=bytes, allow_empty=True)
 

@@ -76,6 +76,10 @@ class SnapshotStore:
         self.prune()
         return manifest
 
+    def current(self) -> str | None:
+        raw = self.client.get(self._key("current"))
+        return raw.decode() if raw is not None else None
+
     def history(self) -> list[str]:
         """Snapshot ids, the current one first, then older ones, newest first."""
         current = self.client.get(self._key("current"))

@@ -49,8 +49,12 @@ class CommonSettings(BaseSettings):
     default_k: int = Field(5, ge=1)
     reply_topic_prefix: str = "lookalike."
 
+    # How soon the group notices a member that died without leaving (kill -9, lost host) and
+    # hands its partitions to the others; faust's default is 60 s.
+    session_timeout_s: float = Field(10.0, ge=6.0)
     home: Path = Field(default_factory=default_home)
     model_dir: Path | None = None
+    model_version: str | None = None  # pin a version; None: the store's champion (worker) / any (indexer)
 
     @property
     def models_path(self) -> Path:
@@ -62,7 +66,6 @@ class WorkerSettings(CommonSettings):
 
     worker_group: str = "lookalike-worker"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    model_version: str | None = None  # None: the registry's champion
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     query_batch_max: int = Field(16, ge=1)
     query_batch_wait_ms: int = Field(5, ge=0)
@@ -84,6 +87,7 @@ class IndexerSettings(CommonSettings):
     snapshot_every_items: int = Field(10_000, ge=1)  # or as soon as this many mutations were applied
     snapshot_keep: int = Field(3, ge=1)
     snapshot_chunk_bytes: int = Field(16 * MiB, ge=1024)
+    status_digest: bool = False  # publish a SHA-256 of the live item ids (verification; costs a sort)
 
 
 class ClientSettings(CommonSettings):

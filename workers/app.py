@@ -136,6 +136,8 @@ def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
         producer_max_request_size=max_message_bytes(settings),
         consumer_max_fetch_size=max_message_bytes(settings),
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 4,
     )
     catalog_topic = app.topic(settings.catalog_topic, key_type=bytes, value_type=bytes, allow_empty=True)
     queries_topic = app.topic(settings.queries_topic, key_type=bytes, value_type=bytes, allow_empty=True)

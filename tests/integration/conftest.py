@@ -16,7 +16,7 @@ import pytest
 
 from lookalike.artifacts import ModelCard
 from lookalike.errors import ReplyTimeout
-from lookalike.services import wait_for_index
+from lookalike.services import indexer_status, wait_for_index
 from lookalike.settings import ClientSettings
 from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
@@ -47,6 +47,27 @@ class Pipeline:
 
     def logs_tail(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {name}\n{self.log_text(name)[-chars:]}" for name in self.logs)
+
+    def start(self, name: str) -> subprocess.Popen:
+        module = {"worker": "workers", "indexer": "indexer"}[name]
+        with self.logs[name].open("ab") as fh:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", module], env=self.env, cwd=REPO,
+                                                stdout=fh, stderr=subprocess.STDOUT)
+        return self.procs[name]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no shutdown hooks, no flush, like a crash."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait(timeout=30)
+
+    def status(self, name: str = "indexer") -> dict | None:
+        """What the running indexer process (not an earlier, killed one) last published."""
+        pid = self.procs[name].pid
+        for status in indexer_status(self.settings, self.env["LOOKALIKE_INDEXER_GROUP"]):
+            if status["instance"].endswith(f"-{pid}"):
+                return status
+        return None
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs.values())
@@ -85,13 +106,9 @@ def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dic
                                  if k.startswith("LOOKALIKE_") and k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
     ensure_topics(settings)
     pipeline = Pipeline(settings, env)
-    for name, module in (("worker", "workers"), ("indexer", "indexer")):
-        log = workdir / f"{name}.log"
-        pipeline.logs[name] = log
-        with log.open("wb") as fh:
-            pipeline.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", module], env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT
-            )
+    for name in ("worker", "indexer"):
+        pipeline.logs[name] = workdir / f"{name}.log"
+        pipeline.start(name)
     return pipeline
 
 
