@@ -85,33 +85,53 @@ Mutation = Upsert | Delete
 
 
 class VectorIndex:
-    """Cosine HNSW index over unit vectors with upsert/delete by item id."""
+    """Cosine HNSW index over unit vectors with upsert/delete by item id.
 
-    def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 200, ef_search: int = 64, capacity: int = 1024):
+    A deleted item's slot is marked deleted and reused by the next new item
+    (``allow_replace_deleted``); the index grows geometrically only when no slot is free,
+    and is rebuilt from its live vectors when deleted slots pass ``rebuild_ratio`` of all.
+    Labels are never reused, so a label always names one version of one item.
+    """
+
+    REBUILD_MIN_FREE = 1024  # rebuilding a small index buys nothing
+
+    def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 200, ef_search: int = 64,
+                 capacity: int = 1024, rebuild_ratio: float = 0.3):
         self.dim = dim
         self.m = m
         self.ef_construction = ef_construction
         self.ef_search = ef_search
-        self._index = hnswlib.Index(space="cosine", dim=dim)
-        self._index.init_index(max_elements=capacity, M=m, ef_construction=ef_construction)
-        self._index.set_ef(ef_search)
+        self.rebuild_ratio = rebuild_ratio
+        self.rebuilds = 0
+        self._index = self._new_hnsw(capacity)
         self._position: dict[int, int] = {}  # source partition -> next offset applied
-        self._labels: dict[str, int] = {}
-        self._item_ids: list[str] = []  # label -> item id
-        self._live: set[int] = set()
+        self._labels: dict[str, int] = {}  # live item id -> label
+        self._item_of: dict[int, str] = {}  # live label -> item id
         self._metadata: dict[int, Mapping[str, Any]] = {}
+        self._next_label = 0
+        self._free_slots = 0  # deleted elements waiting to be replaced
         self._lock = ReadWriteLock()
 
+    def _new_hnsw(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="cosine", dim=self.dim)
+        index.init_index(max_elements=capacity, M=self.m, ef_construction=self.ef_construction,
+                         allow_replace_deleted=True)
+        index.set_ef(self.ef_search)
+        return index
+
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._labels)
 
     def __contains__(self, item_id: object) -> bool:
-        label = self._labels.get(item_id)  # type: ignore[arg-type]
-        return label is not None and label in self._live
+        return item_id in self._labels
 
     @property
     def capacity(self) -> int:
         return self._index.get_max_elements()
+
+    @property
+    def free_slots(self) -> int:
+        return self._free_slots
 
     def items_digest(self) -> str:
         """SHA-256 of the sorted live item ids: equal digests, equal item sets."""
@@ -119,7 +139,7 @@ class VectorIndex:
 
     def item_ids(self) -> set[str]:
         with self._lock.read():
-            return {self._item_ids[label] for label in self._live}
+            return set(self._labels)
 
     @property
     def position(self) -> dict[int, int]:
@@ -139,38 +159,59 @@ class VectorIndex:
                 else:
                     self._delete(mutation.item_id)
             self._position.update(position or {})
+            total = len(self._labels) + self._free_slots
+            if self._free_slots >= self.REBUILD_MIN_FREE and self._free_slots > self.rebuild_ratio * total:
+                self._rebuild()
 
     def _upsert(self, upsert: Upsert) -> None:
         vector = np.asarray(upsert.vector, dtype=np.float32).reshape(1, self.dim)
         label = self._labels.get(upsert.item_id)
-        if label is None:
-            label = len(self._item_ids)
-            self._ensure_capacity(label + 1)
+        if label is not None:  # a live item: its vector is replaced in place
+            self._index.add_items(vector, np.asarray([label]), num_threads=1)
+        else:
+            label = self._next_label
+            self._next_label += 1
+            if self._free_slots:
+                self._index.add_items(vector, np.asarray([label]), num_threads=1, replace_deleted=True)
+                self._free_slots -= 1
+            else:
+                self._ensure_capacity(self._index.get_current_count() + 1)
+                self._index.add_items(vector, np.asarray([label]), num_threads=1)
             self._labels[upsert.item_id] = label
-            self._item_ids.append(upsert.item_id)
-        # hnswlib replaces the vector of an existing label, and un-deletes a deleted one.
-        self._index.add_items(vector, np.asarray([label]), num_threads=1)
-        self._live.add(label)
+            self._item_of[label] = upsert.item_id
         self._metadata[label] = dict(upsert.metadata)
 
     def _delete(self, item_id: str) -> None:
-        label = self._labels.get(item_id)
-        if label is None or label not in self._live:
+        label = self._labels.pop(item_id, None)
+        if label is None:
             return
         self._index.mark_deleted(label)
-        self._live.discard(label)
+        del self._item_of[label]
         self._metadata.pop(label, None)
+        self._free_slots += 1
 
     def _ensure_capacity(self, needed: int) -> None:
         capacity = self._index.get_max_elements()
         if needed > capacity:
             self._index.resize_index(max(needed, capacity * 2))
 
+    def _rebuild(self) -> None:
+        """A fresh graph of the live vectors (under the writer's lock): deleted nodes no longer
+        sit in the graph as detours."""
+        labels = np.fromiter(self._item_of, dtype=np.int64, count=len(self._item_of))
+        fresh = self._new_hnsw(max(1024, int(len(labels) * 1.25)))
+        if len(labels):
+            vectors = np.asarray(self._index.get_items(labels), dtype=np.float32)
+            fresh.add_items(vectors, labels)
+        self._index = fresh
+        self._free_slots = 0
+        self.rebuilds += 1
+
     def vector(self, item_id: str) -> np.ndarray:
         """The stored (unit) vector of an item, for "more like this"."""
         with self._lock.read():
             label = self._labels.get(item_id)
-            if label is None or label not in self._live:
+            if label is None:
                 raise UnknownItem(f"item {item_id!r} is not in the index")
             return np.asarray(self._index.get_items([label]), dtype=np.float32)[0]
 
@@ -178,7 +219,7 @@ class VectorIndex:
         """The k nearest live items by cosine similarity, best first. k is clamped to the live count."""
         query = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
         with self._lock.read():
-            live = len(self._live)
+            live = len(self._labels)
             want = min(k + (1 if exclude is not None else 0), live)
             if want <= 0:
                 return []
@@ -186,7 +227,7 @@ class VectorIndex:
             labels, distances = self._index.knn_query(query, k=want, num_threads=1)
             hits = []
             for label, distance in zip(labels[0].tolist(), distances[0].tolist(), strict=True):
-                item_id = self._item_ids[label]
+                item_id = self._item_of[label]
                 if item_id == exclude:
                     continue
                 hits.append(Hit(item_id, 1.0 - float(distance), self._metadata.get(label, {})))
@@ -204,13 +245,14 @@ class VectorIndex:
                 self._index.save_index(str(path))
                 index_bytes = path.read_bytes()
             items = {
-                "labels": self._item_ids,
-                "live": sorted(self._live),
+                "items": {str(label): item_id for label, item_id in self._item_of.items()},
                 "metadata": {str(label): meta for label, meta in self._metadata.items()},
+                "next_label": self._next_label,
+                "free_slots": self._free_slots,
             }
             facts = {
                 "dim": self.dim, "space": "cosine", "m": self.m, "ef_construction": self.ef_construction,
-                "ef_search": self.ef_search, "item_count": len(self._live), "labels": len(self._item_ids),
+                "ef_search": self.ef_search, "item_count": len(self._labels),
                 "capacity": self._index.get_max_elements(), "position": {str(p): o for p, o in self._position.items()},
             }
         return index_bytes, json.dumps(items, separators=(",", ":")).encode(), facts
@@ -224,14 +266,15 @@ class VectorIndex:
             path = Path(tmp) / "index.bin"
             path.write_bytes(index_bytes)
             index._index = hnswlib.Index(space="cosine", dim=index.dim)
-            index._index.load_index(str(path), max_elements=int(facts["capacity"]))
+            index._index.load_index(str(path), max_elements=int(facts["capacity"]), allow_replace_deleted=True)
         index._index.set_ef(index.ef_search)
         items = json.loads(items_bytes)
-        index._item_ids = list(items["labels"])
-        index._labels = {item_id: label for label, item_id in enumerate(index._item_ids)}
-        index._live = set(items["live"])
+        index._item_of = {int(label): item_id for label, item_id in items["items"].items()}
+        index._labels = {item_id: label for label, item_id in index._item_of.items()}
         index._metadata = {int(label): meta for label, meta in items["metadata"].items()}
+        index._next_label = int(items["next_label"])
+        index._free_slots = int(items["free_slots"])
         index._position = {int(p): int(o) for p, o in facts["position"].items()}
-        if len(index._live) != int(facts["item_count"]) or index._index.element_count != len(index._item_ids):
+        if len(index._labels) != int(facts["item_count"]) or index._index.dim != index.dim:
             raise ValueError("snapshot items do not match the index they came with")
         return index

@@ -90,3 +90,45 @@ def test_readers_and_one_writer_concurrently() -> None:
         t.join()
     assert not errors, errors[:1]
     assert len(index) == 1 + 3000 - 300
+
+
+def test_deleted_slots_are_reused_before_growing() -> None:
+    vecs = unit(np.random.default_rng(4), 120)
+    index = VectorIndex(16, capacity=100)
+    index.apply([Upsert(str(i), vecs[i], {}) for i in range(100)])
+    assert index.capacity == 100
+    index.apply([Delete(str(i)) for i in range(20)])
+    assert index.free_slots == 20
+    index.apply([Upsert(f"new{i}", vecs[100 + i], {}) for i in range(20)])
+    assert index.capacity == 100 and index.free_slots == 0, "new items took the deleted slots"
+    assert index.search(vecs[105], 1)[0].item_id == "new5"
+    assert all(h.item_id not in {str(i) for i in range(20)} for h in index.search(vecs[3], 50))
+
+
+def test_rebuild_when_deleted_slots_pass_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(VectorIndex, "REBUILD_MIN_FREE", 10)
+    vecs = unit(np.random.default_rng(5), 100)
+    index = VectorIndex(16, rebuild_ratio=0.3)
+    index.apply([Upsert(str(i), vecs[i], {"i": i}) for i in range(100)])
+    index.apply([Delete(str(i)) for i in range(25)])
+    assert index.rebuilds == 0 and index.free_slots == 25
+    index.apply([Delete(str(i)) for i in range(25, 40)])  # 40 of 100 slots deleted > 30 %
+    assert index.rebuilds == 1 and index.free_slots == 0 and len(index) == 60
+    hit = index.search(vecs[77], 1)[0]
+    assert (hit.item_id, hit.metadata) == ("77", {"i": 77})
+    index.apply([Upsert("3", vecs[3], {})])  # a deleted item comes back
+    assert index.search(vecs[3], 1)[0].item_id == "3"
+
+
+def test_export_restore_round_trip() -> None:
+    vecs = unit(np.random.default_rng(6), 60)
+    index = VectorIndex(16, ef_search=50)
+    index.apply([Upsert(str(i), vecs[i], {"i": i}) for i in range(60)], {0: 60})
+    index.apply([Delete("7")], {0: 61, 1: 3})
+    restored = VectorIndex.restore(*index.export())
+    assert restored.item_ids() == index.item_ids() and restored.position == {0: 61, 1: 3}
+    assert restored.free_slots == 1 and restored.ef_search == 50
+    for i in (0, 13, 59):
+        assert [h.item_id for h in restored.search(vecs[i], 5)] == [h.item_id for h in index.search(vecs[i], 5)]
+    restored.apply([Upsert("new", vecs[7], {})])  # the deleted slot is reused after a restore too
+    assert restored.free_slots == 0 and restored.search(vecs[7], 1)[0].item_id == "new"
