@@ -104,7 +104,8 @@ class VectorIndex:
         self.rebuild_ratio = rebuild_ratio
         self.rebuilds = 0
         self._index = self._new_hnsw(capacity)
-        self._position: dict[int, int] = {}  # source partition -> next offset applied
+        self._position: dict[int, int] = {}  # vector-topic partition -> next offset applied
+        self._catalog_position: dict[int, int] = {}  # catalog partition -> next catalog offset reflected
         self._labels: dict[str, int] = {}  # live item id -> label
         self._item_of: dict[int, str] = {}  # live label -> item id
         self._metadata: dict[int, Mapping[str, Any]] = {}
@@ -143,14 +144,21 @@ class VectorIndex:
 
     @property
     def position(self) -> dict[int, int]:
-        """Per source partition, the next offset after what the index holds."""
+        """Per vector-topic partition, the next offset after what the index holds."""
         with self._lock.read():
             return dict(self._position)
 
-    def apply(self, mutations: Sequence[Mutation], position: Mapping[int, int] | None = None) -> None:
-        """Apply upserts and deletes in order, and record the source offsets they bring the
-        index to, in one step under the writer's lock (so a snapshot sees both or neither)."""
-        if not mutations and not position:
+    @property
+    def catalog_position(self) -> dict[int, int]:
+        """Per catalog partition, the next catalog offset after what the index reflects."""
+        with self._lock.read():
+            return dict(self._catalog_position)
+
+    def apply(self, mutations: Sequence[Mutation], position: Mapping[int, int] | None = None,
+              catalog_position: Mapping[int, int] | None = None) -> None:
+        """Apply upserts and deletes in order, and record the offsets they bring the index to,
+        in one step under the writer's lock (so a snapshot sees both or neither)."""
+        if not mutations and not position and not catalog_position:
             return
         with self._lock.write():
             for mutation in mutations:
@@ -159,6 +167,8 @@ class VectorIndex:
                 else:
                     self._delete(mutation.item_id)
             self._position.update(position or {})
+            for partition, offset in (catalog_position or {}).items():
+                self._catalog_position[partition] = max(offset, self._catalog_position.get(partition, 0))
             total = len(self._labels) + self._free_slots
             if self._free_slots >= self.REBUILD_MIN_FREE and self._free_slots > self.rebuild_ratio * total:
                 self._rebuild()
@@ -254,6 +264,7 @@ class VectorIndex:
                 "dim": self.dim, "space": "cosine", "m": self.m, "ef_construction": self.ef_construction,
                 "ef_search": self.ef_search, "item_count": len(self._labels),
                 "capacity": self._index.get_max_elements(), "position": {str(p): o for p, o in self._position.items()},
+                "catalog_position": {str(p): o for p, o in self._catalog_position.items()},
             }
         return index_bytes, json.dumps(items, separators=(",", ":")).encode(), facts
 
@@ -275,6 +286,7 @@ class VectorIndex:
         index._next_label = int(items["next_label"])
         index._free_slots = int(items["free_slots"])
         index._position = {int(p): int(o) for p, o in facts["position"].items()}
+        index._catalog_position = {int(p): int(o) for p, o in facts.get("catalog_position", {}).items()}
         if len(index._labels) != int(facts["item_count"]) or index._index.dim != index.dim:
             raise ValueError("snapshot items do not match the index they came with")
         return index

@@ -17,6 +17,7 @@ Redis is away, queries are still answered from memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -66,6 +67,8 @@ class Indexer:
         self.model_version: str | None = None
         self.index_version: str | None = None
         self.pending_position: dict[int, int] = {}
+        self.pending_catalog_position: dict[int, int] = {}
+        self.position_changed = asyncio.Event()
         self.applied_since_snapshot = 0
         self.last_snapshot_id: str | None = None
         self.last_snapshot_at: float | None = None
@@ -80,6 +83,7 @@ class Indexer:
     def apply_records(self, partition: int, records: list[Any]) -> None:
         """Decode and apply one fetched batch of a partition (runs in the writer thread)."""
         mutations: list[Mutation] = []
+        catalog_position: dict[int, int] = {}
         for record in records:
             try:
                 event = stages.parse_vector_record(record.key, record.value, c.headers_to_dict(record.headers))
@@ -87,6 +91,8 @@ class Indexer:
                 self.skipped += 1
                 log.warning("vector %s@%d skipped: %s", record.partition, record.offset, exc)
                 continue
+            if event.source is not None:
+                catalog_position[event.source[0]] = max(event.source[1] + 1, catalog_position.get(event.source[0], 0))
             if event.dim is not None and self.index is None:
                 self._create_index(event.dim, event.model_version)
             if event.model_version != self.model_version and event.dim is not None:
@@ -97,10 +103,11 @@ class Indexer:
             mutations.append(event.mutation)
         position = {partition: records[-1].offset + 1}
         if self.index is not None:
-            self.index.apply(mutations, position)
+            self.index.apply(mutations, position, catalog_position)
             self.applied_since_snapshot += len(mutations)
-        else:  # only tombstones so far: nothing to delete, but the position moves on
+        else:  # only tombstones so far: nothing to delete, but the positions move on
             self.pending_position.update(position)
+            self.pending_catalog_position.update(catalog_position)
 
     def _create_index(self, dim: int, model_version: str | None) -> None:
         s = self.settings
@@ -108,14 +115,31 @@ class Indexer:
             dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
             capacity=s.initial_capacity,
         )
-        self.index.apply([], self.pending_position)
+        self.index.apply([], self.pending_position, self.pending_catalog_position)
         self.model_version = model_version
         self.index_version = f"{model_version}/{uuid.uuid4().hex[:8]}"
         log.info("new index %s (dim %d)", self.index_version, dim)
 
     @property
     def position(self) -> dict[int, int]:
+        """Vector-topic offsets applied (where the feed resumes)."""
         return self.index.position if self.index is not None else dict(self.pending_position)
+
+    @property
+    def catalog_position(self) -> dict[int, int]:
+        """Catalog offsets reflected (what replies report and queries may wait for)."""
+        return self.index.catalog_position if self.index is not None else dict(self.pending_catalog_position)
+
+    async def wait_for_position(self, required: dict[int, int] | None, timeout_s: float) -> None:
+        """Return once the index includes ``required`` catalog offsets, or after the timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not stages.reached(self.catalog_position, required):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self.position_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.position_changed.wait(), timeout=min(left, 0.1))
 
     # -- snapshots ----------------------------------------------------------------
     def snapshot_store(self) -> SnapshotStore:
@@ -235,6 +259,8 @@ class Indexer:
                 batch = await consumer.getmany(timeout_ms=200, max_records=2000)
                 for tp, records in batch.items():
                     await loop.run_in_executor(self.write_pool, self.apply_records, tp.partition, records)
+                if batch:
+                    self.position_changed.set()
                 if not self.caught_up.is_set():
                     positions = {tp: await consumer.position(tp) for tp in tps}
                     if all(positions[tp] >= start_ends[tp] for tp in tps):
@@ -255,9 +281,14 @@ class Indexer:
         try:
             if self.index is None or len(self.index) == 0:
                 raise InvalidMessage("the index is empty: no catalog item has been indexed yet", code="empty_index")
+            position = self.catalog_position
+            if not stages.reached(position, query.min_position):
+                raise InvalidMessage(
+                    f"the index has not reached position {query.min_position} within "
+                    f"{self.settings.min_position_wait_s}s (it is at {position})", code="not_ready")
             reply = stages.answer(
                 self.index, query, model_version=self.model_version, index_version=self.index_version,
-                index_position=self.position,
+                index_position=position,
             )
         except (InvalidMessage, UnknownItem) as exc:
             reply = c.error_reply(query.request_id, exc.code, str(exc), model_version=self.model_version,
@@ -280,6 +311,7 @@ class Indexer:
             "model_version": self.model_version or "",
             "index_version": self.index_version or "",
             "position": json.dumps({str(p): o for p, o in sorted(self.position.items())}),
+            "catalog_position": json.dumps({str(p): o for p, o in sorted(self.catalog_position.items())}),
             "snapshot": self.last_snapshot_id or "",
             "snapshot_at": f"{self.last_snapshot_at or 0:.3f}",
             "caught_up": "1" if self.caught_up.is_set() else "0",
@@ -348,15 +380,19 @@ def create_app(settings: IndexerSettings) -> faust.App:
 
     @app.agent(query_vectors, name="answer-queries")
     async def answer_queries(stream: faust.Stream) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def handle(event: Any) -> tuple[str, bytes, bytes]:
+            headers = c.headers_to_dict(event.headers)
+            if c.H_MIN_POSITION in headers:  # read-your-writes: wait (bounded) for the index to get there
+                with contextlib.suppress(InvalidMessage):  # a malformed one is answered by answer()
+                    required = c.parse_position(headers[c.H_MIN_POSITION])
+                    await indexer.wait_for_position(required, settings.min_position_wait_s)
+            return await loop.run_in_executor(indexer.search_pool, indexer.answer, event.key, event.value, headers)
+
         async for events in stream.take_events(64, within=0.002):
             await indexer.caught_up.wait()
-            loop = asyncio.get_running_loop()
-            replies = await asyncio.gather(
-                *(
-                    loop.run_in_executor(indexer.search_pool, indexer.answer, e.key, e.value, c.headers_to_dict(e.headers))
-                    for e in events
-                )
-            )
+            replies = await asyncio.gather(*(handle(e) for e in events))
             by_topic: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
             for topic, key, value in replies:
                 by_topic[topic].append((key, value))

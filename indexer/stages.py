@@ -22,21 +22,26 @@ class VectorEvent:
     mutation: Mutation
     model_version: str | None
     dim: int | None
+    source: tuple[int, int] | None = None  # (catalog partition, offset) it was made from
 
 
 def parse_vector_record(key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> VectorEvent:
     """A catalog-vector record -> an upsert or a delete. Raises InvalidMessage."""
     item_id = c.decode_key(key, "item id (key)")
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
+    source = None
+    if c.H_SOURCE_OFFSET in headers:
+        (partition, offset), = c.parse_position(headers[c.H_SOURCE_OFFSET]).items()
+        source = (partition, offset)
     if value is None:
-        return VectorEvent(Delete(item_id), model_version, None)
+        return VectorEvent(Delete(item_id), model_version, None, source)
     try:
         dim = int(headers.get(c.H_VECTOR_DIM, b"").decode("ascii"))
     except ValueError as exc:
         raise InvalidMessage("vector-dim header is missing or not an integer", code="bad_header") from exc
     vector = c.decode_vector(value, dim)
     metadata = c.decode_metadata(headers.get(c.H_METADATA))
-    return VectorEvent(Upsert(item_id, vector, metadata), model_version, dim)
+    return VectorEvent(Upsert(item_id, vector, metadata), model_version, dim, source)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class QueryVector:
     model_version: str | None
     query_timestamp_ms: int | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    min_position: dict[int, int] | None = None
 
 
 def parse_query_vector(
@@ -71,7 +77,14 @@ def parse_query_vector(
             raise InvalidMessage("query vector is missing", code="bad_vector")
         vector = c.decode_vector(value, dim)
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
-    return QueryVector(key or b"", request_id, reply_to, k, item_id, vector, model_version, ts, dict(timings))
+    min_position = c.parse_position(headers[c.H_MIN_POSITION]) if c.H_MIN_POSITION in headers else None
+    return QueryVector(key or b"", request_id, reply_to, k, item_id, vector, model_version, ts, dict(timings),
+                       min_position)
+
+
+def reached(position: Mapping[int, int], required: Mapping[int, int] | None) -> bool:
+    """Does an index at ``position`` (next offsets) include the records at ``required``?"""
+    return not required or all(position.get(p, 0) > offset for p, offset in required.items())
 
 
 def answer(

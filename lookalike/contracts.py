@@ -23,6 +23,7 @@ H_METADATA = "metadata"
 H_REPLY_TO = "reply-to"
 H_K = "k"
 H_ITEM_ID = "item-id"
+H_MIN_POSITION = "min-position"
 H_MODEL_VERSION = "model-version"
 H_VECTOR_DTYPE = "vector-dtype"
 H_VECTOR_DIM = "vector-dim"
@@ -89,6 +90,7 @@ class QueryOptions:
     reply_to: str
     k: int
     item_id: str | None  # set: "more like this catalog item", the image is ignored
+    min_position: dict[int, int] | None = None  # catalog partition -> offset the index must include
 
 
 def parse_query_headers(
@@ -116,7 +118,24 @@ def parse_query_headers(
     item_id = None
     if H_ITEM_ID in headers:
         item_id = decode_key(headers[H_ITEM_ID], what="item-id header")
-    return QueryOptions(reply_to=reply_to, k=k, item_id=item_id)
+    min_position = parse_position(headers[H_MIN_POSITION]) if H_MIN_POSITION in headers else None
+    return QueryOptions(reply_to=reply_to, k=k, item_id=item_id, min_position=min_position)
+
+
+def parse_position(raw: bytes) -> dict[int, int]:
+    """``"0:1200,3:57"`` -> {0: 1200, 3: 57}: catalog partition:offset pairs."""
+    try:
+        pairs = [part.split(":") for part in raw.decode("ascii").split(",") if part.strip()]
+        position = {int(p): int(o) for p, o in pairs}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadHeader(f"min-position must look like 'partition:offset,...', not {raw[:100]!r}") from exc
+    if not position or len(position) > 1024 or any(p < 0 or o < 0 for p, o in position.items()):
+        raise BadHeader("min-position needs 1 to 1024 non-negative partition:offset pairs")
+    return position
+
+
+def format_position(position: Mapping[int, int]) -> bytes:
+    return ",".join(f"{p}:{o}" for p, o in sorted(position.items())).encode()
 
 
 def valid_topic_name(name: str) -> bool:

@@ -87,6 +87,7 @@ class IndexerSettings(CommonSettings):
     snapshot_every_items: int = Field(10_000, ge=1)  # or as soon as this many mutations were applied
     snapshot_keep: int = Field(3, ge=1)
     snapshot_chunk_bytes: int = Field(16 * MiB, ge=1024)
+    min_position_wait_s: float = Field(5.0, ge=0)  # how long a query may wait for its min-position
     status_digest: bool = False  # publish a SHA-256 of the live item ids (verification; costs a sort)
 
 

@@ -9,6 +9,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from lookalike.clients import confluent_config, max_message_bytes
+from lookalike.errors import ConfigError
 from lookalike.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -62,3 +63,19 @@ def ensure_topics(settings: CommonSettings, specs: list[TopicSpec] | None = None
                 raise
     log.info("created topics %s", created)
     return created
+
+
+def check_copartitioned(settings: CommonSettings, timeout_s: float = 30.0) -> None:
+    """The vector topic needs at least the catalog's partitions: catalog partition p's vectors go to p."""
+    meta = AdminClient(confluent_config(settings)).list_topics(timeout=timeout_s)
+    counts = {}
+    for name in (settings.catalog_topic, settings.catalog_vectors_topic):
+        topic = meta.topics.get(name)
+        if topic is None or topic.error is not None:
+            raise ConfigError(f"topic {name} does not exist: `lookalike topics create`")
+        counts[name] = len(topic.partitions)
+    if counts[settings.catalog_vectors_topic] < counts[settings.catalog_topic]:
+        raise ConfigError(
+            f"{settings.catalog_vectors_topic} has {counts[settings.catalog_vectors_topic]} partitions, fewer than "
+            f"{settings.catalog_topic}'s {counts[settings.catalog_topic]}: add partitions to it"
+        )

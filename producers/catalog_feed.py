@@ -38,11 +38,16 @@ class CatalogFeed:
         self.topic = settings.catalog_topic
         self.producer = producer or Producer(producer_config(settings, **{"linger.ms": 20}))
         self.report = FeedReport()
+        # Per catalog partition, the highest offset delivered: pass it as a query's
+        # min_position to read your own writes.
+        self.positions: dict[int, int] = {}
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.report.failed += 1
             log.error("catalog event for %r was not delivered: %s", msg.key(), err)
+            return
+        self.positions[msg.partition()] = max(msg.offset(), self.positions.get(msg.partition(), -1))
 
     def _produce(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         while True:

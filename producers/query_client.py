@@ -57,14 +57,19 @@ class QueryClient:
         self._assigned = True
 
     def send(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,
-             request_id: str | None = None, headers: dict[str, bytes] | None = None) -> str:
+             request_id: str | None = None, headers: dict[str, bytes] | None = None,
+             min_position: dict[int, int] | None = None) -> str:
         """Publish a query; returns its request id. ``item_id``: "more like this item";
-        ``headers`` are added to (and override) the standard ones."""
+        ``min_position``: catalog partition -> offset the answering index must include (read
+        your writes, e.g. ``CatalogFeed.positions``); ``headers`` are added to (and override)
+        the standard ones."""
         self._assign()
         request_id = request_id or uuid.uuid4().hex
         standard = {c.H_REPLY_TO: self.reply_to.encode(), c.H_K: str(k or self.settings.default_k).encode()}
         if item_id is not None:
             standard[c.H_ITEM_ID] = item_id.encode()
+        if min_position:
+            standard[c.H_MIN_POSITION] = c.format_position(min_position)
         headers = list({**standard, **(headers or {})}.items())
         self.producer.produce(self.settings.queries_topic, key=request_id.encode(), value=image, headers=headers)
         self.producer.flush(10)
@@ -90,9 +95,9 @@ class QueryClient:
         return self._replies.pop(key)
 
     def ask(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,
-            timeout_s: float | None = None) -> dict[str, Any]:
+            timeout_s: float | None = None, min_position: dict[int, int] | None = None) -> dict[str, Any]:
         """Send a query and wait for its reply."""
-        return self.wait(self.send(image, k=k, item_id=item_id), timeout_s)
+        return self.wait(self.send(image, k=k, item_id=item_id, min_position=min_position), timeout_s)
 
     def close(self) -> None:
         self.consumer.close()

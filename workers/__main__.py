@@ -8,7 +8,7 @@ import faust
 
 from lookalike.embedder import Embedder
 from lookalike.settings import WorkerSettings
-from lookalike.topics import ensure_topics
+from lookalike.topics import check_copartitioned, ensure_topics
 from workers.app import create_app
 
 log = logging.getLogger("workers")
@@ -18,6 +18,7 @@ def main() -> None:
     settings = WorkerSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_topics(settings)
+    check_copartitioned(settings)
     embedder = Embedder.from_store(settings.models_path, settings.model_version, settings.device, settings.torch_threads)
     app = create_app(settings, embedder)
     log.info("worker %s: model %s, catalog %s, queries %s", settings.worker_group, embedder.version,

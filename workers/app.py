@@ -69,9 +69,14 @@ class EmbeddingWorker:
         self.reply_topics = ReplyTopics(settings)
 
     def catalog_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
-        """-> (vector records, dead-letter records). Runs in the inference thread."""
+        """-> ([(partition, vector record)], dead-letter records). Runs in the inference thread.
+
+        A vector goes to the partition of the catalog record it comes from: partition p of
+        the vector topic is then partition p of the catalog, in the same order, which is
+        what lets the indexer report (and wait for) positions in catalog offsets.
+        """
         images: list[CatalogImage] = []
-        out: list[Record] = []
+        out: list[tuple[int, Record]] = []
         dead: list[Record] = []
         for key, value, headers, source in events:
             try:
@@ -81,11 +86,12 @@ class EmbeddingWorker:
                 dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
                 continue
             if isinstance(parsed, CatalogRemoval):
-                out.append(stages.removal_record(parsed, self.embedder.version))
+                out.append((source.partition, stages.removal_record(parsed, self.embedder.version)))
             else:
                 images.append(parsed)
         if images:
-            out.extend(stages.embed_catalog(self.embedder, images))
+            records = stages.embed_catalog(self.embedder, images)
+            out.extend((img.source.partition, record) for img, record in zip(images, records, strict=True))
         return out, dead
 
     def query_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
@@ -108,9 +114,13 @@ class EmbeddingWorker:
         return (stages.embed_queries(self.embedder, queries) if queries else []), errors
 
 
-async def produce_all(app: faust.App, topic: str, records: Sequence[Record]) -> None:
+async def produce_all(app: faust.App, topic: str, records: Sequence[Record],
+                      partitions: Sequence[int | None] | None = None) -> None:
     """Send records and wait until the broker has them all (effects before commits)."""
-    pending = [await app.producer.send(topic, key, value, None, None, headers) for key, value, headers in records]
+    pending = [
+        await app.producer.send(topic, key, value, partition, None, headers)
+        for (key, value, headers), partition in zip(records, partitions or [None] * len(records), strict=True)
+    ]
     if pending:
         await asyncio.gather(*pending)
 
@@ -148,10 +158,10 @@ def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
         within = max(settings.catalog_batch_wait_ms, 1) / 1000
         async for events in stream.take_events(settings.catalog_batch_max, within=within):
             loop = asyncio.get_running_loop()
-            records, dead = await loop.run_in_executor(loop_executor, worker.catalog_batch, unpack(events))
-            await produce_all(app, settings.catalog_vectors_topic, records)
+            vectors, dead = await loop.run_in_executor(loop_executor, worker.catalog_batch, unpack(events))
+            await produce_all(app, settings.catalog_vectors_topic, [r for _, r in vectors], [p for p, _ in vectors])
             await produce_all(app, settings.deadletter_topic, dead)
-            log.debug("catalog batch: %d events, %d vectors, %d dead letters", len(events), len(records), len(dead))
+            log.debug("catalog batch: %d events, %d vectors, %d dead letters", len(events), len(vectors), len(dead))
 
     @app.agent(queries_topic, name="embed-queries")
     async def embed_queries(stream: faust.Stream) -> None:

@@ -148,7 +148,8 @@ def embed_catalog(embedder: Embedder, images: Sequence[CatalogImage]) -> list[Re
 
 def removal_record(removal: CatalogRemoval, model_version: str) -> Record:
     """A tombstone on the vector topic: the indexer deletes the item, compaction forgets it."""
-    return (removal.item_id.encode(), None, [(c.H_MODEL_VERSION, model_version.encode())])
+    source = f"{removal.source.partition}:{removal.source.offset}".encode()
+    return (removal.item_id.encode(), None, [(c.H_MODEL_VERSION, model_version.encode()), (c.H_SOURCE_OFFSET, source)])
 
 
 def embed_queries(embedder: Embedder, queries: Sequence[Query]) -> list[Record]:
@@ -174,6 +175,8 @@ def embed_queries(embedder: Embedder, queries: Sequence[Query]) -> list[Record]:
             headers.append((c.H_QUERY_TS, str(q.source.timestamp_ms).encode()))
         if q.options.item_id is not None:
             headers.append((c.H_ITEM_ID, q.options.item_id.encode()))
+        if q.options.min_position is not None:
+            headers.append((c.H_MIN_POSITION, c.format_position(q.options.min_position)))
         records.append((q.request_key, None if vec is None else c.encode_vector(vec), headers))
     return records
 

@@ -99,6 +99,7 @@ def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dic
         "LOOKALIKE_HOME": str(workdir),
         "LOOKALIKE_TORCH_THREADS": "1",
         "LOOKALIKE_CATALOG_BATCH_WAIT_MS": "20",
+        "LOOKALIKE_MIN_POSITION_WAIT_S": "2",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }

@@ -162,3 +162,24 @@ def test_missing_reply_topic_gets_error_on_default_topic(pipeline) -> None:  # t
         assert reply["status"] == "error" and reply["error"]["code"] == "bad_header"
         assert "does not exist" in reply["error"]["message"]
         assert client.ask(jpeg_bytes(seed=999), timeout_s=10)["status"] == "ok"
+
+
+def test_read_your_writes_with_min_position(pipeline) -> None:  # type: ignore[no-untyped-def]
+    """A query carrying the catalog position of a write is answered by an index that has it."""
+    item_id, image = new_id("ryw"), jpeg_bytes(seed=61)
+    feed = pipeline.feed()
+    with pipeline.client() as client:
+        feed.publish(item_id, image, {"title": "just written"})
+        feed.flush()
+        reply = client.ask(image, min_position=feed.positions, timeout_s=10)  # no retrying
+        assert reply["status"] == "ok", reply
+        assert reply["results"][0]["item_id"] == item_id
+        for partition, offset in feed.positions.items():
+            assert reply["index_position"][str(partition)] > offset
+
+        far = {p: o + 1_000_000 for p, o in feed.positions.items()}  # a position nobody wrote yet
+        started = time.monotonic()
+        late = client.ask(image, min_position=far, timeout_s=20)
+        assert late["status"] == "error" and late["error"]["code"] == "not_ready"
+        assert time.monotonic() - started >= float(pipeline.env["LOOKALIKE_MIN_POSITION_WAIT_S"]) * 0.9
+
