@@ -173,6 +173,22 @@ class VectorIndex:
             if self._free_slots >= self.REBUILD_MIN_FREE and self._free_slots > self.rebuild_ratio * total:
                 self._rebuild()
 
+    def bulk_add(self, item_ids: Sequence[str], vectors: np.ndarray,
+                 metadata: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Add many *new* items in one multi-threaded hnswlib call (loading, benchmarks)."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(item_ids), self.dim)
+        with self._lock.write():
+            if any(item_id in self._labels for item_id in item_ids) or len(set(item_ids)) != len(item_ids):
+                raise ValueError("bulk_add takes new, distinct item ids only")
+            labels = np.arange(self._next_label, self._next_label + len(item_ids), dtype=np.int64)
+            self._next_label += len(item_ids)
+            self._ensure_capacity(self._index.get_current_count() + len(item_ids))
+            self._index.add_items(vectors, labels, num_threads=-1)
+            for i, (item_id, label) in enumerate(zip(item_ids, labels.tolist(), strict=True)):
+                self._labels[item_id] = label
+                self._item_of[label] = item_id
+                self._metadata[label] = dict(metadata[i]) if metadata else {}
+
     def _upsert(self, upsert: Upsert) -> None:
         vector = np.asarray(upsert.vector, dtype=np.float32).reshape(1, self.dim)
         label = self._labels.get(upsert.item_id)

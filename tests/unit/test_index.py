@@ -132,3 +132,15 @@ def test_export_restore_round_trip() -> None:
         assert [h.item_id for h in restored.search(vecs[i], 5)] == [h.item_id for h in index.search(vecs[i], 5)]
     restored.apply([Upsert("new", vecs[7], {})])  # the deleted slot is reused after a restore too
     assert restored.free_slots == 0 and restored.search(vecs[7], 1)[0].item_id == "new"
+
+
+def test_bulk_add_takes_new_ids_only() -> None:
+    vecs = unit(np.random.default_rng(7), 30)
+    index = VectorIndex(16, capacity=8)
+    index.bulk_add([str(i) for i in range(30)], vecs, [{"i": i} for i in range(30)])
+    assert len(index) == 30 and index.capacity >= 30
+    assert index.search(vecs[12], 1)[0].metadata == {"i": 12}
+    with pytest.raises(ValueError):
+        index.bulk_add(["3"], vecs[:1])
+    index.apply([Upsert("3", vecs[4], {})])  # and it stays an ordinary index
+    assert {h.item_id for h in index.search(vecs[4], 2)} == {"3", "4"}

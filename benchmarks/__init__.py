@@ -1,0 +1,1 @@
+"""Benchmarks: they print measured figures; they are not tests and assert nothing."""
