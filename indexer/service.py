@@ -38,8 +38,9 @@ from indexer import stages
 from indexer.index import Mutation, VectorIndex
 from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
+from lookalike.artifacts import ModelStore
 from lookalike.clients import aiokafka_config, confluent_config, faust_broker_url
-from lookalike.errors import ConfigError, InvalidMessage, UnknownItem
+from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, UnknownItem
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.settings import IndexerSettings
 
@@ -148,6 +149,17 @@ class Indexer:
         return SnapshotStore(client, f"lookalike:snapshots:{s.indexer_group}",
                              chunk_bytes=s.snapshot_chunk_bytes, keep=s.snapshot_keep)
 
+    def expected_model(self) -> tuple[str, int | None] | None:
+        """(model version, dim) this indexer must serve: the pinned version, else the store's
+        champion; None when no model store is reachable from here (then any snapshot goes)."""
+        try:
+            card = ModelStore(self.settings.models_path).card(self.settings.model_version)
+        except (ModelArtifactError, OSError, ValueError):
+            if self.settings.model_version:
+                return self.settings.model_version, None
+            return None
+        return card.version, card.embedding_dim
+
     def restore(self) -> None:
         """Load the newest usable snapshot (runs before the feed starts). Falls back to older
         ones, then to a full replay; every refusal is logged with its reason."""
@@ -157,14 +169,15 @@ class Indexer:
         except (redis.RedisError, OSError) as exc:
             log.warning("snapshots unavailable (%s): full replay of the catalog", exc)
             return
+        expected = self.expected_model()
         for snapshot_id in candidates:
             try:
                 snap = store.read(snapshot_id)
                 facts = snap.manifest
-                pinned = self.settings.model_version
-                if pinned and facts.get("model_version") != pinned:
-                    raise SnapshotError(f"snapshot {snapshot_id} is of model {facts.get('model_version')}, "
-                                        f"this indexer serves {pinned}")
+                if expected and (facts.get("model_version") != expected[0]
+                                 or (expected[1] is not None and facts.get("dim") != expected[1])):
+                    raise SnapshotError(f"snapshot {snapshot_id} holds model {facts.get('model_version')} "
+                                        f"(dim {facts.get('dim')}), this indexer serves {expected[0]} (dim {expected[1]})")
                 index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts)
             except Exception as exc:  # whatever is wrong with a snapshot, the next one or a replay is right
                 log.warning("snapshot %s refused: %s", snapshot_id, exc)

@@ -216,3 +216,20 @@ def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_mo
     finally:
         stop_pipeline(pipeline)
         private.down()
+
+
+def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline) -> None:
+    pipeline = snapshotting
+    feed = pipeline.feed()
+    for i in range(20):
+        feed.publish(f"m{i}", small_image(90_000 + i), {})
+    feed.flush()
+    wait_status(pipeline, lambda s: s["snapshot"] and s["items"] == 21, 60, "a snapshot")
+    pipeline.kill("indexer")
+    pipeline.env["LOOKALIKE_MODEL_VERSION"] = "20990101T000000Z-00000000"  # pinned to a model no snapshot holds
+    pipeline.start("indexer")
+    deadline = time.monotonic() + 60
+    while "refused" not in pipeline.log_text("indexer") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = pipeline.log_text("indexer")
+    assert "this indexer serves 20990101T000000Z-00000000" in log and "full replay" in log
