@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_topics)
 
     sub.add_parser("train", help="train a model (see `lookalike train --help`)", add_help=False)
+    sub.add_parser("evaluate", help="evaluation report of a stored model (see `lookalike evaluate --help`)",
+                   add_help=False)
 
     p = sub.add_parser("feed", help="publish a catalog folder (Kaggle layout or plain images)")
     p.add_argument("folder", nargs="?")
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--limit", type=int)
     p.add_argument("--queries", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, help="training epochs (default: the training config's)")
     p.add_argument("--gallery", default="out/demo-gallery.png")
     p.set_defaults(func=_demo)
     return parser
@@ -191,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return train_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from training.evaluate import main as evaluate_main
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -37,7 +37,8 @@ def shopper_photo(path: Path, width: int = 300, height: int = 400) -> bytes:
         return out.getvalue()
 
 
-def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epochs: int, seed: int = 7) -> int:
+def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epochs: int | None = None,
+             seed: int = 7) -> int:
     settings = ClientSettings()
     external = "LOOKALIKE_KAFKA_BOOTSTRAP" in os.environ
     stack_settings = StackSettings()
@@ -50,7 +51,7 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     print("== model: train a quick one, or reuse the champion")
     from training.cli import main as train_main
 
-    code = train_main(["--reuse", "--data", str(data), "--epochs", str(epochs)])
+    code = train_main(["--reuse", "--data", str(data), *(["--epochs", str(epochs)] if epochs else [])])
     if code != 0:
         return code
 

@@ -1,4 +1,4 @@
-"""``lookalike train``: train the seed recipe on a catalog folder and store the model."""
+"""``lookalike train``: train the embedder on a catalog folder and store the model."""
 
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
     parser.add_argument("--size", type=int, default=defaults.size, help="input side in pixels (default %(default)s)")
     parser.add_argument("--resize", choices=["stretch", "pad"], default=defaults.resize, help="default %(default)s")
+    parser.add_argument(
+        "--arch",
+        choices=["res-cnn", "seed-cnn"],
+        default=defaults.arch,
+        help="res-cnn: small ResNet with a CosFace cosine classifier; seed-cnn: the seed recipe (default %(default)s)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=None,
+        help="conv widths, comma-separated (default: res-cnn 32,64,128,256; seed-cnn 32,64,128)",
+    )
+    parser.add_argument("--margin", type=float, default=defaults.cosface_margin, help="CosFace margin (%(default)s)")
+    parser.add_argument("--scale", type=float, default=defaults.cosface_scale, help="CosFace scale (%(default)s)")
+    parser.add_argument(
+        "--sampler",
+        choices=["shuffle", "balanced"],
+        default=defaults.sampler,
+        help="balanced: P x K batches with classes drawn uniformly (default %(default)s)",
+    )
+    parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default %(default)s)")
     parser.add_argument(
@@ -51,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=defaults.augment,
         help="random flips, crops and brightness/contrast while training (default %(default)s)",
+    )
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.flip,
+        help="random horizontal flips while training (default %(default)s)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
@@ -76,6 +103,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data,
         epochs=args.epochs,
         size=args.size,
+        arch=args.arch,
+        channels=args.channels or ((32, 64, 128, 256) if args.arch == "res-cnn" else (32, 64, 128)),
+        cosface_margin=args.margin,
+        cosface_scale=args.scale,
+        sampler=args.sampler,
+        patience=args.patience,
         resize=args.resize,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -84,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         limit_classes=args.limit_classes,
         seed=args.seed,
         augment=args.augment,
+        flip=args.flip,
         threads=args.threads,
         device=args.device,
         cache_dir=args.cache_dir,

@@ -19,7 +19,16 @@ from lookalike.errors import BadImage
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec
 from training import cli, data
-from training.data import Split, keep_largest_classes, load_labelled, load_pixels, stratified_split
+from training.curves import plot_history
+from training.data import (
+    Split,
+    class_balanced_batches,
+    keep_largest_classes,
+    load_labelled,
+    load_pixels,
+    stratified_split,
+)
+from training.losses import CosFaceLoss
 from training.synthetic import make_synthetic_catalog
 from training.train import (
     TrainConfig,
@@ -27,6 +36,7 @@ from training.train import (
     embed_all,
     eval_step,
     prepare_data,
+    random_flip,
     retrieval_metrics,
     seed_everything,
     to_batch,
@@ -251,6 +261,15 @@ def test_augment_keeps_shape_and_range_and_varies() -> None:
     assert not torch.allclose(once, inputs) and not torch.allclose(once, twice)
 
 
+def test_random_flip_mirrors_some_images_and_keeps_the_others() -> None:
+    inputs = torch.randn(64, 3, 4, 5)
+    flipped = random_flip(inputs, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(f, x.flip(2)) for f, x in zip(flipped, inputs, strict=True)])
+    kept = torch.tensor([torch.equal(f, x) for f, x in zip(flipped, inputs, strict=True)])
+    assert bool((mirrored ^ kept).all())  # each image is one or the other
+    assert 16 < int(mirrored.sum()) < 48
+
+
 def test_embed_all_gives_unit_vectors_in_input_order() -> None:
     model, _ = tiny_batch(n=5)
     pixels = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
@@ -259,6 +278,72 @@ def test_embed_all_gives_unit_vectors_in_input_order() -> None:
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     alone = embed_all(model, pixels[3:4], PreprocessSpec(size=16))
     assert np.allclose(vectors[3], alone[0], atol=1e-5)
+
+
+def test_class_balanced_batches_are_p_by_k() -> None:
+    labels = np.array([0] * 100 + [1] * 3 + [2] * 10 + [3] * 20)  # a long tail
+    rng = np.random.default_rng(0)
+    chosen = list(class_balanced_batches(labels, classes_per_batch=3, per_class=4, n_batches=200, rng=rng))
+    assert len(chosen) == 200
+    per_class_draws = np.zeros(4)
+    for idx in chosen:
+        assert idx.shape == (12,)
+        groups = labels[idx].reshape(3, 4)  # P groups of K, one class each
+        assert (groups == groups[:, :1]).all() and len(set(groups[:, 0])) == 3
+        for group, members in zip(groups[:, 0], idx.reshape(3, 4), strict=True):
+            if group != 1:  # a class with K or more items repeats none within a batch
+                assert len(set(members.tolist())) == 4
+        per_class_draws[groups[:, 0]] += 1
+    # each class drawn in about 3/4 of the batches, whatever its size
+    assert np.all(np.abs(per_class_draws / 200 - 0.75) < 0.1)
+    class_2 = np.concatenate([i[labels[i] == 2] for i in chosen])
+    assert set(class_2[:10].tolist()) == set(range(103, 113))  # the first cycle shows every item once
+    with pytest.raises(ValueError):
+        next(class_balanced_batches(labels, 0, 4, 1, rng))
+
+
+def test_cosface_loss_adds_the_margin_to_the_true_class() -> None:
+    cosines = torch.tensor([[0.9, 0.1, -0.2], [0.3, 0.5, 0.0]])
+    targets = torch.tensor([0, 2])
+    plain = nn.functional.cross_entropy(16.0 * cosines, targets)
+    assert CosFaceLoss(scale=16.0, margin=0.0)(cosines, targets) == pytest.approx(float(plain))
+    shifted = cosines.clone()
+    shifted[0, 0] -= 0.3
+    shifted[1, 2] -= 0.3
+    expected = nn.functional.cross_entropy(16.0 * shifted, targets)
+    assert CosFaceLoss(scale=16.0, margin=0.3)(cosines, targets) == pytest.approx(float(expected))
+    assert CosFaceLoss(margin=0.3)(cosines, targets) > CosFaceLoss(margin=0.0)(cosines, targets)
+    with pytest.raises(ValueError):
+        CosFaceLoss(scale=0.0)
+
+
+def test_res_cnn_embeds_unit_vectors_and_gives_cosine_logits() -> None:
+    spec = ModelSpec(arch="res-cnn", input_size=32, channels=(8, 16, 32), embedding_dim=16, num_classes=5)
+    model = EmbeddingNet(spec).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        vectors, logits = model.embed(x), model(x)
+    assert vectors.shape == (3, 16) and logits.shape == (3, 5)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert logits.abs().max() <= 1.0 + 1e-5  # cosines
+    assert EmbeddingNet(replace(spec, input_size=48)).embed(torch.randn(2, 3, 48, 48)).shape == (2, 16)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        EmbeddingNet(replace(spec, arch="vit"))
+
+
+def test_seed_cnn_keeps_its_weight_names() -> None:
+    # Stored seed-cnn models load by these names (strict=True): they must not change.
+    names = set(EmbeddingNet(ModelSpec()).state_dict())
+    assert {"embedding.weight", "embedding.bias", "classifier.weight", "classifier.bias"} <= names
+    assert {n.split(".")[1] for n in names if n.startswith("features.")} == {"0", "1", "4", "5", "8", "9"}
+
+
+def test_plot_history_writes_a_png(tmp_path: Path) -> None:
+    history = [
+        {"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "test_accuracy": 0.5 + e / 10} for e in (1, 2, 3)
+    ]
+    path = plot_history(history, tmp_path / "sub" / "curves.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- the recipe ----------------------------------------------------------------------
@@ -279,11 +364,12 @@ def test_shapes_are_not_separable_without_training(shapes_catalog: Path, tmp_pat
 
 def test_training_learns_shapes(trained: tuple[ModelStore, ModelCard]) -> None:
     _, card = trained
-    # Chance is 0.25 and an untrained network stays under 0.55 (above); over 12 seeds of
-    # data and weights this recipe gave 0.956 to 1.0, so 0.8 fails only when learning does.
-    assert card.metrics["precision_at_5"] > 0.8
-    assert card.metrics["top1_accuracy"] > 0.8
-    assert card.metrics["test_accuracy"] > 0.8
+    # Chance is 0.25 and an untrained network stays under 0.55 (above); over 6 seeds of
+    # data and weights the res-cnn recipe gave P@5 0.83 to 0.99 and top-1 0.81 to 1.0
+    # (the seed CNN: 0.956 to 1.0 over 12), so 0.7 fails only when learning does.
+    assert card.metrics["precision_at_5"] > 0.7
+    assert card.metrics["top1_accuracy"] > 0.7
+    assert card.metrics["test_accuracy"] > 0.7
 
 
 def test_training_stores_a_self_describing_champion(
@@ -300,6 +386,8 @@ def test_training_stores_a_self_describing_champion(
     assert split.sha256 == card.data_split_sha256
     assert len(split.test_ids) == card.training["test_size"] == 32
     assert 1 <= card.training["best_epoch"] <= card.training["epochs_run"] == 20
+    assert card.spec.arch == "res-cnn"
+    assert (store.root / card.version / card.training["curves"]).read_bytes()[:4] == b"\x89PNG"
     json.dumps(card.to_dict())  # everything in the card is plain JSON
 
 

@@ -1,0 +1,292 @@
+"""``lookalike evaluate``: a stored model's retrieval report on its frozen golden split.
+
+Two query sets, the test split searched exactly (cosine) among the training split
+(the catalog) and judged by ``articleType``, and the index's recall:
+
+* ``catalog``: test images as the catalog stores them;
+* ``invariance``: the same test images as a shopper would send them: stretched back
+  to a 3:4 portrait at another size (120x160) and re-encoded as JPEG (quality 80);
+* ``hnsw``: recall@5 of the index the indexer builds (hnswlib, cosine, M=16,
+  ef_construction=200, ef=64) against exact search, for both query sets.
+
+For each: top-1 (the nearest item has the query's type), precision@5 and mAP@5,
+overall and for the 15 largest classes. ``AP@k`` is the sum of precision@i over the
+ranks i <= k that hold an item of the query's type, divided by min(k, number of such
+items in the catalog), so a query scores 1 only if its first min(k, n) results are
+all right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lookalike.artifacts import CHAMPION, ModelStore
+from lookalike.errors import LookalikeError
+from lookalike.imaging import PreprocessSpec, decode_image, to_uint8
+from lookalike.settings import CommonSettings
+from training.data import MAX_FILE_BYTES, MAX_FILE_PIXELS, Split, load_labelled, load_pixels, select
+from training.train import batches, embed_all, unit_rows
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = 1
+K = 5
+LARGEST_CLASSES = 15
+# A shopper's photo of a catalog item: the natural 3:4 portrait, another size, JPEG.
+INVARIANCE_SIZE = (120, 160)  # width, height
+INVARIANCE_JPEG_QUALITY = 80
+# The indexer's defaults (lookalike.settings / indexer.index).
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 64
+
+
+def exact_neighbours(catalog: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Indices (Q, k) of each query's k nearest catalog rows by cosine, nearest first."""
+    if not 1 <= k <= len(catalog):
+        raise ValueError(f"need k in [1, {len(catalog)}], got {k}")
+    catalog = unit_rows(catalog)
+    queries = unit_rows(queries)
+    out = np.empty((len(queries), k), np.int64)
+    for idx in batches(len(queries), 1024):  # bounds the (Q, N) similarity matrix
+        sims = queries[idx] @ catalog.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        out[idx] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def hnsw_neighbours(catalog: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Indices (Q, k) from an hnswlib index built as the indexer builds it."""
+    import hnswlib
+
+    index = hnswlib.Index(space="cosine", dim=catalog.shape[1])
+    index.init_index(max_elements=len(catalog), M=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, random_seed=100)
+    index.add_items(np.asarray(catalog, np.float32), np.arange(len(catalog)), num_threads=1)
+    index.set_ef(HNSW_EF_SEARCH)
+    labels, _ = index.knn_query(np.asarray(queries, np.float32), k=k, num_threads=1)
+    return labels.astype(np.int64)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each row of ``exact`` (Q, k) that ``found`` (Q, k) also holds."""
+    return float(np.mean([len(set(f) & set(e)) / exact.shape[1] for f, e in zip(found, exact, strict=True)]))
+
+
+def average_precision_at_k(same: np.ndarray, n_relevant: np.ndarray) -> np.ndarray:
+    """AP@k per query from ``same`` (Q, k) bool (rank i is relevant) and relevant catalog items (Q,)."""
+    same = np.asarray(same, bool)
+    k = same.shape[1]
+    precision_at_i = np.cumsum(same, axis=1) / np.arange(1, k + 1)  # (Q, k)
+    denominator = np.minimum(np.asarray(n_relevant), k).clip(min=1)
+    return (precision_at_i * same).sum(axis=1) / denominator
+
+
+def query_scores(
+    neighbours: np.ndarray, catalog_labels: np.ndarray, query_labels: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-query ``top1``, ``precision_at_k`` and ``map_at_k`` (arrays of length Q)."""
+    catalog_labels = np.asarray(catalog_labels)
+    query_labels = np.asarray(query_labels)
+    same = catalog_labels[neighbours] == query_labels[:, None]  # (Q, k)
+    counts = Counter(catalog_labels.tolist())
+    n_relevant = np.array([counts[label] for label in query_labels.tolist()])
+    k = neighbours.shape[1]
+    return {
+        "top1": same[:, 0].astype(np.float64),
+        f"precision_at_{k}": same.mean(axis=1),
+        f"map_at_{k}": average_precision_at_k(same, n_relevant),
+    }
+
+
+def summarise(scores: dict[str, np.ndarray], query_labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Means overall and per class (for ``classes``), rounded for the report."""
+    query_labels = np.asarray(query_labels)
+    overall = {name: round(float(values.mean()), 4) for name, values in scores.items()}
+    per_class = {}
+    for name in classes:
+        mask = query_labels == name
+        per_class[name] = {"queries": int(mask.sum())} | {
+            metric: round(float(values[mask].mean()), 4) if mask.any() else None for metric, values in scores.items()
+        }
+    return {"overall": overall | {"queries": len(query_labels)}, "per_class": per_class}
+
+
+def shopper_pixels(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    """A catalog file as a shopper's photo of it (3:4, another size, JPEG q80), preprocessed by ``spec``."""
+    img = decode_image(Path(path).read_bytes(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
+    out = io.BytesIO()
+    img.resize(INVARIANCE_SIZE, Image.Resampling.BICUBIC).save(out, "JPEG", quality=INVARIANCE_JPEG_QUALITY)
+    query = decode_image(out.getvalue(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
+    return to_uint8(query, spec)
+
+
+def load_split(store: ModelStore, card_training: dict[str, Any], split_sha256: str | None) -> Split:
+    """The split the model was trained on, checked against the card's checksum."""
+    name = card_training.get("split_file") or f"splits/{split_sha256}.json"
+    split = Split.load(store.root / name)
+    if split_sha256 and split.sha256 != split_sha256:
+        raise LookalikeError(f"split {name} has checksum {split.sha256[:12]}, the card names {split_sha256[:12]}")
+    return split
+
+
+def evaluate(
+    store: ModelStore,
+    version: str | None,
+    data_folder: Path,
+    *,
+    resize: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The report (plain JSON) for model ``version`` (or alias; None: champion) on its golden split.
+
+    ``resize`` ("stretch" or "pad") overrides the card's preprocessing for catalog and
+    queries alike, to measure what serving with the other one would give.
+    """
+    started = time.perf_counter()
+    model, card = store.load(version)
+    spec = card.preprocess
+    if resize is not None and resize != spec.resize:
+        spec = PreprocessSpec(size=spec.size, resize=resize, mean=spec.mean, std=spec.std)  # type: ignore[arg-type]
+    split = load_split(store, card.training, card.data_split_sha256)
+    if list(split.classes) != list(card.classes):
+        raise LookalikeError(f"model {card.version}'s classes differ from its split's")
+    items = load_labelled(Path(data_folder), min_count=1, label=split.label)
+    catalog_items, query_items = select(items, split.train_ids), select(items, split.test_ids)
+    catalog_labels = np.array([item.metadata[split.label] for item in catalog_items])
+    query_labels = np.array([item.metadata[split.label] for item in query_items])
+
+    catalog_vecs = embed_all(model, load_pixels(catalog_items, spec, cache_dir, progress=progress), spec)
+    query_vecs = embed_all(model, load_pixels(query_items, spec, cache_dir, progress=progress), spec)
+    shopper = np.stack([shopper_pixels(item.image_path, spec) for item in query_items])
+    shopper_vecs = embed_all(model, shopper, spec)
+
+    sizes = Counter(catalog_labels.tolist()) + Counter(query_labels.tolist())
+    largest = [name for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:LARGEST_CLASSES]]
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "model_version": card.version,
+        "arch": card.spec.arch,
+        "preprocess": spec.to_dict(),
+        "card_preprocess_resize": card.preprocess.resize,
+        "data": str(data_folder),
+        "split_sha256": split.sha256,
+        "catalog_size": len(catalog_items),
+        "query_size": len(query_items),
+        "k": K,
+        "largest_classes": largest,
+        "invariance_queries": {
+            "size": list(INVARIANCE_SIZE),
+            "format": "JPEG",
+            "quality": INVARIANCE_JPEG_QUALITY,
+            "how": "catalog test image stretched to a 3:4 portrait, re-encoded, preprocessed as served",
+        },
+    }
+    hnsw: dict[str, Any] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef": HNSW_EF_SEARCH}
+    for name, queries in (("catalog", query_vecs), ("invariance", shopper_vecs)):
+        exact = exact_neighbours(catalog_vecs, queries, K)
+        report[name] = summarise(query_scores(exact, catalog_labels, query_labels), query_labels, largest)
+        hnsw[f"recall_at_{K}_{name}"] = round(recall_at_k(hnsw_neighbours(catalog_vecs, queries, K), exact), 4)
+    report["hnsw"] = hnsw
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short Markdown summary: overall table, HNSW recall, the largest classes."""
+    k = report["k"]
+    metrics = ("top1", f"precision_at_{k}", f"map_at_{k}")
+    lines = [
+        f"# Evaluation of model {report['model_version']} ({report['arch']})",
+        "",
+        f"Golden split {report['split_sha256'][:12]}: {report['query_size']} test queries against "
+        f"{report['catalog_size']} catalog items; preprocessing {report['preprocess']['resize']} to "
+        f"{report['preprocess']['size']} px; exact cosine search, judged by articleType.",
+        "",
+        f"| queries | top-1 | P@{k} | mAP@{k} | HNSW recall@{k} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, title in (("catalog", "catalog images"), ("invariance", "shopper photos (3:4, 120x160, JPEG q80)")):
+        o = report[name]["overall"]
+        recall = report["hnsw"][f"recall_at_{k}_{name}"]
+        lines.append(f"| {title} | " + " | ".join(f"{o[m]:.3f}" for m in metrics) + f" | {recall:.3f} |")
+    lines += [
+        "",
+        f"HNSW: hnswlib cosine, M={report['hnsw']['M']}, ef_construction={report['hnsw']['ef_construction']}, "
+        f"ef={report['hnsw']['ef']}, against exact search of the same vectors.",
+        "",
+        f"## The {len(report['largest_classes'])} largest classes",
+        "",
+        f"| class | queries | top-1 | P@{k} | mAP@{k} | shopper P@{k} |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in report["largest_classes"]:
+        row, inv = report["catalog"]["per_class"][name], report["invariance"]["per_class"][name]
+        cells = [f"{row[m]:.3f}" for m in metrics] + [f"{inv[f'precision_at_{k}']:.3f}"]
+        lines.append(f"| {name} | {row['queries']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lookalike evaluate",
+        description="Retrieval report of a stored model on its golden split (JSON + Markdown).",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("LOOKALIKE_DATA", "../shared/datasets/fashion-9k")),
+        help="catalog folder the model was trained on (env LOOKALIKE_DATA; default %(default)s)",
+    )
+    parser.add_argument("--model", default=CHAMPION, help="version or alias (default %(default)s)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="model store (default: LOOKALIKE_MODEL_DIR)")
+    parser.add_argument("--out", type=Path, default=None, help="write report.json and report.md into this folder")
+    parser.add_argument(
+        "--resize", choices=["stretch", "pad"], default=None, help="override the card's preprocessing (to compare)"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-pixel cache ($LOOKALIKE_HOME/cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lookalike evaluate``; prints the Markdown report; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = ModelStore(args.model_dir or CommonSettings().models_path)
+    if not args.data.is_dir():
+        print(f"error: no catalog folder at {args.data} (set --data or LOOKALIKE_DATA)", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate(
+            store, args.model, args.data, resize=args.resize, cache_dir=args.cache_dir, progress=not args.quiet
+        )
+    except (LookalikeError, OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    markdown = render_markdown(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+        (args.out / "report.md").write_text(markdown, "utf-8")
+    print(markdown, end="")
+    if args.out is not None:
+        print(f"written: {args.out / 'report.json'}, {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
