@@ -39,7 +39,7 @@ from indexer.index import Mutation, VectorIndex
 from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
 from lookalike.artifacts import ModelStore
-from lookalike.clients import aiokafka_config, confluent_config, faust_broker_url
+from lookalike.clients import aiokafka_config, confluent_config, faust_app
 from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, UnknownItem
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.settings import IndexerSettings
@@ -354,21 +354,7 @@ class Indexer:
 def create_app(settings: IndexerSettings) -> faust.App:
     """The faust app: the query agent plus the catalog feed and status tasks."""
     indexer = Indexer(settings)
-    app = faust.App(
-        settings.indexer_group,
-        broker=faust_broker_url(settings),
-        key_serializer="raw",
-        value_serializer="raw",
-        web_enabled=False,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        topic_allow_declare=False,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        broker_commit_interval=1.0,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.session_timeout_s / 4,
-    )
+    app = faust_app(settings, settings.indexer_group)
     query_vectors = app.topic(settings.query_vectors_topic, key_type=bytes, value_type=bytes, allow_empty=True)
 
     @app.task

@@ -20,7 +20,7 @@ from confluent_kafka.admin import AdminClient
 from faust.types import EventT
 
 from lookalike import contracts as c
-from lookalike.clients import confluent_config, faust_broker_url, max_message_bytes
+from lookalike.clients import confluent_config, faust_app, max_message_bytes
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, InvalidMessage
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
@@ -132,22 +132,11 @@ def unpack(events: Sequence[EventT]) -> list[tuple[bytes | None, bytes | None, d
 def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
     """The faust app with both agents wired to ``embedder``."""
     worker = EmbeddingWorker(settings, embedder)
-    app = faust.App(
+    app = faust_app(
+        settings,
         settings.worker_group,
-        broker=faust_broker_url(settings),
-        key_serializer="raw",
-        value_serializer="raw",
-        web_enabled=False,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        topic_allow_declare=False,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
         producer_max_request_size=max_message_bytes(settings),
         consumer_max_fetch_size=max_message_bytes(settings),
-        broker_commit_interval=1.0,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.session_timeout_s / 4,
     )
     catalog_topic = app.topic(settings.catalog_topic, key_type=bytes, value_type=bytes, allow_empty=True)
     queries_topic = app.topic(settings.queries_topic, key_type=bytes, value_type=bytes, allow_empty=True)
