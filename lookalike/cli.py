@@ -76,7 +76,7 @@ def _query(args: argparse.Namespace) -> int:
             print(f"timeout: {exc}", file=sys.stderr)
             return 3
     if args.json:
-        print(json.dumps(reply, ensure_ascii=False))
+        print(client.last_reply_bytes.decode("utf-8"))  # the reply exactly as it came
     elif reply["status"] == "ok":
         for rank, hit in enumerate(reply["results"], start=1):
             meta = hit["metadata"]

@@ -41,6 +41,8 @@ class QueryClient:
         self._assigned = False
         self._pending: set[bytes] = set()  # request ids sent and not yet returned
         self._replies: dict[bytes, dict[str, Any]] = {}  # replies read for pending requests
+        self._raw: dict[bytes, bytes] = {}
+        self.last_reply_bytes: bytes | None = None  # the value of the last reply returned, as it came
 
     def _assign(self) -> None:
         if self._assigned:
@@ -89,9 +91,11 @@ class QueryClient:
                 continue  # other clients' replies share the topic
             try:
                 self._replies[msg.key()] = json.loads(msg.value())
+                self._raw[msg.key()] = msg.value()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
         self._pending.discard(key)
+        self.last_reply_bytes = self._raw.pop(key)
         return self._replies.pop(key)
 
     def ask(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -183,3 +184,24 @@ def test_read_your_writes_with_min_position(pipeline) -> None:  # type: ignore[n
         assert late["status"] == "error" and late["error"]["code"] == "not_ready"
         assert time.monotonic() - started >= float(pipeline.env["LOOKALIKE_MIN_POSITION_WAIT_S"]) * 0.9
 
+
+
+def test_cli_query_prints_the_reply_json_exactly(pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    item_id, image = new_id("cli"), jpeg_bytes(seed=71)
+    feed = pipeline.feed()
+    feed.publish(item_id, image, {"title": "for the CLI"})
+    feed.flush()
+    path = tmp_path / "q.jpg"
+    path.write_bytes(image)
+    with pipeline.client() as client:  # wait until it is searchable
+        ask_until(client, image, lambda r: first_id(r) == item_id, timeout_s=10)
+    done = subprocess.run([sys.executable, "-m", "lookalike.cli", "query", str(path), "--json"], env=pipeline.env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    reply = json.loads(line)
+    assert reply["results"][0]["item_id"] == item_id
+    assert line == c.encode_reply(reply).decode(), "printed as the service wrote it (compact JSON)"
