@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path("../shared/datasets/fashion-9k")
+from lookalike.settings import default_data
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print the reply JSON exactly")
     p.add_argument("--gallery", type=Path, help="write a PNG of the query and its results")
-    p.add_argument("--images", type=Path, default=DEFAULT_DATA / "images", help="where result images are")
+    p.add_argument("--images", type=Path, default=default_data() / "images", help="where result images are")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_query)
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("demo", help="the whole path on the sample catalog")
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=str(default_data()), help="catalog folder (env LOOKALIKE_DATA)")
     p.add_argument("--limit", type=int)
     p.add_argument("--queries", type=int, default=6)
     p.add_argument("--epochs", type=int, help="training epochs (default: the training config's)")

@@ -17,6 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+def default_data() -> Path:
+    """The sample catalog folder: ``LOOKALIKE_DATA``, else the dataset beside the checkout."""
+    return Path(os.environ.get("LOOKALIKE_DATA", "../shared/datasets/fashion-9k"))
+
+
 def default_home() -> Path:
     """Where state that outlives a process lives: stack data, models, caches."""
     return Path(os.environ.get("LOOKALIKE_HOME", Path.home() / ".lookalike"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,10 +12,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.errors import LookalikeError
-from lookalike.settings import CommonSettings
+from lookalike.settings import CommonSettings, default_data
 from training.train import TrainConfig, train
-
-DEFAULT_DATA = "../shared/datasets/fashion-9k"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("LOOKALIKE_DATA", DEFAULT_DATA)),
+        default=default_data(),
         help="catalog folder with styles.csv and images/ (env LOOKALIKE_DATA; default %(default)s)",
     )
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")

@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -35,7 +34,7 @@ from PIL import Image
 from lookalike.artifacts import CHAMPION, ModelStore
 from lookalike.errors import LookalikeError
 from lookalike.imaging import PreprocessSpec, decode_image, to_uint8
-from lookalike.settings import CommonSettings
+from lookalike.settings import CommonSettings, default_data
 from training.data import MAX_FILE_BYTES, MAX_FILE_PIXELS, Split, load_labelled, load_pixels, select
 from training.train import batches, embed_all, unit_rows
 
@@ -248,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("LOOKALIKE_DATA", "../shared/datasets/fashion-9k")),
+        default=default_data(),
         help="catalog folder the model was trained on (env LOOKALIKE_DATA; default %(default)s)",
     )
     parser.add_argument("--model", default=CHAMPION, help="version or alias (default %(default)s)")
