@@ -110,14 +110,39 @@ def _health(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from lookalike.artifacts import ModelStore
+    from lookalike.errors import ModelArtifactError
+    from lookalike.registry import Registry
     from lookalike.settings import CommonSettings
 
     store = ModelStore(CommonSettings().models_path)
-    aliases = {v: k for k, v in store.aliases().items()}
+    registry = Registry(store, margin=args.margin)
+    try:
+        if args.action == "promote":
+            if not args.version:
+                print("promote needs a VERSION", file=sys.stderr)
+                return 2
+            decision = registry.propose(args.version)
+            print(f"{'promoted' if decision.accepted else 'refused'}: {decision.reason}")
+            return 0 if decision.accepted else 1
+        if args.action == "rollback":
+            decision = registry.rollback()
+            print(f"champion is {decision.champion_after} again (was {decision.champion_before})")
+            return 0
+    except ModelArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "decisions":
+        for decision in registry.decisions():
+            print(json.dumps(decision))
+        return 0
+    aliases: dict[str, list[str]] = {}
+    for alias, version in store.aliases().items():
+        aliases.setdefault(version, []).append(alias)
     for version in store.versions():
         card = store.card(version)
         metrics = {k: v for k, v in card.metrics.items() if isinstance(v, int | float)}
-        print(f"{version}  {aliases.get(version, ''):9} dim {card.embedding_dim}  {json.dumps(metrics)}")
+        print(f"{version}  {','.join(aliases.get(version, [])):20} {card.spec.arch:8} dim {card.embedding_dim}  "
+              f"{json.dumps(metrics)}")
     return 0
 
 
@@ -172,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=["worker", "indexer"])
     p.set_defaults(func=_health)
 
-    p = sub.add_parser("models", help="stored models")
-    p.add_argument("action", choices=["list"])
+    p = sub.add_parser("models", help="stored models, the promotion gate, rollback")
+    p.add_argument("action", choices=["list", "promote", "rollback", "decisions"])
+    p.add_argument("version", nargs="?", help="for promote: the challenger (version or alias)")
+    p.add_argument("--margin", type=float, default=0.005, help="P@5 a challenger must gain (default %(default)s)")
     p.set_defaults(func=_models)
 
     p = sub.add_parser("demo", help="the whole path on the sample catalog")
