@@ -73,6 +73,7 @@ class Indexer:
         self.applied_since_snapshot = 0
         self.last_snapshot_id: str | None = None
         self.last_snapshot_at: float | None = None
+        self.last_snapshot_items = 0
         self.caught_up = asyncio.Event()
         self.skipped = 0
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
@@ -186,6 +187,7 @@ class Indexer:
             self.model_version = facts.get("model_version")
             self.index_version = facts.get("index_version")
             self.last_snapshot_id, self.last_snapshot_at = snapshot_id, float(facts["created_at"])
+            self.last_snapshot_items = len(index)
             log.info("restored snapshot %s: %d items of model %s at %s", snapshot_id, len(index),
                      self.model_version, index.position)
             break
@@ -210,6 +212,7 @@ class Indexer:
         manifest = self.snapshot_store().write(index_bytes, items_bytes, facts)
         self.applied_since_snapshot -= applied
         self.last_snapshot_id, self.last_snapshot_at = manifest["id"], manifest["created_at"]
+        self.last_snapshot_items = int(facts["item_count"])
         log.info("snapshot %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest["id"],
                  facts["item_count"], (len(index_bytes) + len(items_bytes)) / 1e6, (exported - started) * 1000,
                  (time.perf_counter() - exported) * 1000)
@@ -327,6 +330,7 @@ class Indexer:
             "catalog_position": json.dumps({str(p): o for p, o in sorted(self.catalog_position.items())}),
             "snapshot": self.last_snapshot_id or "",
             "snapshot_at": f"{self.last_snapshot_at or 0:.3f}",
+            "snapshot_items": str(self.last_snapshot_items),
             "caught_up": "1" if self.caught_up.is_set() else "0",
             "skipped": str(self.skipped),
             "updated_at": f"{time.time():.3f}",

@@ -154,7 +154,8 @@ def test_corrupted_chunk_is_refused_and_recovery_is_still_exact(snapshotting: Pi
         feed.publish(f"k{i}", small_image(50_000 + i), {})
         latest.add(f"k{i}")
     feed.flush()
-    wait_status(pipeline, lambda s: s["snapshot"] and s.get("items_digest") == digest(latest), 60, "a snapshot")
+    wait_status(pipeline, lambda s: s["snapshot_items"] == str(len(latest)) and s.get("items_digest") == digest(latest),
+                60, "a snapshot of every item")
     store = snapshot_store(pipeline, cluster.redis_url)
     for snapshot_id in store.history():  # every snapshot is broken: recovery must replay the catalog
         store.client.setrange(f"{store.ns}:{snapshot_id}:index:0", 100, b"\x00\xff\x00\xff")
@@ -185,7 +186,7 @@ def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_mo
         for i in range(50):
             feed.publish(f"r{i}", small_image(70_000 + i), {})
         feed.flush()
-        before = wait_status(pipeline, lambda s: s["snapshot"] and s["items"] == 51, 60, "a first snapshot")["snapshot"]
+        before = wait_status(pipeline, lambda s: s["snapshot_items"] == "51", 60, "a snapshot of 51 items")["snapshot"]
 
         private.down()  # Redis away for at least 10 s
         away_since = time.monotonic()
@@ -207,7 +208,7 @@ def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_mo
         assert "cannot publish status to Redis" in pipeline.log_text("indexer")
 
         private.up()  # back, empty (no persistence): the next snapshot lands there
-        status = wait_status(pipeline, lambda s: s["snapshot"] not in {"", before} and s["items"] == 71, 60,
+        status = wait_status(pipeline, lambda s: s["snapshot"] != before and s["snapshot_items"] == "71", 60,
                              "snapshots resuming")
         pipeline.kill("indexer")
         pipeline.start("indexer")
@@ -224,7 +225,7 @@ def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline) -> None:
     for i in range(20):
         feed.publish(f"m{i}", small_image(90_000 + i), {})
     feed.flush()
-    wait_status(pipeline, lambda s: s["snapshot"] and s["items"] == 21, 60, "a snapshot")
+    wait_status(pipeline, lambda s: s["snapshot_items"] == "21", 60, "a snapshot of every item")
     pipeline.kill("indexer")
     pipeline.env["LOOKALIKE_MODEL_VERSION"] = "20990101T000000Z-00000000"  # pinned to a model no snapshot holds
     pipeline.start("indexer")
