@@ -137,8 +137,8 @@ def test_more_like_this_item(pipeline) -> None:  # type: ignore[no-untyped-def]
         feed.publish(item_id, jpeg_bytes(seed=seed), {"title": item_id})
     feed.flush()
     with pipeline.client() as client:
-        ask_until(client, jpeg_bytes(seed=33), lambda r: first_id(r) == ids[2], timeout_s=10)
-        reply = client.ask(None, item_id=ids[0], k=3, timeout_s=10)
+        # all three in the index (they may sit in different partitions), then "more like" the first
+        reply = client.ask(None, item_id=ids[0], k=3, timeout_s=10, min_position=feed.positions)
         assert reply["status"] == "ok", reply
         assert ids[0] not in [h["item_id"] for h in reply["results"]]
         assert len(reply["results"]) == 3
