@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Any
 
 import faust
@@ -144,7 +145,9 @@ class Indexer:
                 await asyncio.wait_for(self.position_changed.wait(), timeout=min(left, 0.1))
 
     # -- snapshots ----------------------------------------------------------------
-    def snapshot_store(self) -> SnapshotStore:
+    @cached_property
+    def snapshots(self) -> SnapshotStore:
+        """One client (and connection pool) for every snapshot read, write and check."""
         s = self.settings
         client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=30)
         return SnapshotStore(client, f"lookalike:snapshots:{s.indexer_group}",
@@ -165,7 +168,7 @@ class Indexer:
         """Load the newest usable snapshot (runs before the feed starts). Falls back to older
         ones, then to a full replay; every refusal is logged with its reason."""
         try:
-            store = self.snapshot_store()
+            store = self.snapshots
             candidates = store.history()
         except (redis.RedisError, OSError) as exc:
             log.warning("snapshots unavailable (%s): full replay of the catalog", exc)
@@ -209,7 +212,7 @@ class Indexer:
         index_bytes, items_bytes, facts = self.index.export()
         exported = time.perf_counter()
         facts.update(model_version=self.model_version, index_version=self.index_version)
-        manifest = self.snapshot_store().write(index_bytes, items_bytes, facts)
+        manifest = self.snapshots.write(index_bytes, items_bytes, facts)
         self.applied_since_snapshot -= applied
         self.last_snapshot_id, self.last_snapshot_at = manifest["id"], manifest["created_at"]
         self.last_snapshot_items = int(facts["item_count"])
@@ -222,7 +225,7 @@ class Indexer:
         """Is our last snapshot no longer current (Redis restarted empty, or it was deleted)?"""
         if self.index is None or self.last_snapshot_id is None:
             return self.index is not None
-        return self.snapshot_store().current() != self.last_snapshot_id
+        return self.snapshots.current() != self.last_snapshot_id
 
     async def run_snapshots(self) -> None:
         """Snapshot on a schedule and on mutation counts; Redis being away only delays it."""
