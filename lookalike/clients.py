@@ -86,6 +86,9 @@ def faust_app(settings: CommonSettings, app_id: str, **extra: Any) -> faust.App:
         broker_commit_interval=1.0,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.session_timeout_s / 4,
+        # faust keeps table state in ``{app_id}-data`` under datadir, by default the working
+        # directory; Lookalike's apps have no tables, so it goes under LOOKALIKE_HOME instead.
+        datadir=str(settings.home / "faust"),
         **extra,
     )
 
