@@ -1,17 +1,21 @@
-"""The indexer service: keeps the HNSW index current and answers queries from it.
+"""The indexer service: keeps one HNSW index per live model version current and answers
+queries from the index of the model that embedded them.
 
-Two loops share one :class:`VectorIndex`:
+* Per model version (:class:`VersionIndex`): a feed, an aiokafka consumer assigned to
+  *every* partition of that version's catalog-vector topic (each indexer replica holds the
+  whole catalog), applies upserts and tombstones in order and records the offsets it has
+  applied; its snapshots live in Redis under the version's own namespace.
+* The rollout task (:mod:`lookalike.rollout`) decides which versions are live: the
+  serving one, the one being built, and the previous one for a grace period after a
+  switch. It creates and drops :class:`VersionIndex` objects to match.
+* The faust agent on the query-vector topic (partitions shared by the replicas of the
+  consumer group) searches the index of the query's model version and produces each
+  reply to the query's reply-to topic.
 
-* the catalog feed, an aiokafka consumer assigned to *every* partition of the
-  catalog-vector topic (each indexer replica holds the whole catalog), applies
-  upserts and tombstones in order and records the offsets it has applied;
-* the faust agent on the query-vector topic (partitions shared by the replicas of the
-  consumer group) searches and produces each reply to the query's reply-to topic.
-
-Queries wait until the feed has caught up with the end of the vector topic as it was
-at start-up, so a restarted indexer never answers from a half-loaded index. The
-indexer's position and size are published in Redis for the CLI and the demo; when
-Redis is away, queries are still answered from memory.
+Queries wait until their version's feed has caught up with the end of its topic as it
+was at start-up, so a restarted indexer never answers from a half-loaded index. The
+indexer's position and size are published in Redis for the CLI, the demo and the
+rollout controller; when Redis is away, queries are still answered from memory.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
@@ -39,11 +44,14 @@ from indexer import stages
 from indexer.index import Mutation, VectorIndex
 from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
+from lookalike import rollout
 from lookalike.artifacts import ModelStore
 from lookalike.clients import aiokafka_config, confluent_config, faust_app
-from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, UnknownItem
+from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, ModelMismatch, UnknownItem
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
+from lookalike.rollout import RolloutController, RolloutState
 from lookalike.settings import IndexerSettings
+from lookalike.topics import ensure_vectors_topic
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +68,30 @@ def topic_partitions(settings: IndexerSettings, topic: str) -> list[int]:
     return sorted(found.partitions)
 
 
-class Indexer:
-    """The index, its model version and its position in the catalog-vector topic."""
+def covers(position: Mapping[int, int], other: Mapping[int, int]) -> bool:
+    """Has an index at ``position`` (next offsets) seen every catalog record ``other`` has?"""
+    return all(position.get(p, 0) >= offset for p, offset in other.items())
 
-    def __init__(self, settings: IndexerSettings) -> None:
+
+class Pools:
+    """The threads every version's index shares: searches, the one writer, snapshots."""
+
+    def __init__(self) -> None:
+        self.search = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
+        self.write = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
+        self.snapshot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+
+
+class VersionIndex:
+    """The index of one model version, its position in that version's vector topic, and
+    its snapshots."""
+
+    def __init__(self, settings: IndexerSettings, version: str, pools: Pools) -> None:
         self.settings = settings
+        self.version = version
+        self.pools = pools
+        self.topic = rollout.vectors_topic(settings, version)
         self.index: VectorIndex | None = None
-        self.model_version: str | None = None
         self.index_version: str | None = None
         self.pending_position: dict[int, int] = {}
         self.pending_catalog_position: dict[int, int] = {}
@@ -77,12 +102,9 @@ class Indexer:
         self.last_snapshot_items = 0
         self.caught_up = asyncio.Event()
         self.skipped = 0
-        self.instance = f"{socket.gethostname()}-{os.getpid()}"
-        self.search_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
-        self.write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
-        self.snapshot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        self.task: asyncio.Task[None] | None = None
 
-    # -- catalog feed -------------------------------------------------------------
+    # -- feed ---------------------------------------------------------------------
     def apply_records(self, partition: int, records: list[Any]) -> None:
         """Decode and apply one fetched batch of a partition (runs in the writer thread)."""
         mutations: list[Mutation] = []
@@ -96,13 +118,13 @@ class Indexer:
                 continue
             if event.source is not None:
                 catalog_position[event.source[0]] = max(event.source[1] + 1, catalog_position.get(event.source[0], 0))
-            if event.dim is not None and self.index is None:
-                self._create_index(event.dim, event.model_version)
-            if event.model_version != self.model_version and event.dim is not None:
+            if event.model_version != self.version and event.dim is not None:
                 self.skipped += 1
-                log.warning("vector for %s from model %s skipped: index serves %s",
-                            event.mutation.item_id, event.model_version, self.model_version)
+                log.warning("vector for %s from model %s skipped: %s holds model %s",
+                            event.mutation.item_id, event.model_version, self.topic, self.version)
                 continue
+            if event.dim is not None and self.index is None:
+                self._create_index(event.dim)
             mutations.append(event.mutation)
         position = {partition: records[-1].offset + 1}
         if self.index is not None:
@@ -112,15 +134,14 @@ class Indexer:
             self.pending_position.update(position)
             self.pending_catalog_position.update(catalog_position)
 
-    def _create_index(self, dim: int, model_version: str | None) -> None:
+    def _create_index(self, dim: int) -> None:
         s = self.settings
         self.index = VectorIndex(
             dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
             capacity=s.initial_capacity,
         )
         self.index.apply([], self.pending_position, self.pending_catalog_position)
-        self.model_version = model_version
-        self.index_version = f"{model_version}/{uuid.uuid4().hex[:8]}"
+        self.index_version = f"{self.version}/{uuid.uuid4().hex[:8]}"
         log.info("new index %s (dim %d)", self.index_version, dim)
 
     @property
@@ -133,6 +154,9 @@ class Indexer:
         """Catalog offsets reflected (what replies report and queries may wait for)."""
         return self.index.catalog_position if self.index is not None else dict(self.pending_catalog_position)
 
+    def __len__(self) -> int:
+        return len(self.index) if self.index is not None else 0
+
     async def wait_for_position(self, required: dict[int, int] | None, timeout_s: float) -> None:
         """Return once the index includes ``required`` catalog offsets, or after the timeout."""
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -144,25 +168,61 @@ class Indexer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.position_changed.wait(), timeout=min(left, 0.1))
 
+    async def run_feed(self) -> None:
+        """Restore the newest usable snapshot, then read this version's vector topic from the
+        offsets it covers (from the beginning without one), forever."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, ensure_vectors_topic, s, self.version)
+        partitions = await loop.run_in_executor(None, topic_partitions, s, self.topic)
+        if s.snapshots:
+            await loop.run_in_executor(self.pools.write, self.restore)
+        consumer = AIOKafkaConsumer(
+            **aiokafka_config(s), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            consumer.assign(tps)
+            restored = self.position
+            for tp in tps:
+                if tp.partition in restored:
+                    consumer.seek(tp, restored[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            start_ends = await consumer.end_offsets(tps)
+            log.info("feed %s: %d partitions, %d records to replay", self.topic, len(tps),
+                     sum(start_ends[tp] - restored.get(tp.partition, 0) for tp in tps))
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=2000)
+                for tp, records in batch.items():
+                    await loop.run_in_executor(self.pools.write, self.apply_records, tp.partition, records)
+                if batch:
+                    self.position_changed.set()
+                if not self.caught_up.is_set():
+                    positions = {tp: await consumer.position(tp) for tp in tps}
+                    if all(positions[tp] >= start_ends[tp] for tp in tps):
+                        self.caught_up.set()
+                        log.info("feed %s caught up: %d items", self.topic, len(self))
+        finally:
+            await consumer.stop()
+
     # -- snapshots ----------------------------------------------------------------
     @cached_property
     def snapshots(self) -> SnapshotStore:
         """One client (and connection pool) for every snapshot read, write and check."""
         s = self.settings
         client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=30)
-        return SnapshotStore(client, f"lookalike:snapshots:{s.indexer_group}",
+        return SnapshotStore(client, snapshot_namespace(s, self.version),
                              chunk_bytes=s.snapshot_chunk_bytes, keep=s.snapshot_keep)
 
-    def expected_model(self) -> tuple[str, int | None] | None:
-        """(model version, dim) this indexer must serve: the pinned version, else the store's
-        champion; None when no model store is reachable from here (then any snapshot goes)."""
+    def expected_dim(self) -> int | None:
+        """The embedding size of this version's model card, when the model store is reachable."""
         try:
-            card = ModelStore(self.settings.models_path).card(self.settings.model_version)
+            return ModelStore(self.settings.models_path).card(self.version).embedding_dim
         except (ModelArtifactError, OSError, ValueError):
-            if self.settings.model_version:
-                return self.settings.model_version, None
             return None
-        return card.version, card.embedding_dim
 
     def restore(self) -> None:
         """Load the newest usable snapshot (runs before the feed starts). Falls back to older
@@ -171,31 +231,29 @@ class Indexer:
             store = self.snapshots
             candidates = store.history()
         except (redis.RedisError, OSError) as exc:
-            log.warning("snapshots unavailable (%s): full replay of the catalog", exc)
+            log.warning("snapshots unavailable (%s): full replay of %s", exc, self.topic)
             return
-        expected = self.expected_model()
+        dim = self.expected_dim()
         for snapshot_id in candidates:
             try:
                 snap = store.read(snapshot_id)
                 facts = snap.manifest
-                if expected and (facts.get("model_version") != expected[0]
-                                 or (expected[1] is not None and facts.get("dim") != expected[1])):
+                if facts.get("model_version") != self.version or (dim is not None and facts.get("dim") != dim):
                     raise SnapshotError(f"snapshot {snapshot_id} holds model {facts.get('model_version')} "
-                                        f"(dim {facts.get('dim')}), this indexer serves {expected[0]} (dim {expected[1]})")
+                                        f"(dim {facts.get('dim')}), this index is for {self.version} (dim {dim})")
                 index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts)
             except Exception as exc:  # whatever is wrong with a snapshot, the next one or a replay is right
                 log.warning("snapshot %s refused: %s", snapshot_id, exc)
                 continue
             self.index = index
-            self.model_version = facts.get("model_version")
             self.index_version = facts.get("index_version")
             self.last_snapshot_id, self.last_snapshot_at = snapshot_id, float(facts["created_at"])
             self.last_snapshot_items = len(index)
             log.info("restored snapshot %s: %d items of model %s at %s", snapshot_id, len(index),
-                     self.model_version, index.position)
+                     self.version, index.position)
             break
         else:
-            log.info("no usable snapshot (%d tried): full replay of the catalog", len(candidates))
+            log.info("no usable snapshot of %s (%d tried): full replay of %s", self.version, len(candidates), self.topic)
         try:
             removed = store.remove_orphans()
             if removed:
@@ -211,14 +269,14 @@ class Indexer:
         applied = self.applied_since_snapshot
         index_bytes, items_bytes, facts = self.index.export()
         exported = time.perf_counter()
-        facts.update(model_version=self.model_version, index_version=self.index_version)
+        facts.update(model_version=self.version, index_version=self.index_version)
         manifest = self.snapshots.write(index_bytes, items_bytes, facts)
         self.applied_since_snapshot -= applied
         self.last_snapshot_id, self.last_snapshot_at = manifest["id"], manifest["created_at"]
         self.last_snapshot_items = int(facts["item_count"])
-        log.info("snapshot %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest["id"],
-                 facts["item_count"], (len(index_bytes) + len(items_bytes)) / 1e6, (exported - started) * 1000,
-                 (time.perf_counter() - exported) * 1000)
+        log.info("snapshot %s of %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest["id"],
+                 self.version, facts["item_count"], (len(index_bytes) + len(items_bytes)) / 1e6,
+                 (exported - started) * 1000, (time.perf_counter() - exported) * 1000)
         return manifest
 
     def snapshot_lost(self) -> bool:
@@ -227,115 +285,215 @@ class Indexer:
             return self.index is not None
         return self.snapshots.current() != self.last_snapshot_id
 
-    async def run_snapshots(self) -> None:
-        """Snapshot on a schedule and on mutation counts; Redis being away only delays it."""
+    def facts(self) -> dict[str, Any]:
+        return {
+            "items": len(self),
+            "index_version": self.index_version or "",
+            "caught_up": self.caught_up.is_set(),
+            "catalog_position": {str(p): o for p, o in sorted(self.catalog_position.items())},
+            "snapshot_items": self.last_snapshot_items,
+        }
+
+
+def snapshot_namespace(settings: IndexerSettings, version: str) -> str:
+    return f"lookalike:snapshots:{settings.indexer_group}:{version}"
+
+
+class Indexer:
+    """The live versions' indexes, which one serves, and the queries' entry point."""
+
+    def __init__(self, settings: IndexerSettings) -> None:
+        self.settings = settings
+        self.pools = Pools()
+        self.versions: dict[str, VersionIndex] = {}
+        self.state: RolloutState | None = None
+        self.started = asyncio.Event()  # the first state is known and its indexes exist
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+
+    # -- which versions live --------------------------------------------------------
+    @property
+    def serving(self) -> VersionIndex | None:
+        return self.versions.get(self.state.serving) if self.state and self.state.serving else None
+
+    def ready(self, version: str) -> bool:
+        """Has this replica's index of ``version`` caught up with the serving one?"""
+        target, serving = self.versions.get(version), self.serving
+        if target is None or not target.caught_up.is_set():
+            return False
+        return serving is None or covers(target.catalog_position, serving.catalog_position)
+
+    def all_ready(self, client: redis.Redis, version: str) -> bool:
+        """Ready here and on every other live replica of the group (blocking)."""
+        if not self.ready(version):
+            return False
+        pattern = STATUS_KEY.format(group=self.settings.indexer_group, instance="*")
+        for key in client.scan_iter(pattern):
+            if key.endswith(f":{self.instance}"):
+                continue
+            raw = client.hget(key, "ready_versions")
+            if raw is not None and version not in json.loads(raw):
+                return False
+        return True
+
+    def rollout_step(self, client: redis.Redis | None, controller: RolloutController | None) -> RolloutState | None:
+        """Advance the rollout and read the state (blocking). None when Redis is away."""
+        desired = rollout.desired_version(self.settings)
+        if client is None or controller is None:
+            return RolloutState(serving=desired) if desired else None
+        try:
+            controller.tick(desired, lambda v: self.all_ready(client, v))
+            return rollout.read_state(client, self.settings)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("rollout state unavailable (%s); keeping %s", exc, self.state)
+            return self.state if self.state else (RolloutState(serving=desired) if desired else None)
+
+    def reconcile(self, state: RolloutState) -> None:
+        """Create the indexes the state needs and drop the ones it no longer does."""
+        if state != self.state:
+            log.info("rollout state: serving %s, building %s, previous %s", state.serving, state.target,
+                     state.previous)
+        self.state = state
+        live = state.active(time.time(), self.settings.rollout_grace_s)
+        for version in live:
+            if version not in self.versions:
+                vi = VersionIndex(self.settings, version, self.pools)
+                vi.task = asyncio.create_task(vi.run_feed(), name=f"feed-{version}")
+                vi.task.add_done_callback(self._feed_done)
+                self.versions[version] = vi
+                log.info("index of model %s: started", version)
+        for version in [v for v in self.versions if v not in live]:
+            vi = self.versions.pop(version)
+            if vi.task is not None:
+                vi.task.cancel()
+            log.info("index of model %s: dropped (%d items); no longer serving or building", version, len(vi))
+
+    def _feed_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("feed %s stopped: %r; it restarts on the next rollout tick", task.get_name(), task.exception())
+            for version, vi in list(self.versions.items()):
+                if vi.task is task:
+                    del self.versions[version]
+
+    async def run_rollout(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
-        last = time.monotonic()
+        try:
+            client: redis.Redis | None = rollout.redis_client(s)
+            controller: RolloutController | None = RolloutController(client, s)  # type: ignore[arg-type]
+        except (redis.RedisError, ValueError) as exc:
+            log.warning("no Redis for the rollout state (%s): serving the champion only", exc)
+            client = controller = None
+        while True:
+            state = await loop.run_in_executor(None, self.rollout_step, client, controller)
+            if state is not None:
+                self.reconcile(state)
+                self.started.set()
+            elif not self.started.is_set():
+                log.warning("no model to serve yet: no champion in %s and none pinned", s.models_path)
+            await asyncio.sleep(s.rollout_poll_s)
+
+    # -- snapshots --------------------------------------------------------------------
+    async def run_snapshots(self) -> None:
+        """Snapshot each version on a schedule and on mutation counts; Redis being away only delays it."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        last: dict[str, float] = {}
         while True:
             await asyncio.sleep(0.5)
-            changed = self.applied_since_snapshot
-            interval_over = time.monotonic() - last >= s.snapshot_interval_s
-            due = changed >= s.snapshot_every_items or (changed and interval_over)
-            if not self.caught_up.is_set() or not (due or interval_over):
-                continue
-            try:
-                if not due and not await loop.run_in_executor(self.snapshot_pool, self.snapshot_lost):
-                    last = time.monotonic()
+            for version, vi in list(self.versions.items()):
+                last.setdefault(version, time.monotonic())
+                changed = vi.applied_since_snapshot
+                interval_over = time.monotonic() - last[version] >= s.snapshot_interval_s
+                due = changed >= s.snapshot_every_items or (changed and interval_over)
+                if not vi.caught_up.is_set() or not (due or interval_over):
                     continue
-                await loop.run_in_executor(self.snapshot_pool, self.snapshot)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("snapshot failed (%s); queries go on from memory, next try in %.0fs",
-                            exc, s.snapshot_interval_s)
-            last = time.monotonic()
-
-    async def run_feed(self) -> None:
-        """Restore the newest usable snapshot, then read the catalog-vector topic from the
-        offsets it covers (from the beginning without one), forever."""
-        s = self.settings
-        consumer = AIOKafkaConsumer(
-            **aiokafka_config(s), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        loop = asyncio.get_running_loop()
-        partitions = await loop.run_in_executor(None, topic_partitions, s, s.catalog_vectors_topic)
-        if s.snapshots:
-            await loop.run_in_executor(self.write_pool, self.restore)
-        await consumer.start()
-        try:
-            tps = [TopicPartition(s.catalog_vectors_topic, p) for p in partitions]
-            consumer.assign(tps)
-            restored = self.position
-            for tp in tps:
-                if tp.partition in restored:
-                    consumer.seek(tp, restored[tp.partition])
-                else:
-                    await consumer.seek_to_beginning(tp)
-            start_ends = await consumer.end_offsets(tps)
-            log.info("catalog feed: %d partitions, %d records to replay", len(tps),
-                     sum(start_ends[tp] - restored.get(tp.partition, 0) for tp in tps))
-            while True:
-                batch = await consumer.getmany(timeout_ms=200, max_records=2000)
-                for tp, records in batch.items():
-                    await loop.run_in_executor(self.write_pool, self.apply_records, tp.partition, records)
-                if batch:
-                    self.position_changed.set()
-                if not self.caught_up.is_set():
-                    positions = {tp: await consumer.position(tp) for tp in tps}
-                    if all(positions[tp] >= start_ends[tp] for tp in tps):
-                        self.caught_up.set()
-                        log.info("catalog feed caught up: %d items", len(self.index) if self.index else 0)
-        finally:
-            await consumer.stop()
+                try:
+                    if not due and not await loop.run_in_executor(self.pools.snapshot, vi.snapshot_lost):
+                        last[version] = time.monotonic()
+                        continue
+                    await loop.run_in_executor(self.pools.snapshot, vi.snapshot)
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("snapshot of %s failed (%s); queries go on from memory, next try in %.0fs",
+                                version, exc, s.snapshot_interval_s)
+                last[version] = time.monotonic()
 
     # -- queries ------------------------------------------------------------------
+    def version_for(self, headers: Mapping[str, bytes]) -> VersionIndex | None:
+        version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace")
+        return self.versions.get(version)
+
+    async def ready_for(self, headers: Mapping[str, bytes]) -> None:
+        """Wait (bounded only by the feed) until the query's version has caught up, then for
+        its ``min-position`` (bounded by the setting)."""
+        await self.started.wait()
+        vi = self.version_for(headers)
+        if vi is None:
+            return  # answered with model_mismatch
+        await vi.caught_up.wait()
+        if c.H_MIN_POSITION in headers:  # read-your-writes: wait (bounded) for the index to get there
+            with contextlib.suppress(InvalidMessage):  # a malformed one is answered by answer()
+                required = c.parse_position(headers[c.H_MIN_POSITION])
+                await vi.wait_for_position(required, self.settings.min_position_wait_s)
+
     def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes]) -> tuple[str, bytes, bytes]:
         """One query vector -> (reply topic, reply key, reply value). Never raises."""
-        dim = self.index.dim if self.index else None
+        vi = self.version_for(headers)
+        serving = self.state.serving if self.state else None
+        dim = vi.index.dim if vi is not None and vi.index is not None else None
         try:
             query = stages.parse_query_vector(key, value, headers, dim=dim, default_reply_to=self.settings.replies_topic)
         except InvalidMessage as exc:
             reply = c.error_reply(key.decode("utf-8", "replace") if key else "(missing)", exc.code, str(exc))
             return self.settings.replies_topic, key or b"", c.encode_reply(reply)
+        version = vi.version if vi is not None else serving
+        index_version = vi.index_version if vi is not None else None
         try:
-            if self.index is None or len(self.index) == 0:
+            if vi is None:
+                raise ModelMismatch(f"query embedded by model {query.model_version}; this indexer holds "
+                                    f"{sorted(self.versions)} (serving {serving})")
+            if vi.index is None or len(vi.index) == 0:
                 raise InvalidMessage("the index is empty: no catalog item has been indexed yet", code="empty_index")
-            position = self.catalog_position
+            position = vi.catalog_position
             if not stages.reached(position, query.min_position):
                 raise InvalidMessage(
                     f"the index has not reached position {query.min_position} within "
                     f"{self.settings.min_position_wait_s}s (it is at {position})", code="not_ready")
-            reply = stages.answer(
-                self.index, query, model_version=self.model_version, index_version=self.index_version,
-                index_position=position,
-            )
+            reply = stages.answer(vi.index, query, model_version=vi.version, index_version=index_version,
+                                  index_position=position)
         except (InvalidMessage, UnknownItem) as exc:
-            reply = c.error_reply(query.request_id, exc.code, str(exc), model_version=self.model_version,
-                                  index_version=self.index_version, timings_ms=query.timings_ms)
+            reply = c.error_reply(query.request_id, exc.code, str(exc), model_version=version,
+                                  index_version=index_version, timings_ms=query.timings_ms)
         except Exception as exc:  # a bug must not stop the service; the client still gets an answer
             log.exception("query %s failed", query.request_id)
             reply = c.error_reply(query.request_id, "internal", f"{type(exc).__name__}: {exc}",
-                                  model_version=self.model_version, index_version=self.index_version)
+                                  model_version=version, index_version=index_version)
         return query.reply_to, query.request_key, c.encode_reply(reply)
 
     # -- status -------------------------------------------------------------------
     def status(self) -> dict[str, str]:
+        """The serving index's figures at the top level (what the CLI and the demo read), every
+        live version's under ``versions``, and which versions this replica has caught up on."""
+        vi = self.serving
         extra = {}
-        if self.settings.status_digest and self.index is not None:
-            extra["items_digest"] = self.index.items_digest()
+        if self.settings.status_digest and vi is not None and vi.index is not None:
+            extra["items_digest"] = vi.index.items_digest()
+        state = self.state or RolloutState()
         return {
             **extra,
             "instance": self.instance,
-            "items": str(len(self.index) if self.index else 0),
-            "model_version": self.model_version or "",
-            "index_version": self.index_version or "",
-            "position": json.dumps({str(p): o for p, o in sorted(self.position.items())}),
-            "catalog_position": json.dumps({str(p): o for p, o in sorted(self.catalog_position.items())}),
-            "snapshot": self.last_snapshot_id or "",
-            "snapshot_at": f"{self.last_snapshot_at or 0:.3f}",
-            "snapshot_items": str(self.last_snapshot_items),
-            "caught_up": "1" if self.caught_up.is_set() else "0",
-            "skipped": str(self.skipped),
+            "items": str(len(vi) if vi else 0),
+            "model_version": state.serving or "",
+            "target_version": state.target or "",
+            "index_version": (vi.index_version if vi else None) or "",
+            "position": json.dumps({str(p): o for p, o in sorted(vi.position.items())} if vi else {}),
+            "catalog_position": json.dumps({str(p): o for p, o in sorted(vi.catalog_position.items())} if vi else {}),
+            "snapshot": (vi.last_snapshot_id if vi else None) or "",
+            "snapshot_at": f"{(vi.last_snapshot_at if vi else None) or 0:.3f}",
+            "snapshot_items": str(vi.last_snapshot_items if vi else 0),
+            "caught_up": "1" if vi is not None and vi.caught_up.is_set() else "0",
+            "skipped": str(sum(v.skipped for v in self.versions.values())),
+            "versions": json.dumps({v: vi_.facts() for v, vi_ in self.versions.items()}),
+            "ready_versions": json.dumps([v for v in self.versions if self.ready(v)]),
             "updated_at": f"{time.time():.3f}",
         }
 
@@ -359,14 +517,14 @@ class Indexer:
 
 
 def create_app(settings: IndexerSettings) -> faust.App:
-    """The faust app: the query agent plus the catalog feed and status tasks."""
+    """The faust app: the query agent plus the rollout, snapshot and status tasks."""
     indexer = Indexer(settings)
     app = faust_app(settings, settings.indexer_group)
     query_vectors = app.topic(settings.query_vectors_topic, key_type=bytes, value_type=bytes, allow_empty=True)
 
     @app.task
-    async def catalog_feed() -> None:
-        await indexer.run_feed()
+    async def rollout_task() -> None:
+        await indexer.run_rollout()
 
     if settings.snapshots:
         @app.task
@@ -380,8 +538,10 @@ def create_app(settings: IndexerSettings) -> faust.App:
     @app.task
     async def heartbeat() -> None:
         while True:
-            beat(heartbeat_path(settings, "indexer"), items=len(indexer.index) if indexer.index else 0,
-                 caught_up=indexer.caught_up.is_set())
+            vi = indexer.serving
+            beat(heartbeat_path(settings, "indexer"), items=len(vi) if vi else 0,
+                 caught_up=vi is not None and vi.caught_up.is_set(),
+                 model_version=indexer.state.serving if indexer.state else None)
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     @app.agent(query_vectors, name="answer-queries")
@@ -390,14 +550,10 @@ def create_app(settings: IndexerSettings) -> faust.App:
 
         async def handle(event: Any) -> tuple[str, bytes, bytes]:
             headers = c.headers_to_dict(event.headers)
-            if c.H_MIN_POSITION in headers:  # read-your-writes: wait (bounded) for the index to get there
-                with contextlib.suppress(InvalidMessage):  # a malformed one is answered by answer()
-                    required = c.parse_position(headers[c.H_MIN_POSITION])
-                    await indexer.wait_for_position(required, settings.min_position_wait_s)
-            return await loop.run_in_executor(indexer.search_pool, indexer.answer, event.key, event.value, headers)
+            await indexer.ready_for(headers)
+            return await loop.run_in_executor(indexer.pools.search, indexer.answer, event.key, event.value, headers)
 
         async for events in stream.take_events(64, within=0.002):
-            await indexer.caught_up.wait()
             replies = await asyncio.gather(*(handle(e) for e in events))
             by_topic: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
             for topic, key, value in replies:

@@ -43,7 +43,7 @@ class CommonSettings(BaseSettings):
     queries_topic: str = "lookalike.queries"
     replies_topic: str = "lookalike.replies"
     deadletter_topic: str = "lookalike.deadletter"
-    catalog_vectors_topic: str = "lookalike.catalog.vectors"
+    catalog_vectors_topic: str = "lookalike.catalog.vectors"  # + ".{model version}": one topic per version
     query_vectors_topic: str = "lookalike.queries.vectors"
     partitions: int = Field(4, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1, le=16)
@@ -59,7 +59,11 @@ class CommonSettings(BaseSettings):
     session_timeout_s: float = Field(10.0, ge=6.0)
     home: Path = Field(default_factory=default_home)
     model_dir: Path | None = None
-    model_version: str | None = None  # pin a version; None: the store's champion (worker) / any (indexer)
+    model_version: str | None = None  # pin a version; None: follow the model store's champion
+    # Blue/green rollout (lookalike/rollout.py): how often services read the rollout state, and
+    # how long the previous version's index keeps answering queries its model embedded.
+    rollout_poll_s: float = Field(1.0, gt=0)
+    rollout_grace_s: float = Field(30.0, ge=0)
 
     @property
     def models_path(self) -> Path:

@@ -25,15 +25,15 @@ class TopicSpec:
 
 
 def topic_specs(settings: CommonSettings) -> list[TopicSpec]:
-    """Every topic of a deployment. Catalog topics are compacted: the latest image per item
-    is the catalog, and a tombstone deletes it."""
+    """The topics of a deployment that do not depend on a model version. Catalog topics are
+    compacted: the latest image per item is the catalog, and a tombstone deletes it. Each
+    model version's catalog-vector topic is made by :func:`ensure_vectors_topic`."""
     big = str(max_message_bytes(settings))
     p = settings.partitions
     compacted = {"cleanup.policy": "compact", "max.message.bytes": big, "min.compaction.lag.ms": "60000"}
     transient = {"cleanup.policy": "delete", "retention.ms": str(24 * HOUR_MS), "max.message.bytes": big}
     return [
         TopicSpec(settings.catalog_topic, p, compacted),
-        TopicSpec(settings.catalog_vectors_topic, p, {**compacted, "max.message.bytes": str(1024 * 1024)}),
         TopicSpec(settings.queries_topic, p, transient),
         TopicSpec(settings.query_vectors_topic, p, {**transient, "max.message.bytes": str(1024 * 1024)}),
         TopicSpec(settings.replies_topic, p, {**transient, "max.message.bytes": str(4 * 1024 * 1024)}),
@@ -65,17 +65,32 @@ def ensure_topics(settings: CommonSettings, specs: list[TopicSpec] | None = None
     return created
 
 
-def check_copartitioned(settings: CommonSettings, timeout_s: float = 30.0) -> None:
-    """The vector topic needs at least the catalog's partitions: catalog partition p's vectors go to p."""
-    meta = AdminClient(confluent_config(settings)).list_topics(timeout=timeout_s)
-    counts = {}
-    for name in (settings.catalog_topic, settings.catalog_vectors_topic):
-        topic = meta.topics.get(name)
-        if topic is None or topic.error is not None:
-            raise ConfigError(f"topic {name} does not exist: `lookalike topics create`")
-        counts[name] = len(topic.partitions)
-    if counts[settings.catalog_vectors_topic] < counts[settings.catalog_topic]:
+def vectors_topic_spec(settings: CommonSettings, version: str, partitions: int) -> TopicSpec:
+    """A model version's catalog-vector topic: compacted like the catalog (the latest vector
+    per item is the index), and with the catalog's partitions (catalog partition p's vectors
+    go to partition p)."""
+    from lookalike.rollout import vectors_topic
+
+    config = {"cleanup.policy": "compact", "max.message.bytes": str(1024 * 1024), "min.compaction.lag.ms": "60000"}
+    return TopicSpec(vectors_topic(settings, version), partitions, config)
+
+
+def ensure_vectors_topic(settings: CommonSettings, version: str, timeout_s: float = 30.0) -> str:
+    """Create the catalog-vector topic of ``version`` if missing (idempotent; any worker or
+    indexer may be first), and check it has at least the catalog's partitions."""
+    admin = AdminClient(confluent_config(settings))
+    meta = admin.list_topics(timeout=timeout_s)
+    catalog = meta.topics.get(settings.catalog_topic)
+    if catalog is None or catalog.error is not None:
+        raise ConfigError(f"topic {settings.catalog_topic} does not exist: `lookalike topics create`")
+    spec = vectors_topic_spec(settings, version, len(catalog.partitions))
+    existing = meta.topics.get(spec.name)
+    if existing is None or existing.error is not None:
+        ensure_topics(settings, [spec], timeout_s)
+        return spec.name
+    if len(existing.partitions) < len(catalog.partitions):
         raise ConfigError(
-            f"{settings.catalog_vectors_topic} has {counts[settings.catalog_vectors_topic]} partitions, fewer than "
-            f"{settings.catalog_topic}'s {counts[settings.catalog_topic]}: add partitions to it"
+            f"{spec.name} has {len(existing.partitions)} partitions, fewer than {settings.catalog_topic}'s "
+            f"{len(catalog.partitions)}: add partitions to it"
         )
+    return spec.name

@@ -73,6 +73,19 @@ class Pipeline:
         return all(p.poll() is None for p in self.procs.values())
 
 
+def wait_status(pipeline: Pipeline, predicate, timeout_s: float, what: str) -> dict:  # type: ignore[no-untyped-def]
+    """Poll the running indexer's status until ``predicate(status)``; fail with the logs."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        assert pipeline.alive(), pipeline.logs_tail()
+        status = pipeline.status()
+        if status and predicate(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout_s}s; last status {status}\n{pipeline.logs_tail()}")
+
+
 def topic_env(prefix: str) -> dict[str, str]:
     return {
         "LOOKALIKE_CATALOG_TOPIC": f"{prefix}.catalog",

@@ -15,7 +15,7 @@ import redis
 from indexer.snapshot import SnapshotError, SnapshotStore
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
-from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, warm_up
+from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, wait_status, warm_up
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +37,11 @@ def small_image(seed: int) -> bytes:
     return jpeg_bytes(seed, size=(32, 32))
 
 
-def wait_status(pipeline: Pipeline, predicate, timeout_s: float, what: str) -> dict:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        assert pipeline.alive(), pipeline.logs_tail()
-        status = pipeline.status()
-        if status and predicate(status):
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout_s}s; last status {status}\n{pipeline.logs_tail()}")
-
-
-def snapshot_store(pipeline: Pipeline, cluster_redis: str) -> SnapshotStore:
+def snapshot_store(pipeline: Pipeline, cluster_redis: str, version: str | None = None) -> SnapshotStore:
+    """The snapshots of the serving model's index (or of ``version``'s)."""
     client = redis.Redis.from_url(cluster_redis)
-    return SnapshotStore(client, f"lookalike:snapshots:{pipeline.env['LOOKALIKE_INDEXER_GROUP']}")
+    version = version or pipeline.status()["model_version"]
+    return SnapshotStore(client, f"lookalike:snapshots:{pipeline.env['LOOKALIKE_INDEXER_GROUP']}:{version}")
 
 
 @pytest.fixture
@@ -219,18 +209,24 @@ def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_mo
         private.down()
 
 
-def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline) -> None:
+def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline, cluster: Cluster) -> None:
+    """Each model version's snapshots live under its own key; one that still claims another
+    model (or dimension) there is refused, and the older, genuine one is used."""
     pipeline = snapshotting
     feed = pipeline.feed()
     for i in range(20):
         feed.publish(f"m{i}", small_image(90_000 + i), {})
     feed.flush()
     wait_status(pipeline, lambda s: s["snapshot_items"] == "21", 60, "a snapshot of every item")
+    version = pipeline.status()["model_version"]
     pipeline.kill("indexer")
-    pipeline.env["LOOKALIKE_MODEL_VERSION"] = "20990101T000000Z-00000000"  # pinned to a model no snapshot holds
+    store = snapshot_store(pipeline, cluster.redis_url, version)
+    genuine = store.read(store.current())
+    facts = {k: v for k, v in genuine.manifest.items() if k not in ("format", "id", "created_at", "index", "items")}
+    forged = store.write(genuine.index_bytes, genuine.items_bytes, {**facts, "model_version": "20990101T000000Z-00000000"})
     pipeline.start("indexer")
-    deadline = time.monotonic() + 60
-    while "refused" not in pipeline.log_text("indexer") and time.monotonic() < deadline:
-        time.sleep(0.2)
+    status = wait_status(pipeline, lambda s: s["caught_up"] == "1" and s["items"] == 21, 60, "recovery")
     log = pipeline.log_text("indexer")
-    assert "this indexer serves 20990101T000000Z-00000000" in log and "full replay" in log
+    assert f"snapshot {forged['id']} refused" in log and f"this index is for {version}" in log
+    assert f"restored snapshot {genuine.manifest['id']}" in log
+    assert status["model_version"] == version
