@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--promote",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="make the new model champion even if there is one (without: only when there is none)",
+        help="put the new model through the promotion gate (lookalike models promote): it becomes champion "
+        "only if it beats the champion by the margin. Without: it becomes the challenger, or the champion "
+        "when there is none yet",
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="model store (default: LOOKALIKE_MODEL_DIR)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-pixel cache ($LOOKALIKE_HOME/cache)")

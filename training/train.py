@@ -31,6 +31,7 @@ from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.embedder import pick_device
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec
+from lookalike.registry import CHALLENGER, Registry
 from training.curves import plot_history
 from training.data import (
     Split,
@@ -395,7 +396,8 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> ModelCard:
-    """Train, evaluate and store a model; make it champion if there is none or ``config.promote``."""
+    """Train, evaluate and store a model as the challenger; put it through the registry's gate
+    when ``config.promote`` or when there is no champion yet (then the gate accepts it)."""
     started = time.perf_counter()
     seed_everything(config.seed)
     torch.set_num_threads(config.threads or torch.get_num_threads())
@@ -453,7 +455,12 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
         data_split_sha256=data.split.sha256,
     )
     plot_history(result.history, store.root / card.version / CURVES_FILE, title=f"{card.version} ({config.arch})")
+    registry = Registry(store)
     if config.promote or CHAMPION not in store.aliases():
-        store.set_alias(CHAMPION, card.version)
-        log.info("model %s is now %s", card.version, CHAMPION)
+        decision = registry.propose(card.version)
+        log.info("model %s %s: %s", card.version, "promoted" if decision.accepted else "refused", decision.reason)
+    else:
+        store.set_alias(CHALLENGER, card.version)
+        log.info("model %s is the challenger; `lookalike models promote %s` puts it through the gate",
+                 card.version, card.version)
     return card

@@ -18,6 +18,7 @@ from lookalike.catalog import iter_catalog
 from lookalike.errors import BadImage
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec
+from lookalike.registry import CHALLENGER, Registry
 from training import cli, data
 from training.curves import plot_history
 from training.data import (
@@ -376,7 +377,8 @@ def test_training_stores_a_self_describing_champion(
     trained: tuple[ModelStore, ModelCard], shapes_catalog: Path
 ) -> None:
     store, card = trained
-    assert store.aliases() == {CHAMPION: card.version}
+    assert store.aliases()[CHAMPION] == card.version  # the first model: through the gate, no champion yet
+    assert Registry(store).decisions()[-1]["reason"] == "no champion yet"
     assert card.classes == ["Circles", "Crosses", "Squares", "Triangles"]
     assert card.preprocess == PreprocessSpec(size=32)
     assert card.embedding_dim == 32
@@ -403,16 +405,20 @@ def test_stored_model_reproduces_the_metrics(trained: tuple[ModelStore, ModelCar
     assert metrics == pytest.approx({k: card.metrics[k] for k in metrics}, abs=1e-6)
 
 
-def test_a_second_model_becomes_champion_only_when_promoted(
+def test_a_new_model_is_the_challenger_and_promote_goes_through_the_gate(
     trained: tuple[ModelStore, ModelCard], shapes_catalog: Path, tmp_path: Path
 ) -> None:
     store, first = trained
     quick = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=1)
     second = train(quick, store, progress=False)
-    assert store.resolve(CHAMPION) == first.version
+    assert store.resolve(CHAMPION) == first.version and store.resolve(CHALLENGER) == second.version
     # Another seed: the same seed gives the same weights, hence the same version within a second.
     third = train(replace(quick, promote=True, seed=1), store, progress=False)
-    assert store.resolve(CHAMPION) == third.version
+    decision = Registry(store).decisions()[-1]
+    assert decision["challenger"] == third.version and decision["champion_before"] == first.version
+    beats = third.metrics["precision_at_5"] >= first.metrics["precision_at_5"] + Registry(store).margin
+    assert decision["accepted"] == beats
+    assert store.resolve(CHAMPION) == (third.version if beats else first.version)
     assert {first.version, second.version, third.version} <= set(store.versions())
     store.set_alias(CHAMPION, first.version)  # the module's other tests expect the first
 
