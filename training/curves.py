@@ -8,7 +8,7 @@ from typing import Any
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Draw train/test loss and test accuracy per epoch into ``path`` (PNG); returns ``path``."""
+    """Draw train/validation loss and validation accuracy per epoch into ``path`` (PNG); returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -18,11 +18,11 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "")
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
     try:
         loss_ax.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
-        loss_ax.plot(epochs, [row["test_loss"] for row in history], "o-", label="test")
+        loss_ax.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation")
         loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
         loss_ax.legend()
-        acc_ax.plot(epochs, [row["test_accuracy"] for row in history], "o-", color="tab:green")
-        acc_ax.set(xlabel="epoch", ylabel="accuracy", title="test classifier accuracy")
+        acc_ax.plot(epochs, [row["val_accuracy"] for row in history], "o-", color="tab:green")
+        acc_ax.set(xlabel="epoch", ylabel="accuracy", title="validation classifier accuracy")
         for ax in (loss_ax, acc_ax):
             ax.grid(alpha=0.3)
         if title:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +87,11 @@ class TrainConfig:
     # Horizontal flips alone (also part of ``augment``): products are left-right symmetric
     # enough, and res-cnn over-fits in 14 epochs without them (train loss 0.02).
     flip: bool = True
-    # Epochs without a better test accuracy before stopping. Early in the cosine schedule
+    # A stratified share of the training split held out to pick the best epoch and to stop
+    # early; the golden test split is used only for the final report. 0: no validation set,
+    # the last epoch is kept and there is no early stopping.
+    val_fraction: float = 0.1
+    # Epochs without a better validation accuracy before stopping. Early in the cosine schedule
     # (high learning rate) test accuracy dipped for one or two epochs at a time; 4 leaves room.
     patience: int | None = 4
     seed: int = 0  # weights, batch order, augmentation
@@ -138,7 +142,7 @@ class FitResult:
 
     best_state: dict[str, torch.Tensor]
     best_epoch: int
-    test_accuracy: float
+    val_accuracy: float
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -297,11 +301,30 @@ def train_epoch(
     return loss_sum / max(seen, 1)
 
 
+def validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Per class, a seeded ``round(n * fraction)`` (at least 1) of the items, for classes with
+    3 or more; True marks a validation item."""
+    mask = np.zeros(len(labels), dtype=bool)
+    if fraction <= 0:
+        return mask
+    rng = np.random.default_rng(seed)
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) >= 3:
+            mask[rng.permutation(idx)[: max(round(len(idx) * fraction), 1)]] = True
+    return mask
+
+
 def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress: bool = True) -> FitResult:
-    """Train for ``config.epochs`` (fewer if test accuracy stops improving); keep the best epoch."""
+    """Train for ``config.epochs`` on the training split less a validation share; keep the
+    epoch with the best validation accuracy (stop early when it stops improving). The
+    golden test split is not looked at."""
+    val = validation_mask(data.train_y, config.val_fraction, config.split_seed + 1)
+    fit_data = replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val])
+    val_x, val_y = data.train_x[val], data.train_y[val]
     loss_fn = config.loss_fn()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    n_batches = -(-len(data.train_y) // config.batch_size)
+    n_batches = -(-len(fit_data.train_y) // config.batch_size)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * n_batches)
         if config.lr_schedule == "cosine"
@@ -309,40 +332,45 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
     )
     rng = np.random.default_rng(config.seed)  # batch order
     generator = torch.Generator().manual_seed(config.seed)  # augmentation
-    best = FitResult(best_state={}, best_epoch=0, test_accuracy=-1.0, epochs_run=0)
+    best = FitResult(best_state={}, best_epoch=0, val_accuracy=-1.0, epochs_run=0)
+    spec = config.preprocess_spec()
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         desc = f"epoch {epoch}/{config.epochs}"
         with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-            train_loss = train_epoch(model, data, config, loss_fn, optimizer, scheduler, rng, generator, bar)
-        spec = config.preprocess_spec()
-        test_loss, test_accuracy = evaluate(model, data.test_x, data.test_y, spec, loss_fn, config.batch_size * 4)
+            train_loss = train_epoch(model, fit_data, config, loss_fn, optimizer, scheduler, rng, generator, bar)
+        if len(val_y):
+            val_loss, val_accuracy = evaluate(model, val_x, val_y, spec, loss_fn, config.batch_size * 4)
+        else:  # no validation set: every epoch is "the best so far", so the last one is kept
+            val_loss, val_accuracy = float("nan"), float(epoch)
         best.epochs_run = epoch
         best.history.append(
             {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy if len(val_y) else float("nan"),
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
         log.info(
-            "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f (%.1f s)",
+            "epoch %d/%d: train loss %.4f, validation loss %.4f, validation accuracy %.4f (%.1f s)",
             epoch,
             config.epochs,
             train_loss,
-            test_loss,
-            test_accuracy,
+            val_loss,
+            best.history[-1]["val_accuracy"],
             time.perf_counter() - started,
         )
-        if test_accuracy > best.test_accuracy:
+        if val_accuracy >= best.val_accuracy:  # ties: the later epoch (lower learning rate, more training)
             best.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-            best.best_epoch, best.test_accuracy = epoch, test_accuracy
+            best.best_epoch, best.val_accuracy = epoch, val_accuracy
         elif config.patience is not None and epoch - best.best_epoch >= config.patience:
-            log.info("no better test accuracy for %d epochs; stopping", config.patience)
+            log.info("no better validation accuracy for %d epochs; stopping", config.patience)
             break
+    if not len(val_y):
+        best.val_accuracy = float("nan")
     return best
 
 
@@ -425,8 +453,10 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
 
     catalog_vecs = embed_all(model, data.train_x, spec)
     query_vecs = embed_all(model, data.test_x, spec)
+    _, test_accuracy = evaluate(model, data.test_x, data.test_y, spec, config.loss_fn(), config.batch_size * 4)
     metrics: dict[str, Any] = {
-        "test_accuracy": result.test_accuracy,
+        "test_accuracy": test_accuracy,
+        "val_accuracy": result.val_accuracy,
         **retrieval_metrics(catalog_vecs, data.train_y, query_vecs, data.test_y, k=5),
     }
     log.info("best epoch %d: %s", result.best_epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

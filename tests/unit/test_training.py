@@ -36,6 +36,7 @@ from training.train import (
     augment,
     embed_all,
     eval_step,
+    fit,
     prepare_data,
     random_flip,
     retrieval_metrics,
@@ -43,6 +44,7 @@ from training.train import (
     to_batch,
     train,
     train_step,
+    validation_mask,
 )
 
 # Shapes in random colours: a network must learn shape to beat chance (0.25).
@@ -57,6 +59,7 @@ SHAPES_CONFIG = TrainConfig(
     augment=True,  # shapes sit anywhere in the picture: flips and crops help here
     min_count=5,
     patience=None,
+    val_fraction=0.0,  # 160 images: every one is needed for training; the last epoch is kept
     threads=2,
     device="cpu",
 )
@@ -341,7 +344,7 @@ def test_seed_cnn_keeps_its_weight_names() -> None:
 
 def test_plot_history_writes_a_png(tmp_path: Path) -> None:
     history = [
-        {"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "test_accuracy": 0.5 + e / 10} for e in (1, 2, 3)
+        {"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "val_accuracy": 0.5 + e / 10} for e in (1, 2, 3)
     ]
     path = plot_history(history, tmp_path / "sub" / "curves.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -423,6 +426,27 @@ def test_a_new_model_is_the_challenger_and_promote_goes_through_the_gate(
     store.set_alias(CHAMPION, first.version)  # the module's other tests expect the first
 
 
+def test_validation_mask_is_stratified_seeded_and_spares_tiny_classes() -> None:
+    labels = np.array([0] * 20 + [1] * 10 + [2] * 2)
+    mask = validation_mask(labels, 0.1, seed=5)
+    assert mask[:20].sum() == 2 and mask[20:30].sum() == 1 and mask[30:].sum() == 0
+    assert (mask == validation_mask(labels, 0.1, seed=5)).all()
+    assert not validation_mask(labels, 0.0, seed=5).any()
+
+
+def test_best_epoch_is_picked_on_validation_never_on_the_test_split(
+    shapes_catalog: Path, tmp_path: Path
+) -> None:
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=4, val_fraction=0.25)
+    data = prepare_data(config, progress=False)
+    model = EmbeddingNet(config.model_spec(len(data.split.classes)))
+    result = fit(model, replace(data, test_x=data.test_x[:0], test_y=data.test_y[:0]), config, progress=False)
+    accuracies = [row["val_accuracy"] for row in result.history]
+    best = max(accuracies)
+    assert result.best_epoch == max(i for i, a in enumerate(accuracies, 1) if a == best)  # ties: the later
+    assert result.val_accuracy == best and {"val_loss", "val_accuracy"} <= set(result.history[0])
+
+
 # --- CLI -----------------------------------------------------------------------------
 
 
@@ -458,4 +482,4 @@ def test_module_logs_one_line_per_epoch(
     with caplog.at_level(logging.INFO, logger="training.train"):
         train(config, ModelStore(tmp_path / "models"), progress=False)
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
-    assert len(epochs) == 2 and "test accuracy" in epochs[0]
+    assert len(epochs) == 2 and "validation accuracy" in epochs[0]
