@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, 3, S, S) float32, targets (B,) int64
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
 CURVES_FILE = "curves.png"
 
 
@@ -210,12 +211,18 @@ def random_flip(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(mirror, inputs.flip(3), inputs)
 
 
-def train_step(model: nn.Module, batch: Batch, loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> float:
-    """One optimisation step on one batch; returns the batch's mean loss."""
+def train_step(model: nn.Module, batch: Batch, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               extra_loss: ExtraLoss | None = None) -> float:
+    """One optimisation step on one batch; returns the batch's mean loss.
+
+    ``extra_loss(model)``: a term added to the batch's loss (the feedback pairs, :mod:`training.pairs`).
+    """
     inputs, targets = batch
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(inputs), targets)
+    if extra_loss is not None:
+        loss = loss + extra_loss(model)
     loss.backward()
     optimizer.step()
     return float(loss.item())
@@ -266,6 +273,7 @@ def train_epoch(
     rng: np.random.Generator,
     generator: torch.Generator,
     bar: tqdm,
+    extra_loss: ExtraLoss | None = None,
 ) -> float:
     """One epoch (shuffled, or as many class-balanced batches); returns the mean training loss."""
     device = next(model.parameters()).device
@@ -286,7 +294,7 @@ def train_epoch(
             inputs = augment(inputs, spec, generator)
         elif config.flip:
             inputs = random_flip(inputs, generator)
-        loss = train_step(model, (inputs, targets), loss_fn, optimizer)
+        loss = train_step(model, (inputs, targets), loss_fn, optimizer, extra_loss)
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss * len(idx)
@@ -296,7 +304,8 @@ def train_epoch(
     return loss_sum / max(seen, 1)
 
 
-def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress: bool = True) -> FitResult:
+def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress: bool = True,
+        extra_loss: ExtraLoss | None = None) -> FitResult:
     """Train for ``config.epochs`` (fewer if test accuracy stops improving); keep the best epoch."""
     loss_fn = config.loss_fn()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -313,7 +322,8 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
         started = time.perf_counter()
         desc = f"epoch {epoch}/{config.epochs}"
         with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-            train_loss = train_epoch(model, data, config, loss_fn, optimizer, scheduler, rng, generator, bar)
+            train_loss = train_epoch(model, data, config, loss_fn, optimizer, scheduler, rng, generator, bar,
+                                     extra_loss)
         spec = config.preprocess_spec()
         test_loss, test_accuracy = evaluate(model, data.test_x, data.test_y, spec, loss_fn, config.batch_size * 4)
         best.epochs_run = epoch
@@ -394,8 +404,21 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
-def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> ModelCard:
-    """Train, evaluate and store a model; make it champion if there is none or ``config.promote``."""
+def train(
+    config: TrainConfig,
+    store: ModelStore,
+    progress: bool = True,
+    *,
+    feedback_pairs: Sequence[Mapping[str, Any]] | None = None,
+    pair_options: Mapping[str, Any] | None = None,
+    card_extra: Mapping[str, Any] | None = None,
+) -> ModelCard:
+    """Train, evaluate and store a model; make it champion if there is none or ``config.promote``.
+
+    ``feedback_pairs`` (the aggregator's (query item, item, label) pairs) add the contrastive
+    term of :mod:`training.pairs` with ``pair_options`` (weight, margin, batch);
+    ``card_extra`` is added to the card's ``training`` record.
+    """
     started = time.perf_counter()
     seed_everything(config.seed)
     torch.set_num_threads(config.threads or torch.get_num_threads())
@@ -417,7 +440,16 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
         sum(p.numel() for p in model.parameters()),
         config.epochs,
     )
-    result = fit(model, data, config, progress)
+    extra_loss, pair_stats = None, None
+    if feedback_pairs is not None:
+        from training.pairs import PairTerm, pair_set
+
+        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids)
+        pair_stats = pairs.stats
+        log.info("feedback pairs: %s", pair_stats)
+        if len(pairs):
+            extra_loss = PairTerm(pairs, data.train_x, spec, seed=config.seed, **dict(pair_options or {}))
+    result = fit(model, data, config, progress, extra_loss)
     model.load_state_dict(result.best_state)
     train_seconds = time.perf_counter() - started - load_seconds
 
@@ -443,6 +475,8 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
         "load_seconds": round(load_seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "curves": CURVES_FILE,  # relative to the model's folder
+        **({"feedback_pairs": pair_stats} if pair_stats is not None else {}),
+        **dict(card_extra or {}),
     }
     card = store.save(
         model.cpu(),
