@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("health", help="exit 0 when the service's heartbeat is fresh (container healthchecks)")
-    p.add_argument("service", choices=["worker", "indexer"])
+    p.add_argument("service", choices=["worker", "indexer", "feedback"])
     p.set_defaults(func=_health)
 
     p = sub.add_parser("models", help="stored models, the promotion gate, rollback")
