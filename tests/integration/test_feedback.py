@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from feedback.service import Aggregator as AggregatorService
 from feedback.store import FeedbackStore
 from feedback.windows import ReplyFacts, window
 from lookalike import contracts as c
@@ -179,7 +180,7 @@ def read_all(settings: FeedbackSettings, topic: str, idle_s: float = 2.0) -> lis
 
 
 def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregator]) -> None:
-    agg = aggregator_factory()
+    agg = aggregator_factory(LOOKALIKE_CATALOG_SAMPLE_RATE="1")
     agg.indexer_reports(CATALOG_ITEMS)
     s, store = agg.settings, agg.store
     a = [f"a{i}" for i in range(9)]
@@ -191,6 +192,11 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     agg.query_vector("r1", "mA", "q1", None)  # "more like this q1"
     agg.query_vector("r5", "mB", "q5", None)
     agg.query_vector("r6", "mB", None, image_vector)  # an image query: a vector, no query item
+    catalog_vectors = {f"k{i}": np.roll(image_vector, i) for i in range(3)}
+    for item_id, vector in catalog_vectors.items():
+        agg.producer.produce(s.catalog_vectors_topic, key=item_id.encode(), value=c.encode_vector(vector),
+                             headers=[(c.H_MODEL_VERSION, b"mB")])
+    agg.producer.produce(s.catalog_vectors_topic, key=b"k2", value=None, headers=[(c.H_MODEL_VERSION, b"mB")])
     for request, (model, items) in shown.items():
         if request != "r6":  # r6's reply comes after its feedback
             agg.reply(request, model, items)
@@ -247,6 +253,15 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     assert pairs == {("q1", "a1", 1), ("q1", "a4", -1), ("q5", "c0", 1)}
     samples = store.query_samples("mB", window(int(time.time() * 1000), 10, s.bucket_s))
     assert samples.shape == (1, 8) and np.allclose(samples[0], image_vector)
+
+    # drift: the one image query against the catalog sample (k2 was removed by its tombstone)
+    wait_for(lambda: len(store.catalog_sample("mB")) == 2, 30, "the catalog sample", agg.log)
+    inputs = AggregatorService(s, store).policy_inputs(int(time.time() * 1000))
+    mean = (catalog_vectors["k0"] + catalog_vectors["k1"]) / 2
+    expected = 1 - float(image_vector @ mean) / (np.linalg.norm(image_vector) * np.linalg.norm(mean))
+    assert inputs.model_version == "mB" and inputs.drift_queries == 1
+    assert inputs.drift == pytest.approx(expected, abs=1e-6)
+    assert inputs.new_feedback == 9 and inputs.catalog_items == CATALOG_ITEMS
 
     dead = read_all(s, s.deadletter_topic)
     codes = sorted(dict(m.headers())[c.H_ERROR_CODE].decode() for m in dead)
