@@ -146,6 +146,40 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feedback(args: argparse.Namespace) -> int:
+    from lookalike.errors import InvalidMessage
+    from lookalike.settings import ClientSettings
+    from producers.feedback import FeedbackProducer
+
+    producer = FeedbackProducer(ClientSettings())
+    try:
+        for item_id in args.item_id:
+            producer.emit(args.event, request_id=args.request_id, item_id=item_id, user_id=args.user,
+                          timestamp_ms=args.timestamp)
+    except InvalidMessage as exc:
+        print(f"error {exc.code}: {exc}", file=sys.stderr)
+        return 2
+    failed = producer.flush()
+    print(f"sent {producer.sent - failed} {args.event} event(s) for request {args.request_id}")
+    return 1 if failed else 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from feedback.report import metrics_report, render_table
+    from lookalike.settings import FeedbackSettings
+
+    report = metrics_report(FeedbackSettings(), model_version=args.model_version, minutes=args.minutes)
+    print(json.dumps(report, indent=1) if args.json else render_table(report))
+    return 0
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    from training.service import main as trainer_main
+
+    trainer_main()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from lookalike.demo import run_demo
 
@@ -194,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("health", help="exit 0 when the service's heartbeat is fresh (container healthchecks)")
-    p.add_argument("service", choices=["worker", "indexer"])
+    p.add_argument("service", choices=["worker", "indexer", "feedback"])
     p.set_defaults(func=_health)
 
     p = sub.add_parser("models", help="stored models, the promotion gate, rollback")
@@ -202,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", help="for promote: the challenger (version or alias)")
     p.add_argument("--margin", type=float, default=0.005, help="P@5 a challenger must gain (default %(default)s)")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("feedback", help="publish feedback events (what a shopper did with a result)")
+    p.add_argument("event", choices=["impression", "click", "add_to_cart", "purchase", "dismiss"])
+    p.add_argument("--request-id", required=True, help="the request id of the reply that showed the item")
+    p.add_argument("--item-id", required=True, nargs="+", help="the item(s) the event is about")
+    p.add_argument("--user", required=True, help="user or session id (the record key)")
+    p.add_argument("--timestamp", type=int, help="milliseconds since the epoch (default: now)")
+    p.set_defaults(func=_feedback)
+
+    p = sub.add_parser("metrics", help="feedback metrics per model version (CTR@5, purchase rate, ...)")
+    p.add_argument("--model-version", help="only this model version")
+    p.add_argument("--minutes", type=float, help="the last N minutes (default: everything kept)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_metrics)
+
+    p = sub.add_parser("trainer", help="run the trainer service in the foreground (retrains on triggers)")
+    p.set_defaults(func=_trainer)
 
     p = sub.add_parser("demo", help="the whole path on the sample catalog")
     p.add_argument("--data", default=str(default_data()), help="catalog folder (env LOOKALIKE_DATA)")

@@ -45,6 +45,9 @@ class CommonSettings(BaseSettings):
     deadletter_topic: str = "lookalike.deadletter"
     catalog_vectors_topic: str = "lookalike.catalog.vectors"  # + ".{model version}": one topic per version
     query_vectors_topic: str = "lookalike.queries.vectors"
+    feedback_topic: str = "lookalike.feedback"
+    triggers_topic: str = "lookalike.triggers"
+    models_topic: str = "lookalike.models"  # the trainer's gate decisions
     partitions: int = Field(4, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1, le=16)
 
@@ -105,6 +108,55 @@ class ClientSettings(CommonSettings):
 
     reply_timeout_s: float = Field(10.0, gt=0)
     client_id: str = "lookalike-client"
+
+
+class FeedbackSettings(CommonSettings):
+    """The feedback aggregator (``python -m feedback``): windows, the reply join, the trigger policy.
+
+    ``feedback_group`` is the faust app id and the Redis namespace the aggregator, the
+    trainer and ``lookalike metrics`` share. A trigger knob set to 0 turns that reason off.
+    """
+
+    feedback_group: str = "lookalike-feedback"
+    indexer_group: str = "lookalike-indexer"  # whose status in Redis gives the catalog size
+    bucket_s: int = Field(60, ge=1)  # metric windows are made of buckets this long
+    keep_hours: float = Field(24.0, gt=0)  # buckets expire from Redis after this
+    reply_ttl_s: int = Field(24 * 3600, ge=1)  # how long a reply can be joined to its feedback
+    pending_ttl_s: int = Field(3600, ge=1)  # feedback that came before its reply waits this long
+    dedup_ttl_s: int = Field(24 * 3600, ge=1)  # one (request, item, event) counts once within this
+    query_samples_per_bucket: int = Field(200, ge=1)  # query vectors kept per bucket for drift
+    catalog_sample_rate: float = Field(0.05, gt=0, le=1)  # catalog vectors kept for drift (by item-id hash)
+    catalog_sample_max: int = Field(5000, ge=1)
+    max_pairs: int = Field(100_000, ge=1)  # (query item, item, label) pairs kept for the trainer
+    policy_interval_s: float = Field(5.0, gt=0)
+    trigger_min_feedback: int = Field(1000, ge=0)  # new click/cart/purchase/dismiss events since the last training
+    trigger_drop_metric: Literal["ctr_at_5", "purchase_rate", "add_to_cart_rate"] = "ctr_at_5"
+    trigger_drop_fraction: float = Field(0.2, ge=0, le=1)  # recent < baseline * (1 - this)
+    trigger_baseline_minutes: float = Field(60.0, gt=0)  # the serving model's first minutes
+    trigger_recent_minutes: float = Field(15.0, gt=0)
+    trigger_min_impressions: int = Field(200, ge=1)  # in each window, for the drop to count
+    trigger_catalog_growth: float = Field(0.2, ge=0)  # (items now - items at training) / items at training
+    trigger_drift: float = Field(0.1, ge=0, le=2)  # 1 - cos(mean query vector, mean catalog vector)
+    trigger_drift_minutes: float = Field(60.0, gt=0)
+    trigger_drift_min_queries: int = Field(100, ge=1)
+    trigger_cooldown_s: float = Field(3600.0, ge=0)  # no trigger this soon after a training ended
+    trigger_pending_ttl_s: int = Field(1800, ge=1)  # an unanswered trigger is emitted again after this
+
+
+class TrainerSettings(FeedbackSettings):
+    """The trainer service (``python -m training.service``): retrains on triggers, promotes through the gate."""
+
+    trainer_group: str = "lookalike-trainer"
+    trainer_data: Path | None = None  # None: the champion's training data
+    trainer_epochs: int = Field(0, ge=0)  # 0: the champion's recipe
+    trainer_threads: int = Field(0, ge=0)
+    pair_weight: float = Field(1.0, ge=0)  # weight of the feedback-pair loss term
+    pair_margin: float = Field(0.2, ge=-1, le=1)  # a dismissed item is pushed below this cosine
+    pair_batch: int = Field(32, ge=1)
+    gate_metric: str = "precision_at_5"
+    gate_margin: float = 0.005
+    lease_ttl_s: float = Field(60.0, ge=1)  # renewed every third of it while training
+    max_training_s: int = Field(6 * 3600, ge=60)
 
 
 class StackSettings(BaseSettings):

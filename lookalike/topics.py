@@ -38,6 +38,10 @@ def topic_specs(settings: CommonSettings) -> list[TopicSpec]:
         TopicSpec(settings.query_vectors_topic, p, {**transient, "max.message.bytes": str(1024 * 1024)}),
         TopicSpec(settings.replies_topic, p, {**transient, "max.message.bytes": str(4 * 1024 * 1024)}),
         TopicSpec(settings.deadletter_topic, 1, {**transient, "retention.ms": str(7 * 24 * HOUR_MS)}),
+        # Feedback is an event log, not state: deleted after a week, never compacted.
+        TopicSpec(settings.feedback_topic, p, {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * HOUR_MS)}),
+        TopicSpec(settings.triggers_topic, 1, {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * HOUR_MS)}),
+        TopicSpec(settings.models_topic, 1, {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * HOUR_MS)}),
     ]
 
 

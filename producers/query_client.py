@@ -18,14 +18,20 @@ from lookalike import contracts as c
 from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import ReplyTimeout
 from lookalike.settings import ClientSettings
+from producers.feedback import FeedbackProducer
 
 
 class QueryClient:
     """Ask Lookalike for the k items most similar to an image (or to a catalog item)."""
 
-    def __init__(self, settings: ClientSettings | None = None, reply_to: str | None = None) -> None:
+    def __init__(self, settings: ClientSettings | None = None, reply_to: str | None = None,
+                 impressions_for: str | None = None) -> None:
+        """``impressions_for``: a user or session id; when set, every ok reply returned is
+        also published to the feedback topic as one ``impression`` per result, keyed by it."""
         self.settings = settings or ClientSettings()
         self.reply_to = reply_to or self.settings.replies_topic
+        self.impressions_for = impressions_for
+        self._feedback: FeedbackProducer | None = None
         self.producer = Producer(producer_config(self.settings, **{"linger.ms": 0}))
         self.consumer = Consumer(
             confluent_config(
@@ -96,7 +102,19 @@ class QueryClient:
                 continue
         self._pending.discard(key)
         self.last_reply_bytes = self._raw.pop(key)
-        return self._replies.pop(key)
+        reply = self._replies.pop(key)
+        if self.impressions_for is not None:
+            self.emit_impressions(reply, self.impressions_for)
+        return reply
+
+    def emit_impressions(self, reply: dict[str, Any], user_id: str) -> int:
+        """Publish an ``impression`` for each result of an ok reply; returns how many (waits for the broker)."""
+        if self._feedback is None:
+            self._feedback = FeedbackProducer(self.settings, self.producer)
+        sent = self._feedback.impressions(reply, user_id)
+        if sent:
+            self._feedback.flush(10)
+        return len(sent)
 
     def ask(self, image: bytes | None, *, k: int | None = None, item_id: str | None = None,
             timeout_s: float | None = None, min_position: dict[int, int] | None = None) -> dict[str, Any]:

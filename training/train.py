@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, 3, S, S) float32, targets (B,) int64
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
 CURVES_FILE = "curves.png"
 
 
@@ -142,7 +143,7 @@ class FitResult:
 
     best_state: dict[str, torch.Tensor]
     best_epoch: int
-    val_accuracy: float
+    val_accuracy: float | None  # None without a validation set
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -215,12 +216,18 @@ def random_flip(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(mirror, inputs.flip(3), inputs)
 
 
-def train_step(model: nn.Module, batch: Batch, loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> float:
-    """One optimisation step on one batch; returns the batch's mean loss."""
+def train_step(model: nn.Module, batch: Batch, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               extra_loss: ExtraLoss | None = None) -> float:
+    """One optimisation step on one batch; returns the batch's mean loss.
+
+    ``extra_loss(model)``: a term added to the batch's loss (the feedback pairs, :mod:`training.pairs`).
+    """
     inputs, targets = batch
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(inputs), targets)
+    if extra_loss is not None:
+        loss = loss + extra_loss(model)
     loss.backward()
     optimizer.step()
     return float(loss.item())
@@ -271,6 +278,7 @@ def train_epoch(
     rng: np.random.Generator,
     generator: torch.Generator,
     bar: tqdm,
+    extra_loss: ExtraLoss | None = None,
 ) -> float:
     """One epoch (shuffled, or as many class-balanced batches); returns the mean training loss."""
     device = next(model.parameters()).device
@@ -291,7 +299,7 @@ def train_epoch(
             inputs = augment(inputs, spec, generator)
         elif config.flip:
             inputs = random_flip(inputs, generator)
-        loss = train_step(model, (inputs, targets), loss_fn, optimizer)
+        loss = train_step(model, (inputs, targets), loss_fn, optimizer, extra_loss)
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss * len(idx)
@@ -315,7 +323,8 @@ def validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return mask
 
 
-def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress: bool = True) -> FitResult:
+def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress: bool = True,
+        extra_loss: ExtraLoss | None = None) -> FitResult:
     """Train for ``config.epochs`` on the training split less a validation share; keep the
     epoch with the best validation accuracy (stop early when it stops improving). The
     golden test split is not looked at."""
@@ -338,29 +347,30 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
         started = time.perf_counter()
         desc = f"epoch {epoch}/{config.epochs}"
         with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-            train_loss = train_epoch(model, fit_data, config, loss_fn, optimizer, scheduler, rng, generator, bar)
+            train_loss = train_epoch(model, fit_data, config, loss_fn, optimizer, scheduler, rng, generator, bar,
+                                     extra_loss)
         if len(val_y):
             val_loss, val_accuracy = evaluate(model, val_x, val_y, spec, loss_fn, config.batch_size * 4)
         else:  # no validation set: every epoch is "the best so far", so the last one is kept
-            val_loss, val_accuracy = float("nan"), float(epoch)
+            val_loss, val_accuracy = None, float(epoch)
         best.epochs_run = epoch
         best.history.append(
             {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_loss": val_loss,
-                "val_accuracy": val_accuracy if len(val_y) else float("nan"),
+                "val_accuracy": val_accuracy if len(val_y) else None,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
         log.info(
-            "epoch %d/%d: train loss %.4f, validation loss %.4f, validation accuracy %.4f (%.1f s)",
+            "epoch %d/%d: train loss %.4f, validation loss %s, validation accuracy %s (%.1f s)",
             epoch,
             config.epochs,
             train_loss,
-            val_loss,
-            best.history[-1]["val_accuracy"],
+            "-" if val_loss is None else f"{val_loss:.4f}",
+            "-" if not len(val_y) else f"{val_accuracy:.4f}",
             time.perf_counter() - started,
         )
         if val_accuracy >= best.val_accuracy:  # ties: the later epoch (lower learning rate, more training)
@@ -370,7 +380,7 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
             log.info("no better validation accuracy for %d epochs; stopping", config.patience)
             break
     if not len(val_y):
-        best.val_accuracy = float("nan")
+        best.val_accuracy = None
     return best
 
 
@@ -423,9 +433,22 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
-def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> ModelCard:
+def train(
+    config: TrainConfig,
+    store: ModelStore,
+    progress: bool = True,
+    *,
+    feedback_pairs: Sequence[Mapping[str, Any]] | None = None,
+    pair_options: Mapping[str, Any] | None = None,
+    card_extra: Mapping[str, Any] | None = None,
+) -> ModelCard:
     """Train, evaluate and store a model as the challenger; put it through the registry's gate
-    when ``config.promote`` or when there is no champion yet (then the gate accepts it)."""
+    when ``config.promote`` or when there is no champion yet (then the gate accepts it).
+
+    ``feedback_pairs`` (the aggregator's (query item, item, label) pairs) add the contrastive
+    term of :mod:`training.pairs` with ``pair_options`` (weight, margin, batch);
+    ``card_extra`` is added to the card's ``training`` record.
+    """
     started = time.perf_counter()
     seed_everything(config.seed)
     torch.set_num_threads(config.threads or torch.get_num_threads())
@@ -447,7 +470,16 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
         sum(p.numel() for p in model.parameters()),
         config.epochs,
     )
-    result = fit(model, data, config, progress)
+    extra_loss, pair_stats = None, None
+    if feedback_pairs is not None:
+        from training.pairs import PairTerm, pair_set
+
+        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids)
+        pair_stats = pairs.stats
+        log.info("feedback pairs: %s", pair_stats)
+        if len(pairs):
+            extra_loss = PairTerm(pairs, data.train_x, spec, seed=config.seed, **dict(pair_options or {}))
+    result = fit(model, data, config, progress, extra_loss)
     model.load_state_dict(result.best_state)
     train_seconds = time.perf_counter() - started - load_seconds
 
@@ -459,7 +491,8 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
         "val_accuracy": result.val_accuracy,
         **retrieval_metrics(catalog_vecs, data.train_y, query_vecs, data.test_y, k=5),
     }
-    log.info("best epoch %d: %s", result.best_epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    log.info("best epoch %d: %s", result.best_epoch,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
     training = {
         "config": config.to_dict(),
@@ -475,6 +508,8 @@ def train(config: TrainConfig, store: ModelStore, progress: bool = True) -> Mode
         "load_seconds": round(load_seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "curves": CURVES_FILE,  # relative to the model's folder
+        **({"feedback_pairs": pair_stats} if pair_stats is not None else {}),
+        **dict(card_extra or {}),
     }
     card = store.save(
         model.cpu(),

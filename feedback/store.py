@@ -1,0 +1,304 @@
+"""The feedback loop's state in Redis: the reply join, the metric windows, samples, pairs, the trainer lease.
+
+Keys (``{ns}`` is ``LOOKALIKE_FEEDBACK_GROUP``; every key but the totals expires)::
+
+    lookalike:feedback:{ns}:req:{request_id}        hash: model_version, items (JSON, rank order), query_item
+    lookalike:feedback:{ns}:pending:{request_id}    list: feedback that arrived before its reply
+    lookalike:feedback:{ns}:seen:{sha1}             one (request, item, event) counted
+    lookalike:feedback:{ns}:w:{model}:{bucket}      hash: the counters of windows.COUNTERS
+    lookalike:feedback:{ns}:wi:{model}:{bucket}     set: items impressed (coverage)
+    lookalike:feedback:{ns}:wq:{model}:{bucket}     list: sampled query vectors (drift)
+    lookalike:feedback:{ns}:buckets:{model}         sorted set: the buckets a model has
+    lookalike:feedback:{ns}:models                  sorted set: model versions by last reply
+    lookalike:feedback:{ns}:catalog:{model}         hash: item id -> vector, a hash-chosen sample of the catalog
+    lookalike:feedback:{ns}:pairs                   list: JSON training pairs, newest first, capped
+    lookalike:feedback:{ns}:totals                  hash: labelled, events, invalid, pending, late, duplicates, ...
+    lookalike:feedback:{ns}:last-training           hash: generation, labelled, catalog_items, at, outcome
+    lookalike:feedback:{ns}:trigger-pending         a trigger id, while a trigger is out and not yet taken
+    lookalike:feedback:{ns}:trainer-lease           the training trainer's id, with a TTL it renews
+
+The join is safe in any order: a reply first stores its lookup and then takes the
+pending list; a feedback event first joins the pending list and then, if the lookup
+exists, takes it. Taking is atomic (LRANGE + DEL in one transaction), so every event
+is applied once whichever side gets there first. An event is applied in one
+transaction with its ``seen`` mark, so a replay after a crash counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zlib
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+import redis
+
+from feedback import windows as w
+from lookalike import contracts as c
+from lookalike.events import FeedbackEvent, parse_feedback
+from lookalike.settings import FeedbackSettings
+
+Outcome = Literal["applied", "pending", "duplicate", "late"]
+
+
+class FeedbackStore:
+    """The aggregator's reads and writes; every method is a few Redis round trips."""
+
+    def __init__(self, client: redis.Redis, settings: FeedbackSettings) -> None:
+        self.r = client
+        self.s = settings
+        self.prefix = f"lookalike:feedback:{settings.feedback_group}"
+        self.keep_s = int(settings.keep_hours * 3600)
+
+    @classmethod
+    def connect(cls, settings: FeedbackSettings) -> FeedbackStore:
+        return cls(redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10), settings)
+
+    def key(self, *parts: object) -> str:
+        return ":".join([self.prefix, *(str(p) for p in parts)])
+
+    # -- replies and queries ---------------------------------------------------------
+    def record_reply(self, facts: w.ReplyFacts, timestamp_ms: int) -> list[tuple[FeedbackEvent, Outcome]]:
+        """Store the join lookup, count the reply once, then apply feedback that waited for it."""
+        req = self.key("req", facts.request_id)
+        bucket = w.bucket_of(timestamp_ms, self.s.bucket_s)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(req, mapping={"model_version": facts.model_version, "items": json.dumps(facts.items)})
+        pipe.hsetnx(req, "counted", "1")
+        pipe.expire(req, self.s.reply_ttl_s)
+        pipe.zadd(self.key("models"), {facts.model_version: timestamp_ms})
+        first_time = pipe.execute()[1]
+        if first_time:
+            self._bump(facts.model_version, bucket, {"replies": 1})
+            self.r.hincrby(self.key("totals"), "replies", 1)
+        return self._drain(facts.request_id)
+
+    def record_query(self, request_id: str, model_version: str | None, query_item: str | None,
+                     vector: np.ndarray | None, timestamp_ms: int) -> None:
+        """What a query vector record tells: its "more like this" item (pairs) and its vector (drift)."""
+        pipe = self.r.pipeline(transaction=False)
+        if query_item is not None:
+            req = self.key("req", request_id)
+            pipe.hset(req, "query_item", query_item)
+            pipe.expire(req, self.s.reply_ttl_s)
+        if vector is not None and model_version:
+            samples = self.key("wq", model_version, w.bucket_of(timestamp_ms, self.s.bucket_s))
+            pipe.lpush(samples, c.encode_vector(vector))
+            pipe.ltrim(samples, 0, self.s.query_samples_per_bucket - 1)
+            pipe.expire(samples, self.keep_s)
+        pipe.execute()
+
+    def record_catalog_vector(self, item_id: str, model_version: str, vector: np.ndarray | None) -> bool:
+        """Keep the vector if the item id hashes into the sample (tombstone: forget it). Returns: kept."""
+        if zlib.crc32(item_id.encode()) % 10_000 >= self.s.catalog_sample_rate * 10_000:
+            return False
+        sample = self.key("catalog", model_version)
+        if vector is None:
+            self.r.hdel(sample, item_id)
+            return False
+        if self.r.hlen(sample) >= self.s.catalog_sample_max and not self.r.hexists(sample, item_id):
+            return False
+        self.r.hset(sample, item_id, c.encode_vector(vector))
+        return True
+
+    # -- feedback --------------------------------------------------------------------
+    def record_feedback(self, event: FeedbackEvent, now_ms: int | None = None) -> Outcome:
+        """Apply an event now if its reply is known, else leave it waiting for the reply."""
+        if self.r.exists(self._seen_key(event)):
+            self.r.hincrby(self.key("totals"), "duplicates", 1)
+            return "duplicate"
+        pending = self.key("pending", event.request_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(pending, json.dumps({"user": event.user_id, **event.to_json()}))
+        pipe.expire(pending, self.s.pending_ttl_s)
+        pipe.exists(self.key("req", event.request_id))
+        joined = pipe.execute()[2]
+        if not joined:
+            self.r.hincrby(self.key("totals"), "pending", 1)
+            return "pending"
+        outcomes = self._drain(event.request_id, now_ms)
+        mine = [o for e, o in outcomes if e == event]
+        return mine[0] if mine else "applied"  # a concurrent reply took it: applied there
+
+    def _take_pending(self, request_id: str) -> list[FeedbackEvent]:
+        pending = self.key("pending", request_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrange(pending, 0, -1)
+        pipe.delete(pending)
+        raw, _ = pipe.execute()
+        events = []
+        for item in raw:
+            doc = json.loads(item)
+            user = doc.pop("user")
+            events.append(parse_feedback(user.encode(), json.dumps(doc).encode()))
+        return events
+
+    def _drain(self, request_id: str, now_ms: int | None = None) -> list[tuple[FeedbackEvent, Outcome]]:
+        events = self._take_pending(request_id)
+        if not events:
+            return []
+        lookup = self.r.hgetall(self.key("req", request_id))
+        model = lookup[b"model_version"].decode()
+        items = json.loads(lookup[b"items"])
+        query_item = lookup[b"query_item"].decode() if b"query_item" in lookup else None
+        return [(e, self._apply(e, model, items, query_item, now_ms)) for e in events]
+
+    def _seen_key(self, event: FeedbackEvent) -> str:
+        return self.key("seen", hashlib.sha1(event.dedup_key.encode()).hexdigest())
+
+    def _apply(self, event: FeedbackEvent, model: str, items: list[str], query_item: str | None,
+               now_ms: int | None) -> Outcome:
+        seen = self._seen_key(event)
+        if self.r.exists(seen):
+            self.r.hincrby(self.key("totals"), "duplicates", 1)
+            return "duplicate"
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        bucket = w.bucket_of(event.timestamp_ms, self.s.bucket_s)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(seen, "1", ex=self.s.dedup_ttl_s)
+        if now_ms - event.timestamp_ms > self.keep_s * 1000:
+            pipe.hincrby(self.key("totals"), "late", 1)
+            pipe.execute()
+            return "late"
+        rank = w.rank_of(event.item_id, items)
+        self._bump(model, bucket, w.increments(event, rank), pipe)
+        if event.event == "impression":
+            shown = self.key("wi", model, bucket)
+            pipe.sadd(shown, event.item_id)
+            pipe.expire(shown, self.keep_s)
+        totals = self.key("totals")
+        pipe.hincrby(totals, "events", 1)
+        label = w.pair_label(event)
+        if label is not None:
+            pipe.hincrby(totals, "labelled", 1)
+            if query_item is not None and query_item != event.item_id:
+                pair = {"query_item": query_item, "item_id": event.item_id, "label": label, "event": event.event,
+                        "model_version": model, "timestamp": event.timestamp_ms}
+                pipe.lpush(self.key("pairs"), json.dumps(pair))
+                pipe.ltrim(self.key("pairs"), 0, self.s.max_pairs - 1)
+        pipe.execute()
+        return "applied"
+
+    def _bump(self, model: str, bucket: int, counts: dict[str, int], pipe: Any = None) -> None:
+        own = pipe is None
+        pipe = self.r.pipeline(transaction=True) if own else pipe
+        counters = self.key("w", model, bucket)
+        for name, n in counts.items():
+            pipe.hincrby(counters, name, n)
+        pipe.expire(counters, self.keep_s)
+        index = self.key("buckets", model)
+        pipe.zadd(index, {str(bucket): bucket})
+        pipe.expire(index, self.keep_s)
+        if own:
+            pipe.execute()
+
+    def count_invalid(self, code: str) -> None:
+        self.r.hincrby(self.key("totals"), "invalid", 1)
+        self.r.hincrby(self.key("totals"), f"invalid:{code}", 1)
+
+    # -- reading ---------------------------------------------------------------------
+    def totals(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.key("totals")).items()}
+
+    def models(self) -> list[str]:
+        """Model versions seen in replies, the latest to answer last."""
+        return [m.decode() for m in self.r.zrange(self.key("models"), 0, -1)]
+
+    def serving_model(self) -> str | None:
+        latest = self.r.zrange(self.key("models"), -1, -1)
+        return latest[0].decode() if latest else None
+
+    def buckets(self, model: str) -> list[int]:
+        return sorted(int(b) for b in self.r.zrange(self.key("buckets", model), 0, -1))
+
+    def window_metrics(self, model: str, buckets: Iterable[int], catalog_items: int | None) -> dict[str, Any]:
+        """The metrics of ``model`` over ``buckets`` (counters summed, impressed items united)."""
+        buckets = list(buckets)
+        pipe = self.r.pipeline(transaction=False)
+        for b in buckets:
+            pipe.hgetall(self.key("w", model, b))
+        total: dict[str, int] = {}
+        for raw in pipe.execute():
+            w.add_counts(total, {k.decode(): int(v) for k, v in raw.items()})
+        shown = self.r.sunion([self.key("wi", model, b) for b in buckets]) if buckets else set()
+        return w.metrics(total, len(shown), catalog_items)
+
+    def query_samples(self, model: str, buckets: Iterable[int]) -> np.ndarray:
+        pipe = self.r.pipeline(transaction=False)
+        for b in buckets:
+            pipe.lrange(self.key("wq", model, b), 0, -1)
+        vectors = [np.frombuffer(v, "<f4") for rows in pipe.execute() for v in rows]
+        return np.stack(vectors) if vectors else np.empty((0, 0), np.float32)
+
+    def catalog_sample(self, model: str) -> np.ndarray:
+        vectors = [np.frombuffer(v, "<f4") for v in self.r.hvals(self.key("catalog", model))]
+        return np.stack(vectors) if vectors else np.empty((0, 0), np.float32)
+
+    def pairs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Training pairs, newest first."""
+        return [json.loads(p) for p in self.r.lrange(self.key("pairs"), 0, -1 if limit is None else limit - 1)]
+
+    # -- training bookkeeping, shared with the trainer -------------------------------
+    def last_training(self) -> dict[str, Any]:
+        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("last-training")).items()}
+        out: dict[str, Any] = dict(raw)
+        for name in ("generation", "labelled", "catalog_items"):
+            if name in raw:
+                out[name] = int(raw[name])
+        if "at" in raw:
+            out["at"] = float(raw["at"])
+        out.setdefault("generation", 0)
+        return out
+
+    def note_catalog_baseline(self, catalog_items: int) -> None:
+        """Before any training is recorded, growth counts from the first catalog size seen."""
+        self.r.hsetnx(self.key("last-training"), "catalog_items", catalog_items)
+
+    def record_training(self, *, outcome: str, catalog_items: int | None, labelled: int | None = None,
+                        **extra: Any) -> int:
+        """A training finished (whatever its outcome): the next generation starts; returns it."""
+        labelled = self.totals().get("labelled", 0) if labelled is None else labelled
+        mapping: dict[str, Any] = {"labelled": labelled, "at": f"{time.time():.3f}", "outcome": outcome,
+                                   **{k: str(v) for k, v in extra.items()}}
+        if catalog_items is not None:
+            mapping["catalog_items"] = catalog_items
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.key("last-training"), mapping=mapping)
+        pipe.hincrby(self.key("last-training"), "generation", 1)
+        pipe.delete(self.key("trigger-pending"))
+        return int(pipe.execute()[1])
+
+    def lease_holder(self) -> str | None:
+        holder = self.r.get(self.key("trainer-lease"))
+        return holder.decode() if holder else None
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+        return bool(self.r.set(self.key("trainer-lease"), owner, nx=True, px=int(ttl_s * 1000)))
+
+    def renew_lease(self, owner: str, ttl_s: float) -> bool:
+        """Extend the lease if ``owner`` still holds it (a compare-and-set in Lua)."""
+        script = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+        return bool(self.r.eval(script, 1, self.key("trainer-lease"), owner, int(ttl_s * 1000)))
+
+    def release_lease(self, owner: str) -> None:
+        script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+        self.r.eval(script, 1, self.key("trainer-lease"), owner)
+
+    def trigger_pending(self) -> str | None:
+        pending = self.r.get(self.key("trigger-pending"))
+        return pending.decode() if pending else None
+
+    def claim_trigger(self, trigger_id: str, ttl_s: int) -> bool:
+        """Mark a trigger as out; False if another one already is (one trigger per training)."""
+        return bool(self.r.set(self.key("trigger-pending"), trigger_id, nx=True, ex=ttl_s))
+
+    def unclaim_trigger(self, trigger_id: str) -> None:
+        if self.trigger_pending() == trigger_id:
+            self.r.delete(self.key("trigger-pending"))
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.r.hincrby(self.key("totals"), name, n)

@@ -1,0 +1,459 @@
+"""The feedback loop on a real broker and a real Redis server: the aggregator's numbers, the
+trigger de-duplication, and the trainer's gate decisions (refused and accepted).
+
+The aggregator runs as its own process (``python -m feedback``); replies and query vectors
+are produced here as the indexer and the worker would write them, so the expected numbers
+are known exactly and computed in this file, not by the aggregator's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from feedback.service import Aggregator as AggregatorService
+from feedback.store import FeedbackStore
+from feedback.windows import ReplyFacts, window
+from lookalike import contracts as c
+from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
+from lookalike.clients import confluent_config, producer_config
+from lookalike.events import Reason, make_feedback, make_trigger
+from lookalike.registry import Registry
+from lookalike.settings import FeedbackSettings, TrainerSettings
+from lookalike.topics import ensure_topics
+from producers.feedback import FeedbackProducer
+from tests.conftest import Cluster
+from training.data import Split
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+CATALOG_ITEMS = 50
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, logs: Path | None = None) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    tail = logs.read_text(errors="replace")[-4000:] if logs and logs.exists() else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{tail}")
+
+
+def env_for(cluster: Cluster, prefix: str, workdir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "LOOKALIKE_KAFKA_BOOTSTRAP": cluster.kafka_bootstrap,
+        "LOOKALIKE_REDIS_URL": cluster.redis_url,
+        "LOOKALIKE_HOME": str(workdir),
+        "LOOKALIKE_PARTITIONS": "2",
+        "LOOKALIKE_CATALOG_TOPIC": f"{prefix}.catalog",
+        "LOOKALIKE_QUERIES_TOPIC": f"{prefix}.queries",
+        "LOOKALIKE_REPLIES_TOPIC": f"{prefix}.replies",
+        "LOOKALIKE_DEADLETTER_TOPIC": f"{prefix}.deadletter",
+        "LOOKALIKE_CATALOG_VECTORS_TOPIC": f"{prefix}.catalog.vectors",
+        "LOOKALIKE_QUERY_VECTORS_TOPIC": f"{prefix}.queries.vectors",
+        "LOOKALIKE_FEEDBACK_TOPIC": f"{prefix}.feedback",
+        "LOOKALIKE_TRIGGERS_TOPIC": f"{prefix}.triggers",
+        "LOOKALIKE_MODELS_TOPIC": f"{prefix}.models",
+        "LOOKALIKE_FEEDBACK_GROUP": f"{prefix}-feedback",
+        "LOOKALIKE_TRAINER_GROUP": f"{prefix}-trainer",
+        "LOOKALIKE_INDEXER_GROUP": f"{prefix}-indexer",
+        "LOOKALIKE_POLICY_INTERVAL_S": "0.5",
+        # every trigger reason off unless a test turns it on
+        "LOOKALIKE_TRIGGER_MIN_FEEDBACK": "0",
+        "LOOKALIKE_TRIGGER_DROP_FRACTION": "0",
+        "LOOKALIKE_TRIGGER_CATALOG_GROWTH": "0",
+        "LOOKALIKE_TRIGGER_DRIFT": "0",
+        "LOOKALIKE_TRIGGER_COOLDOWN_S": "0",
+        **extra,
+    }
+
+
+def settings_from(env: dict[str, str], cls: type = FeedbackSettings) -> Any:
+    fields = cls.model_fields
+    return cls(**{k[len("LOOKALIKE_"):].lower(): v for k, v in env.items()
+                  if k.startswith("LOOKALIKE_") and k[len("LOOKALIKE_"):].lower() in fields})
+
+
+class Aggregator:
+    """``python -m feedback`` as a child process on the test's topics."""
+
+    def __init__(self, cluster: Cluster, workdir: Path, **extra: str) -> None:
+        prefix = f"test-{uuid.uuid4().hex[:10]}"
+        self.env = env_for(cluster, prefix, workdir, **extra)
+        self.settings: FeedbackSettings = settings_from(self.env)
+        ensure_topics(self.settings)
+        self.store = FeedbackStore.connect(self.settings)
+        self.producer = Producer(producer_config(self.settings))
+        self.log = workdir / "feedback.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "feedback"], env={**os.environ, **self.env,
+                                         "PYTHONUNBUFFERED": "1"}, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def indexer_reports(self, items: int) -> None:
+        """What a live indexer of this group publishes: the catalog size the aggregator reads."""
+        key = f"lookalike:indexer:{self.settings.indexer_group}:test-{os.getpid()}"
+        self.store.r.hset(key, mapping={"instance": "test", "items": items, "position": "{}", "caught_up": "1"})
+        self.store.r.expire(key, 600)
+
+    def reply(self, request_id: str, model: str, items: list[str]) -> None:
+        results = [{"item_id": i, "score": 1.0 - n / 10, "metadata": {}} for n, i in enumerate(items)]
+        doc = c.ok_reply(request_id, results, model_version=model, index_version=f"{model}/x", index_position={0: 1},
+                         timings_ms={"total": 1.0})
+        self.producer.produce(self.settings.replies_topic, key=request_id.encode(), value=c.encode_reply(doc))
+
+    def query_vector(self, request_id: str, model: str, item_id: str | None, vector: np.ndarray | None) -> None:
+        headers = [(c.H_MODEL_VERSION, model.encode()), (c.H_K, b"6")]
+        if item_id is not None:
+            headers.append((c.H_ITEM_ID, item_id.encode()))
+        if vector is not None:
+            headers.append((c.H_VECTOR_DIM, str(len(vector)).encode()))
+        self.producer.produce(self.settings.query_vectors_topic, key=request_id.encode(),
+                              value=None if vector is None else c.encode_vector(vector), headers=headers)
+
+    def raw_feedback(self, key: bytes | None, value: bytes | None) -> None:
+        self.producer.produce(self.settings.feedback_topic, key=key, value=value)
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+
+@pytest.fixture
+def aggregator_factory(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., Aggregator]]:
+    started: list[Aggregator] = []
+
+    def make(**extra: str) -> Aggregator:
+        agg = Aggregator(cluster, tmp_path / f"agg-{len(started)}", **extra)
+        (tmp_path / f"agg-{len(started)}").mkdir()
+        started.append(agg)
+        agg.start()
+        return agg
+
+    yield make
+    for agg in started:
+        agg.stop()
+
+
+def read_all(settings: FeedbackSettings, topic: str, idle_s: float = 2.0) -> list[Any]:
+    """Every record of a (test-owned) topic, read until nothing new arrives for ``idle_s``."""
+    consumer = Consumer(confluent_config(settings, **{"group.id": f"read-{uuid.uuid4().hex}",
+                                                      "enable.auto.commit": False}))
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    out, last = [], time.monotonic()
+    while time.monotonic() - last < idle_s:
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            out.append(msg)
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregator]) -> None:
+    agg = aggregator_factory(LOOKALIKE_CATALOG_SAMPLE_RATE="1")
+    agg.indexer_reports(CATALOG_ITEMS)
+    s, store = agg.settings, agg.store
+    a = [f"a{i}" for i in range(9)]
+    shown = {  # request -> (model, items in rank order)
+        "r1": ("mA", a[0:6]), "r2": ("mA", a[3:9]), "r3": ("mA", a[0:6]), "r4": ("mA", [f"b{i}" for i in range(6)]),
+        "r5": ("mB", [f"c{i}" for i in range(6)]), "r6": ("mB", [f"c{i}" for i in range(6)]),
+    }
+    image_vector = np.linspace(-1, 1, 8, dtype=np.float32)
+    agg.query_vector("r1", "mA", "q1", None)  # "more like this q1"
+    agg.query_vector("r5", "mB", "q5", None)
+    agg.query_vector("r6", "mB", None, image_vector)  # an image query: a vector, no query item
+    catalog_vectors = {f"k{i}": np.roll(image_vector, i) for i in range(3)}
+    for item_id, vector in catalog_vectors.items():
+        agg.producer.produce(s.catalog_vectors_topic, key=item_id.encode(), value=c.encode_vector(vector),
+                             headers=[(c.H_MODEL_VERSION, b"mB")])
+    agg.producer.produce(s.catalog_vectors_topic, key=b"k2", value=None, headers=[(c.H_MODEL_VERSION, b"mB")])
+    for request, (model, items) in shown.items():
+        if request != "r6":  # r6's reply comes after its feedback
+            agg.reply(request, model, items)
+    agg.flush()
+    wait_for(lambda: store.totals().get("replies") == 5 and store.r.hget(store.key("req", "r1"), "query_item")
+             and store.r.hget(store.key("req", "r5"), "query_item"), 60, "replies and query items", agg.log)
+
+    fb = FeedbackProducer(s)
+    now = int(time.time() * 1000)
+    for request, (_, items) in shown.items():
+        for item in items:
+            fb.emit("impression", request_id=request, item_id=item, user_id="u1", timestamp_ms=now)
+    actions = [("r1", "a1", "click"), ("r1", "a1", "click"),  # the same click twice: counted once
+               ("r1", "a4", "dismiss"), ("r2", "a8", "click"), ("r2", "a8", "purchase"), ("r3", "a0", "add_to_cart"),
+               ("r4", "nope", "click"),  # an item the reply did not show
+               ("r5", "c0", "click"), ("r6", "c2", "click"), ("r6", "c5", "dismiss")]
+    for request, item, event in actions:
+        fb.emit(event, request_id=request, item_id=item, user_id="u2", timestamp_ms=now + 1)
+    agg.raw_feedback(b"u3", b"{not json")
+    agg.raw_feedback(None, json.dumps({"request_id": "r1", "item_id": "a1", "event": "click", "timestamp": now}).encode())
+    agg.raw_feedback(b"u3", json.dumps({"request_id": "r1", "item_id": "a1", "event": "like", "timestamp": now}).encode())
+    fb.flush()
+    agg.flush()
+    # r6's 6 impressions and 2 actions wait for its reply
+    wait_for(lambda: store.totals().get("pending", 0) >= 8 and store.totals().get("invalid") == 3, 60,
+             "r6 feedback pending and invalid feedback counted", agg.log)
+    agg.reply("r6", "mB", shown["r6"][1])
+    agg.flush()
+    wait_for(lambda: store.totals().get("events") == 45, 60, "every valid event joined", agg.log)
+    time.sleep(1.0)  # anything counted twice would show now
+    assert agg.alive(), agg.log.read_text()[-3000:]
+
+    # Expected numbers, by hand from the scenario above.
+    mA = store.window_metrics("mA", store.buckets("mA"), CATALOG_ITEMS)
+    assert mA["replies"] == 4 and mA["events"] == 24 + 6 and mA["impressions"] == 24
+    assert mA["clicks"] == 3  # a1 (rank 2), a8 (rank 6 in r2), nope (unshown)
+    assert mA["ctr_at_5"] == pytest.approx(1 / 20)  # only a1 was clicked in a top 5; 4 x 5 top-5 impressions
+    assert mA["mean_click_rank"] == pytest.approx((2 + 6) / 2)
+    assert mA["purchase_rate"] == pytest.approx(1 / 24)
+    assert mA["add_to_cart_rate"] == pytest.approx(1 / 24)
+    assert mA["dismiss_rate"] == pytest.approx(1 / 24)
+    assert mA["distinct_items_shown"] == 15 and mA["coverage"] == pytest.approx(15 / CATALOG_ITEMS)
+    mB = store.window_metrics("mB", store.buckets("mB"), CATALOG_ITEMS)
+    assert mB["replies"] == 2 and mB["events"] == 12 + 3 and mB["impressions"] == 12
+    assert mB["ctr_at_5"] == pytest.approx(2 / 10)  # c0 (rank 1), c2 (rank 3)
+    assert mB["mean_click_rank"] == pytest.approx((1 + 3) / 2)
+    assert mB["dismiss_rate"] == pytest.approx(1 / 12)
+    assert mB["coverage"] == pytest.approx(6 / CATALOG_ITEMS)
+    totals = store.totals()
+    assert totals["labelled"] == 9 and totals["duplicates"] == 1
+    assert totals["invalid:bad_feedback"] == 2 and totals["invalid:bad_key"] == 1
+    # training pairs: only "more like this" queries have a query item
+    pairs = {(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()}
+    assert pairs == {("q1", "a1", 1), ("q1", "a4", -1), ("q5", "c0", 1)}
+    samples = store.query_samples("mB", window(int(time.time() * 1000), 10, s.bucket_s))
+    assert samples.shape == (1, 8) and np.allclose(samples[0], image_vector)
+
+    # drift: the one image query against the catalog sample (k2 was removed by its tombstone)
+    wait_for(lambda: len(store.catalog_sample("mB")) == 2, 30, "the catalog sample", agg.log)
+    inputs = AggregatorService(s, store).policy_inputs(int(time.time() * 1000))
+    mean = (catalog_vectors["k0"] + catalog_vectors["k1"]) / 2
+    expected = 1 - float(image_vector @ mean) / (np.linalg.norm(image_vector) * np.linalg.norm(mean))
+    assert inputs.model_version == "mB" and inputs.drift_queries == 1
+    assert inputs.drift == pytest.approx(expected, abs=1e-6)
+    assert inputs.new_feedback == 9 and inputs.catalog_items == CATALOG_ITEMS
+
+    dead = read_all(s, s.deadletter_topic)
+    codes = sorted(dict(m.headers())[c.H_ERROR_CODE].decode() for m in dead)
+    assert codes == ["bad_feedback", "bad_feedback", "bad_key"]
+    assert all(dict(m.headers())[c.H_SOURCE_TOPIC].decode() == s.feedback_topic for m in dead)
+
+    out = subprocess.run([sys.executable, "-m", "lookalike.cli", "metrics", "--json"], env={**os.environ, **agg.env},
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["models"]["mB"]["ctr_at_5"] == pytest.approx(0.2) and report["catalog_items"] == CATALOG_ITEMS
+
+
+def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_factory: Callable[..., Aggregator]) -> None:
+    agg = aggregator_factory(LOOKALIKE_TRIGGER_MIN_FEEDBACK="5", LOOKALIKE_TRIGGER_CATALOG_GROWTH="0.5")
+    s, store = agg.settings, agg.store
+    store.r.hset(store.key("last-training"), "catalog_items", 20)  # the catalog had 20 items at the last training
+    agg.indexer_reports(CATALOG_ITEMS)  # now 50: growth 1.5, due as well
+    agg.reply("t1", "mA", [f"i{n}" for n in range(5)])
+    agg.flush()
+    fb = FeedbackProducer(s)
+    for n in range(4):
+        fb.emit("click", request_id="t1", item_id=f"i{n}", user_id="u", timestamp_ms=None)
+    fb.flush()
+    wait_for(lambda: store.totals().get("labelled") == 4, 60, "4 clicks counted", agg.log)
+    # catalog growth alone is due already: the trigger carries it; now cross the feedback threshold too
+    fb.emit("dismiss", request_id="t1", item_id="i4", user_id="u")
+    fb.emit("click", request_id="t1", item_id="i4", user_id="u")
+    fb.flush()
+    wait_for(lambda: store.totals().get("labelled") == 6, 60, "6 feedback events counted", agg.log)
+    wait_for(lambda: store.totals().get("absorbed:trigger_pending", 0) >= 4, 60,
+             "several more evaluations with a trigger due", agg.log)
+    triggers = read_all(s, s.triggers_topic)
+    assert len(triggers) == 1, [m.value() for m in triggers]
+    doc = json.loads(triggers[0].value())
+    reasons = {r["reason"]: r for r in doc["reasons"]}
+    assert "catalog_growth" in reasons
+    assert reasons["catalog_growth"]["numbers"]["catalog_items"] == CATALOG_ITEMS
+    assert doc["generation"] == 0 and doc["model_version"] == "mA"
+    assert store.trigger_pending() == doc["trigger_id"]
+
+    # A trainer holding its lease: a training ends, the next due trigger is absorbed while it runs.
+    assert store.acquire_lease("a-trainer", 30)
+    store.record_training(outcome="refused", catalog_items=20, labelled=0)  # feedback 6 >= 5 again, growth again
+    wait_for(lambda: store.totals().get("absorbed:training_running", 0) >= 3, 60, "absorbed while training", agg.log)
+    assert len(read_all(s, s.triggers_topic, idle_s=1.0)) == 1
+    store.release_lease("a-trainer")
+    second = wait_for(lambda: [m for m in read_all(s, s.triggers_topic, idle_s=0.5) if m.key() != triggers[0].key()],
+                      60, "a trigger once the lease is released", agg.log)
+    assert len(second) == 1 and json.loads(second[0].value())["generation"] == 1
+    assert agg.alive()
+
+
+@pytest.fixture
+def trainer_setup(cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A copy of the tiny model store (the trainer changes aliases) and the settings of a trainer on fresh topics."""
+    models_src, card = tiny_model
+    models = tmp_path / "models"
+    shutil.copytree(models_src, models)
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    env = env_for(cluster, prefix, tmp_path, LOOKALIKE_MODEL_DIR=str(models), LOOKALIKE_TRAINER_THREADS="2",
+                  LOOKALIKE_LEASE_TTL_S="5")
+    settings: TrainerSettings = settings_from(env, TrainerSettings)
+    ensure_topics(settings)
+    store = FeedbackStore.connect(settings)
+    split = Split.load(models / card.training["split_file"])
+    yield settings, ModelStore(models), store, split, card
+
+
+def make_pairs(store: FeedbackStore, split: Split, labels: dict[str, str]) -> int:
+    """Feedback on "more like this" replies through the store's join: same class clicked, other class dismissed."""
+    train_ids = list(split.train_ids)
+    n = 0
+    for q in train_ids[:6]:
+        same = [i for i in train_ids if labels[i] == labels[q] and i != q][:2]
+        other = [i for i in train_ids if labels[i] != labels[q]][:2]
+        request = f"mlt-{q}"
+        store.record_query(request, "v", q, None, int(time.time() * 1000))
+        store.record_reply(ReplyFacts(request, "v", tuple(same + other)), int(time.time() * 1000))
+        for item in same:
+            store.record_feedback(make_feedback("click", request_id=request, item_id=item, user_id="u"))
+            n += 1
+        for item in other:
+            store.record_feedback(make_feedback("dismiss", request_id=request, item_id=item, user_id="u"))
+            n += 1
+    return n
+
+
+def labels_of(card: ModelCard) -> dict[str, str]:
+    from lookalike.catalog import iter_catalog
+
+    return {item.item_id: item.metadata["articleType"] for item in iter_catalog(Path(card.training["config"]["data"]))}
+
+
+def run_trainer(settings: TrainerSettings) -> tuple[threading.Event, threading.Thread]:
+    from training.service import Trainer
+
+    stop = threading.Event()
+    thread = threading.Thread(target=Trainer(settings).run, args=(stop,), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def publish_trigger(settings: TrainerSettings, generation: int) -> str:
+    trigger = make_trigger("v", generation, [Reason("manual", "a test asks for a training", {"n": 1})])
+    key, value = trigger.encode()
+    producer = Producer(producer_config(settings))
+    producer.produce(settings.triggers_topic, key=key, value=value)
+    assert producer.flush(30) == 0
+    return trigger.trigger_id
+
+
+def test_trainer_refused_then_accepted(trainer_setup) -> None:  # type: ignore[no-untyped-def]
+    settings, models, store, split, card = trainer_setup
+    assert make_pairs(store, split, labels_of(card)) == 24
+    champion = models.aliases()[CHAMPION]
+    versions_before = set(models.versions())
+
+    # 1. a gate no challenger can pass: refused, and the champion stays
+    refusing = settings.model_copy(update={"gate_margin": 1.0})
+    stop, thread = run_trainer(refusing)
+    try:
+        first = publish_trigger(settings, generation=0)
+        outcomes = wait_for(lambda: read_all(settings, settings.models_topic, idle_s=0.5), 240, "the trainer's outcome")
+    finally:
+        stop.set()
+        thread.join(60)
+    (msg,) = outcomes
+    refused = json.loads(msg.value())
+    assert refused["trigger_id"] == first and refused["outcome"] == "refused" and not refused["accepted"]
+    assert "does not beat" in refused["reason"]
+    assert refused["pairs"]["used"] > 0 and refused["pairs"]["given"] == 24
+    assert models.aliases()[CHAMPION] == champion
+    challenger = refused["challenger"]
+    assert set(models.versions()) == versions_before | {challenger}
+    recorded = Registry(models).decisions()[-1]
+    assert recorded["challenger"] == challenger and not recorded["accepted"] and recorded["reason"] == refused["reason"]
+    assert models.card(challenger).training["feedback_pairs"]["used"] == refused["pairs"]["used"]
+    # same recipe, same seed: only the feedback pairs can have made other weights
+    assert models.card(challenger).weights_sha256 != models.card(champion).weights_sha256
+    last = store.last_training()
+    assert last["generation"] == 1 and last["outcome"] == "refused"
+    assert store.lease_holder() is None
+
+    # 2. a stale trigger (raised before that training) is absorbed; a duplicate while a lease is held too
+    stale = publish_trigger(settings, generation=0)
+    assert store.acquire_lease("another-trainer", 30)
+    busy = publish_trigger(settings, generation=1)
+    accepting = settings.model_copy(update={"gate_margin": -1.0})
+    stop, thread = run_trainer(accepting)
+    try:
+        wait_for(lambda: store.totals().get("trainer_absorbed:stale") == 1
+                 and store.totals().get("trainer_absorbed:training_running") == 1, 60, "two triggers absorbed")
+        assert len(read_all(settings, settings.models_topic, idle_s=0.5)) == 1  # no training for them
+        store.release_lease("another-trainer")
+        # 3. a gate any challenger passes: promoted
+        third = publish_trigger(settings, generation=1)
+        outcomes = wait_for(lambda: [m for m in read_all(settings, settings.models_topic, idle_s=0.5)
+                                     if json.loads(m.value())["trigger_id"] == third], 240, "the second outcome")
+    finally:
+        stop.set()
+        thread.join(60)
+    accepted = json.loads(outcomes[0].value())
+    assert accepted["outcome"] == "promoted" and accepted["accepted"]
+    assert models.aliases()[CHAMPION] == accepted["challenger"] != champion
+    assert accepted["champion_before"] == champion
+    assert store.last_training()["generation"] == 2
+    assert {stale, busy}.isdisjoint(json.loads(m.value())["trigger_id"] for m in read_all(settings, settings.models_topic))
+
+
+def test_cli_and_query_client_publish_feedback(cluster: Cluster, tmp_path: Path) -> None:
+    from lookalike.settings import ClientSettings
+    from producers.query_client import QueryClient
+
+    env = env_for(cluster, f"test-{uuid.uuid4().hex[:10]}", tmp_path)
+    settings: ClientSettings = settings_from(env, ClientSettings)
+    ensure_topics(settings)
+    run = [sys.executable, "-m", "lookalike.cli", "feedback"]
+    out = subprocess.run([*run, "click", "--request-id", "r9", "--item-id", "a", "b", "--user", "sess-1"],
+                         env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    bad = subprocess.run([*run, "click", "--request-id", "", "--item-id", "a", "--user", "sess-1"],
+                         env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "bad_feedback" in bad.stderr and "request_id" in bad.stderr
+
+    reply = c.ok_reply("r10", [{"item_id": i, "score": 0.9, "metadata": {}} for i in ("x", "y", "z")],
+                       model_version="v", index_version="v/1", index_position={}, timings_ms={})
+    with QueryClient(settings, impressions_for="sess-2") as client:
+        assert client.emit_impressions(reply, "sess-2") == 3
+        assert client.emit_impressions({**reply, "status": "error"}, "sess-2") == 0
+
+    records = read_all(settings, settings.feedback_topic)
+    got = sorted((m.key().decode(), json.loads(m.value())["event"], json.loads(m.value())["item_id"]) for m in records)
+    assert got == [("sess-1", "click", "a"), ("sess-1", "click", "b"), ("sess-2", "impression", "x"),
+                   ("sess-2", "impression", "y"), ("sess-2", "impression", "z")]
