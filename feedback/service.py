@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +27,13 @@ from typing import Any, TypeVar
 
 import faust
 import redis
+from aiokafka import AIOKafkaConsumer
 
 from feedback import windows as w
 from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons, emit_decision, mean_cosine_drift
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
-from lookalike.clients import faust_app
+from lookalike.clients import aiokafka_config, faust_app
 from lookalike.errors import InvalidMessage
 from lookalike.events import Trigger, make_trigger, parse_feedback
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
@@ -225,10 +227,28 @@ def create_app(settings: FeedbackSettings, aggregator: Aggregator | None = None)
             batch = [(e.key, e.value, c.headers_to_dict(e.headers), ms_of(e)) for e in events]
             await until_done(agg, agg.query_batch, batch)
 
-    @app.agent(topic(settings.catalog_vectors_topic), name="catalog-vectors")
-    async def catalog_vectors(stream: faust.Stream) -> None:
-        async for events in stream.take_events(256, within=0.2):
-            await until_done(agg, agg.catalog_batch, [(e.key, e.value, c.headers_to_dict(e.headers)) for e in events])
+    @app.task
+    async def catalog_vectors() -> None:
+        """Every model version's catalog-vector topic ({catalog_vectors_topic}.{version}, see
+        lookalike/rollout.py), found by pattern, including ones created later (aiokafka
+        re-checks the pattern on each metadata refresh). Offsets are committed after Redis has
+        the batch."""
+        consumer = AIOKafkaConsumer(
+            **aiokafka_config(settings), group_id=f"{settings.feedback_group}.catalog-vectors",
+            enable_auto_commit=False, auto_offset_reset="earliest", metadata_max_age_ms=5000,
+        )
+        await consumer.start()
+        try:
+            consumer.subscribe(pattern=f"^{re.escape(settings.catalog_vectors_topic)}\\..+$")
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=256)
+                records = [r for rs in batch.values() for r in rs]
+                if not records:
+                    continue
+                await until_done(agg, agg.catalog_batch, [(r.key, r.value, c.headers_to_dict(r.headers)) for r in records])
+                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
+        finally:
+            await consumer.stop()
 
     @app.timer(interval=settings.policy_interval_s)
     async def policy() -> None:

@@ -33,8 +33,9 @@ from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.clients import confluent_config, producer_config
 from lookalike.events import Reason, make_feedback, make_trigger
 from lookalike.registry import Registry
+from lookalike.rollout import vectors_topic
 from lookalike.settings import FeedbackSettings, TrainerSettings
-from lookalike.topics import ensure_topics
+from lookalike.topics import ensure_topics, ensure_vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
 from training.data import Split
@@ -98,6 +99,7 @@ class Aggregator:
         self.env = env_for(cluster, prefix, workdir, **extra)
         self.settings: FeedbackSettings = settings_from(self.env)
         ensure_topics(self.settings)
+        ensure_vectors_topic(self.settings, "mB")  # one model version's catalog-vector topic
         self.store = FeedbackStore.connect(self.settings)
         self.producer = Producer(producer_config(self.settings))
         self.log = workdir / "feedback.log"
@@ -194,9 +196,9 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     agg.query_vector("r6", "mB", None, image_vector)  # an image query: a vector, no query item
     catalog_vectors = {f"k{i}": np.roll(image_vector, i) for i in range(3)}
     for item_id, vector in catalog_vectors.items():
-        agg.producer.produce(s.catalog_vectors_topic, key=item_id.encode(), value=c.encode_vector(vector),
+        agg.producer.produce(vectors_topic(s, "mB"), key=item_id.encode(), value=c.encode_vector(vector),
                              headers=[(c.H_MODEL_VERSION, b"mB")])
-    agg.producer.produce(s.catalog_vectors_topic, key=b"k2", value=None, headers=[(c.H_MODEL_VERSION, b"mB")])
+    agg.producer.produce(vectors_topic(s, "mB"), key=b"k2", value=None, headers=[(c.H_MODEL_VERSION, b"mB")])
     for request, (model, items) in shown.items():
         if request != "r6":  # r6's reply comes after its feedback
             agg.reply(request, model, items)
