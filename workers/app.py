@@ -26,6 +26,7 @@ from lookalike.errors import BadHeader, InvalidMessage
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.settings import WorkerSettings
 from workers import stages
+from workers.guard import QueryGuard
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class EmbeddingWorker:
         # One inference thread: torch already uses every core inside one call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.reply_topics = ReplyTopics(settings)
+        self.guard = QueryGuard(settings)
 
     def catalog_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
         """-> ([(partition, vector record)], dead-letter records). Runs in the inference thread.
@@ -100,6 +102,7 @@ class EmbeddingWorker:
         errors: list[tuple[str, Record]] = []
         for key, value, headers, source in events:
             try:
+                self.guard.admit(key, value, headers)  # signature and rate limit, before decoding anything
                 query = stages.parse_query(key, value, headers, source, self.settings)
                 if not self.reply_topics.exists(query.options.reply_to):
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
