@@ -64,7 +64,9 @@ class CommonSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_k: int = Field(100, ge=1, le=10_000)
     default_k: int = Field(5, ge=1)
-    reply_topic_prefix: str = "lookalike."
+    # reply-to topics a query may name: only reply topics, never the pipeline's own (catalog,
+    # vectors), and what the services' Write ACL covers (docs/security.md).
+    reply_topic_prefix: str = "lookalike.replies"
 
     # How soon the group notices a member that died without leaving (kill -9, lost host) and
     # hands its partitions to the others; faust's default is 60 s.

@@ -94,8 +94,10 @@ def secured(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         broker.up()
         # The admin: ANONYMOUS on the loopback PLAINTEXT listener is the broker's super user.
         prefix = f"sec-{uuid.uuid4().hex[:8]}"
+        # Reply-to topics only under <prefix>.replies: the services' Write ACL covers those and nothing else.
+        topics = {**topic_env(prefix), "LOOKALIKE_REPLY_TOPIC_PREFIX": f"{prefix}.replies"}
         admin_settings = ClientSettings(_env_file=None, kafka_bootstrap=broker.bootstrap,
-                                        **{k[len("LOOKALIKE_"):].lower(): v for k, v in topic_env(prefix).items()
+                                        **{k[len("LOOKALIKE_"):].lower(): v for k, v in topics.items()
                                            if k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
         ensure_topics(admin_settings)
         admin = AdminClient(confluent_config(admin_settings))
@@ -107,6 +109,7 @@ def secured(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
         ]:
             apply_acls(admin, principal, bindings(principal, service_grants))
         common = {
+            "LOOKALIKE_REPLY_TOPIC_PREFIX": topics["LOOKALIKE_REPLY_TOPIC_PREFIX"],
             "LOOKALIKE_REDIS_PASSWORD": redis_password,
             "LOOKALIKE_REDIS_SSL_CA_FILE": str(tls.ca_file),
             "LOOKALIKE_QUERY_AUTH": "1",

@@ -213,3 +213,28 @@ def test_no_pickle_and_no_unsafe_loads_anywhere() -> None:
     assert len(files) > 30 and REPO / "lookalike" / "artifacts.py" in files
     problems = [p for path in files for p in unsafe_loads(path.read_text(), str(path.relative_to(REPO)))]
     assert not problems, "\n".join(problems)
+
+
+def test_acl_grants_are_least_privilege() -> None:
+    from lookalike.acls import SERVICES, grants, kafka_acls_commands, topic_namespace
+
+    s = CommonSettings(_env_file=None)
+    assert topic_namespace(s) == "lookalike."
+    worker = {(g.operation, g.name, g.pattern) for g in grants("worker", s, group="lookalike-worker")}
+    assert ("READ", "lookalike.catalog", "literal") in worker and ("WRITE", "lookalike.catalog.vectors", "literal") in worker
+    assert ("WRITE", "lookalike.replies", "prefixed") in worker
+    indexer = {(g.operation, g.name, g.pattern) for g in grants("indexer", s, group="lookalike-indexer")}
+    client = {(g.operation, g.name) for g in grants("query-client", s)}
+    assert client == {("WRITE", "lookalike.queries"), ("READ", "lookalike.replies")}
+    for service in SERVICES:
+        for g in grants(service, s, group=f"lookalike-{service}"):
+            # Nobody but the worker writes vectors, nobody writes the catalog but the feed, no cluster-wide rights.
+            assert g.resource != "cluster"
+            if g.operation == "WRITE":
+                assert g.name in {"lookalike.replies", "lookalike.catalog.vectors", "lookalike.queries.vectors",
+                                  "lookalike.deadletter", "lookalike.queries", "lookalike.catalog"}
+                assert g.name != "lookalike.catalog" or service == "catalog-feed"
+                assert "vectors" not in g.name or service == "worker"
+    assert all(op != "WRITE" for op, _name, _pattern in indexer if _name != "lookalike.replies")
+    line = kafka_acls_commands("User:w", grants("worker", s))[0]
+    assert "--operation Describe --topic lookalike. --resource-pattern-type prefixed" in line
