@@ -13,7 +13,7 @@ COPY workers workers
 COPY indexer indexer
 COPY training training
 RUN pip install . && apt-get purge -y build-essential && apt-get autoremove -y
-RUN useradd --create-home --uid 10001 lookalike && mkdir -p /models /var/lib/lookalike \
-    && chown lookalike /models /var/lib/lookalike
+RUN useradd --create-home --uid 10001 lookalike && mkdir -p /models /var/lib/lookalike /secrets \
+    && chown lookalike /models /var/lib/lookalike /secrets && chmod 0700 /secrets
 USER lookalike
 CMD ["lookalike", "--help"]

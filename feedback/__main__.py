@@ -8,7 +8,7 @@ import faust
 
 from feedback.service import create_app
 from lookalike.settings import FeedbackSettings
-from lookalike.topics import ensure_topics
+from lookalike.topics import ensure_topics_if_allowed as ensure_topics
 
 log = logging.getLogger("feedback")
 

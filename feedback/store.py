@@ -38,6 +38,7 @@ import redis
 
 from feedback import windows as w
 from lookalike import contracts as c
+from lookalike.clients import redis_client
 from lookalike.events import FeedbackEvent, parse_feedback
 from lookalike.settings import FeedbackSettings
 
@@ -55,7 +56,7 @@ class FeedbackStore:
 
     @classmethod
     def connect(cls, settings: FeedbackSettings) -> FeedbackStore:
-        return cls(redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10), settings)
+        return cls(redis_client(settings, socket_timeout=10), settings)
 
     def key(self, *parts: object) -> str:
         return ":".join([self.prefix, *(str(p) for p in parts)])

@@ -8,13 +8,13 @@ import faust
 
 from indexer.service import create_app
 from lookalike.settings import IndexerSettings
-from lookalike.topics import ensure_topics
+from lookalike.topics import ensure_topics_if_allowed
 
 
 def main() -> None:
     settings = IndexerSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ensure_topics(settings)
+    ensure_topics_if_allowed(settings)
     faust.Worker(create_app(settings), loglevel="INFO").execute_from_commandline()
 
 

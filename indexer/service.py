@@ -36,7 +36,6 @@ from typing import Any
 
 import faust
 import redis
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -46,7 +45,7 @@ from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
 from lookalike import rollout
 from lookalike.artifacts import ModelStore
-from lookalike.clients import aiokafka_config, confluent_config, faust_app
+from lookalike.clients import aiokafka_config, confluent_config, faust_app, redis_client
 from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, ModelMismatch, UnknownItem
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.rollout import RolloutController, RolloutState
@@ -213,7 +212,7 @@ class VersionIndex:
     def snapshots(self) -> SnapshotStore:
         """One client (and connection pool) for every snapshot read, write and check."""
         s = self.settings
-        client = redis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=30)
+        client = redis_client(s, socket_timeout=30)
         return SnapshotStore(client, snapshot_namespace(s, self.version),
                              chunk_bytes=s.snapshot_chunk_bytes, keep=s.snapshot_keep)
 
@@ -499,7 +498,7 @@ class Indexer:
 
     async def publish_status(self) -> None:
         s = self.settings
-        client = aioredis.Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=2)
+        client = redis_client(s, asyncio=True, socket_timeout=2)
         key = STATUS_KEY.format(group=s.indexer_group, instance=self.instance)
         redis_ok = True
         while True:

@@ -194,8 +194,14 @@ class ModelStore:
 
     def card(self, version_or_alias: str | None = None) -> ModelCard:
         version = self.resolve(version_or_alias)
-        raw = json.loads((self.root / version / CARD_FILE).read_text("utf-8"))
-        return ModelCard.from_dict(raw)
+        try:
+            raw = json.loads((self.root / version / CARD_FILE).read_text("utf-8"))
+        except ValueError as exc:
+            raise ModelArtifactError(f"model {version}: the card is not JSON: {exc}") from exc
+        card = ModelCard.from_dict(raw)
+        if card.version != version:  # a card copied into another version's folder would load other weights
+            raise ModelArtifactError(f"model folder {version} holds the card of {card.version}; refusing it")
+        return card
 
     def load(self, version_or_alias: str | None = None) -> tuple[EmbeddingNet, ModelCard]:
         """Rebuild the network from its card and load verified weights (no pickle)."""

@@ -187,6 +187,48 @@ def _demo(args: argparse.Namespace) -> int:
                     epochs=args.epochs)
 
 
+def _acls(args: argparse.Namespace) -> int:
+    from lookalike.acls import bindings, grants, kafka_acls_commands, topic_namespace
+    from lookalike.settings import CommonSettings, IndexerSettings, WorkerSettings
+
+    group = {"worker": WorkerSettings().worker_group, "indexer": IndexerSettings().indexer_group}.get(args.service)
+    settings = CommonSettings()
+    wanted = grants(args.service, settings, group=group)
+    if any(g.operation == "WRITE" and g.pattern == "prefixed" and topic_namespace(settings).startswith(g.name)
+           for g in wanted):
+        print(f"warning: LOOKALIKE_REPLY_TOPIC_PREFIX={settings.reply_topic_prefix!r} covers every topic; "
+              "the reply Write ACL is not least privilege", file=sys.stderr)
+    if not args.apply:
+        print("\n".join(kafka_acls_commands(args.principal, wanted, settings.kafka_bootstrap)))
+        return 0
+    from confluent_kafka.admin import AdminClient
+
+    from lookalike.clients import confluent_config
+
+    admin = AdminClient(confluent_config(settings))  # as the admin principal these settings authenticate
+    for future in admin.create_acls(bindings(args.principal, wanted), request_timeout=30).values():
+        future.result(timeout=30)
+    print(f"{len(wanted)} ACLs for {args.principal} ({args.service})")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import json
+
+    from lookalike.artifacts import write_atomic
+    from lookalike.auth import new_key
+
+    path = Path(args.file)
+    keys = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    if args.client_id in keys and args.if_missing:
+        return 0
+    keys[args.client_id] = new_key()
+    write_atomic(path, (json.dumps(keys, indent=2) + "\n").encode())
+    path.chmod(0o640)
+    print(f"LOOKALIKE_CLIENT_ID={args.client_id} LOOKALIKE_CLIENT_KEY={keys[args.client_id]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookalike", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -253,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trainer", help="run the trainer service in the foreground (retrains on triggers)")
     p.set_defaults(func=_trainer)
+
+    p = sub.add_parser("acls", help="the Kafka ACLs a component needs (docs/security.md)")
+    p.add_argument("service", choices=["worker", "indexer", "query-client", "catalog-feed", "admin"])
+    p.add_argument("--principal", required=True, help="e.g. User:lookalike-worker")
+    p.add_argument("--apply", action="store_true", help="create them (these settings must authenticate an admin)")
+    p.set_defaults(func=_acls)
+
+    p = sub.add_parser("keys", help="add a query-signing key for a client to a keys file")
+    p.add_argument("client_id")
+    p.add_argument("--file", required=True, help="the JSON keys file the worker reads (LOOKALIKE_QUERY_KEYS_FILE)")
+    p.add_argument("--if-missing", action="store_true", help="leave an existing key alone")
+    p.set_defaults(func=_keys)
 
     p = sub.add_parser("demo", help="the whole path on the sample catalog")
     p.add_argument("--data", default=str(default_data()), help="catalog folder (env LOOKALIKE_DATA)")

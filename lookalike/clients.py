@@ -1,14 +1,19 @@
-"""Kafka client configuration for the three clients Lookalike uses.
+"""Kafka and Redis client configuration for the clients Lookalike uses.
 
 confluent-kafka (producers, query client, admin), aiokafka (the indexer's catalog
 feed) and faust (the stream processors) each spell the same settings differently;
-these functions are the one place that translates :class:`CommonSettings`.
+these functions are the one place that translates :class:`CommonSettings`, security
+included (TLS, SASL/SCRAM: docs/security.md). Secrets leave their ``SecretStr`` only
+here, straight into the client; :func:`redacted` is what may be logged.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
 
 from lookalike.settings import CommonSettings
 
@@ -23,6 +28,23 @@ def max_message_bytes(settings: CommonSettings) -> int:
     return settings.max_image_bytes + ENVELOPE_BYTES
 
 
+SECRET_KEYS = ("password", "sasl_plain_password", "broker_credentials", "ssl.key.password")
+
+
+def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A client config fit for a log line: secrets replaced by ``**********``."""
+    return {key: "**********" if any(word in key for word in SECRET_KEYS) and value else value
+            for key, value in config.items()}
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def uses_tls(settings: CommonSettings) -> bool:
+    return settings.kafka_security_protocol in {"SSL", "SASL_SSL"}
+
+
 def confluent_config(settings: CommonSettings, **extra: Any) -> dict[str, Any]:
     """librdkafka properties: bootstrap, security, message size."""
     config: dict[str, Any] = {
@@ -33,10 +55,30 @@ def confluent_config(settings: CommonSettings, **extra: Any) -> dict[str, Any]:
     if settings.kafka_sasl_mechanism:
         config["sasl.mechanism"] = settings.kafka_sasl_mechanism
         config["sasl.username"] = settings.kafka_sasl_username or ""
-        secret = settings.kafka_sasl_password
-        config["sasl.password"] = secret.get_secret_value() if secret else ""
+        config["sasl.password"] = _secret(settings.kafka_sasl_password) or ""
+    if uses_tls(settings):
+        if settings.kafka_ssl_ca_file:
+            config["ssl.ca.location"] = str(settings.kafka_ssl_ca_file)
+        if settings.kafka_ssl_cert_file:
+            config["ssl.certificate.location"] = str(settings.kafka_ssl_cert_file)
+            config["ssl.key.location"] = str(settings.kafka_ssl_key_file)
+            if settings.kafka_ssl_key_password:
+                config["ssl.key.password"] = _secret(settings.kafka_ssl_key_password)
+        config["ssl.endpoint.identification.algorithm"] = "https" if settings.kafka_ssl_check_hostname else "none"
     config.update(extra)
     return config
+
+
+def ssl_context(settings: CommonSettings) -> ssl.SSLContext:
+    """The TLS context of the Python clients (aiokafka, faust): the configured CA (else the
+    system's), the client certificate for mutual TLS, hostname checking as configured."""
+    cafile = str(settings.kafka_ssl_ca_file) if settings.kafka_ssl_ca_file else None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    if settings.kafka_ssl_cert_file:
+        context.load_cert_chain(str(settings.kafka_ssl_cert_file), str(settings.kafka_ssl_key_file),
+                                password=_secret(settings.kafka_ssl_key_password))
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    return context
 
 
 def producer_config(settings: CommonSettings, **extra: Any) -> dict[str, Any]:
@@ -53,16 +95,30 @@ def aiokafka_config(settings: CommonSettings) -> dict[str, Any]:
         "bootstrap_servers": settings.kafka_bootstrap.split(","),
         "security_protocol": settings.kafka_security_protocol,
     }
-    if settings.kafka_security_protocol in {"SSL", "SASL_SSL"}:
-        config["ssl_context"] = ssl.create_default_context()
+    if uses_tls(settings):
+        config["ssl_context"] = ssl_context(settings)
     if settings.kafka_sasl_mechanism:
-        secret = settings.kafka_sasl_password
         config.update(
             sasl_mechanism=settings.kafka_sasl_mechanism,
             sasl_plain_username=settings.kafka_sasl_username,
-            sasl_plain_password=secret.get_secret_value() if secret else None,
+            sasl_plain_password=_secret(settings.kafka_sasl_password),
         )
     return config
+
+
+def faust_credentials(settings: CommonSettings) -> Any:
+    """faust's ``broker_credentials``: SASL (over TLS for SASL_SSL), TLS alone, or None."""
+    import faust
+
+    context = ssl_context(settings) if uses_tls(settings) else None
+    if settings.kafka_sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username, password=_secret(settings.kafka_sasl_password),
+            mechanism=settings.kafka_sasl_mechanism, ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def faust_app(settings: CommonSettings, app_id: str, **extra: Any) -> faust.App:
@@ -89,6 +145,7 @@ def faust_app(settings: CommonSettings, app_id: str, **extra: Any) -> faust.App:
         # faust keeps table state in ``{app_id}-data`` under datadir, by default the working
         # directory; Lookalike's apps have no tables, so it goes under LOOKALIKE_HOME instead.
         datadir=str(settings.home / "faust"),
+        broker_credentials=faust_credentials(settings),
         **extra,
     )
 
@@ -96,3 +153,19 @@ def faust_app(settings: CommonSettings, app_id: str, **extra: Any) -> faust.App:
 def faust_broker_url(settings: CommonSettings) -> str:
     """faust's broker URL: ``kafka://h1:9092;h2:9092``."""
     return "kafka://" + ";".join(host.strip() for host in settings.kafka_bootstrap.split(","))
+
+
+def redis_client(settings: CommonSettings, *, asyncio: bool = False, **kwargs: Any) -> Any:
+    """A Redis client for ``redis_url``, with AUTH (``redis_username``/``redis_password``, or
+    credentials in the URL) and, for ``rediss://`` URLs, TLS trusting ``redis_ssl_ca_file``."""
+    import redis
+    import redis.asyncio as aioredis
+
+    url = settings.redis_url.get_secret_value()
+    if settings.redis_password is not None:
+        kwargs.setdefault("password", settings.redis_password.get_secret_value())
+        if settings.redis_username:
+            kwargs.setdefault("username", settings.redis_username)
+    if url.startswith("rediss://") and settings.redis_ssl_ca_file:
+        kwargs.setdefault("ssl_ca_certs", str(settings.redis_ssl_ca_file))
+    return (aioredis.Redis if asyncio else redis.Redis).from_url(url, **kwargs)

@@ -73,3 +73,15 @@ class ModelMismatch(InvalidMessage):
     """A vector was made by another model version than the index serves."""
 
     code = "model_mismatch"
+
+
+class Unauthorized(InvalidMessage):
+    """A query is unsigned, signed with a wrong or unknown key, altered, or outside the replay window."""
+
+    code = "unauthorized"
+
+
+class RateLimited(InvalidMessage):
+    """A client sent more queries than its token bucket allows."""
+
+    code = "rate_limited"

@@ -98,8 +98,10 @@ def vectors_topic(settings: CommonSettings, version: str) -> str:
 
 
 def redis_client(settings: CommonSettings, **kwargs: object) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5, decode_responses=True,
-                                **kwargs)  # type: ignore[arg-type]
+    """A client for the rollout state (with the deployment's AUTH/TLS settings), strings decoded."""
+    from lookalike.clients import redis_client as make_client
+
+    return make_client(settings, **{"socket_timeout": 5, "decode_responses": True, **kwargs})
 
 
 def read_state(client: redis.Redis, settings: CommonSettings) -> RolloutState | None:

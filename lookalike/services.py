@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from lookalike.clients import redis_client
 from lookalike.errors import StackError
 from lookalike.settings import CommonSettings, IndexerSettings, StackSettings
 from lookalike.stack.process import Daemon
@@ -48,7 +49,7 @@ def indexer_status(settings: CommonSettings | None = None, group: str | None = N
     """What each live indexer instance last published in Redis."""
     settings = settings or IndexerSettings()
     group = group or IndexerSettings().indexer_group
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2, decode_responses=True)
+    client = redis_client(settings, socket_timeout=2, decode_responses=True)
     out = []
     for key in sorted(client.scan_iter(f"lookalike:indexer:{group}:*")):
         raw = client.hgetall(key)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -37,7 +37,19 @@ class CommonSettings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    # TLS towards Kafka (SSL, SASL_SSL): the CA bundle to trust (else the system's), a client
+    # certificate and key for mutual TLS, and hostname checking (keep it on outside tests).
+    kafka_ssl_ca_file: Path | None = None
+    kafka_ssl_cert_file: Path | None = None
+    kafka_ssl_key_file: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:16379/0")
+    # Redis AUTH when the password is not in the URL (Redis 6 ACL user: redis_username), and
+    # the CA to trust for rediss:// URLs (TLS).
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ssl_ca_file: Path | None = None
 
     catalog_topic: str = "lookalike.catalog"
     queries_topic: str = "lookalike.queries"
@@ -55,7 +67,9 @@ class CommonSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_k: int = Field(100, ge=1, le=10_000)
     default_k: int = Field(5, ge=1)
-    reply_topic_prefix: str = "lookalike."
+    # reply-to topics a query may name: only reply topics, never the pipeline's own (catalog,
+    # vectors), and what the services' Write ACL covers (docs/security.md).
+    reply_topic_prefix: str = "lookalike.replies"
 
     # How soon the group notices a member that died without leaving (kill -9, lost host) and
     # hands its partitions to the others; faust's default is 60 s.
@@ -72,6 +86,18 @@ class CommonSettings(BaseSettings):
     def models_path(self) -> Path:
         return self.model_dir or self.home / "models"
 
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> CommonSettings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_mechanism, "
+                             "kafka_sasl_username and kafka_sasl_password")
+        if not sasl and self.kafka_sasl_mechanism:
+            raise ValueError(f"kafka_sasl_mechanism is set but kafka_security_protocol is {self.kafka_security_protocol}")
+        if bool(self.kafka_ssl_cert_file) != bool(self.kafka_ssl_key_file):
+            raise ValueError("kafka_ssl_cert_file and kafka_ssl_key_file go together (mutual TLS)")
+        return self
+
 
 class WorkerSettings(CommonSettings):
     """The embedding worker: micro-batching and where the model runs."""
@@ -83,6 +109,15 @@ class WorkerSettings(CommonSettings):
     query_batch_wait_ms: int = Field(5, ge=0)
     catalog_batch_max: int = Field(64, ge=1)
     catalog_batch_wait_ms: int = Field(100, ge=0)
+    # Who may ask (docs/security.md): signed queries with per-client keys, and a token
+    # bucket per client in Redis. Off for the local demo, on in docker-compose.yml.
+    query_auth: bool = False
+    query_keys: dict[str, SecretStr] = Field(default_factory=dict)  # client id -> key (JSON in the variable)
+    query_keys_file: Path | None = None  # or a JSON file {"client id": "key", ...}, e.g. a mounted secret
+    query_replay_window_s: float = Field(300.0, gt=0)  # signed-at may be this far from the worker's clock
+    rate_limit: bool = False
+    rate_limit_per_s: float = Field(20.0, gt=0)  # tokens a client earns per second
+    rate_limit_burst: int = Field(40, ge=1)  # bucket size: queries a client may send at once
 
 
 class IndexerSettings(CommonSettings):
@@ -108,6 +143,7 @@ class ClientSettings(CommonSettings):
 
     reply_timeout_s: float = Field(10.0, gt=0)
     client_id: str = "lookalike-client"
+    client_key: SecretStr | None = None  # set: queries are signed as client_id (docs/security.md)
 
 
 class FeedbackSettings(CommonSettings):
@@ -171,3 +207,17 @@ class StackSettings(BaseSettings):
     kafka_heap: str = "768m"
     state_dir: Path = Field(default_factory=lambda: default_home() / "stack")
     start_timeout_s: float = 90.0
+    # Secured listeners beside the loopback PLAINTEXT one (docs/security.md): SASL_SSL with
+    # SCRAM-SHA-512 and/or TLS, with the broker's key and certificate in a PKCS#12 keystore.
+    kafka_sasl_ssl_port: int | None = None
+    kafka_ssl_port: int | None = None
+    kafka_tls_keystore: Path | None = None
+    kafka_tls_keystore_password: SecretStr | None = None
+    kafka_tls_truststore: Path | None = None  # PEM CA certificates that sign client certificates (mutual TLS)
+    kafka_ssl_client_auth: Literal["none", "requested", "required"] = "none"
+    kafka_scram_users: dict[str, SecretStr] = Field(default_factory=dict)  # SCRAM-SHA-512 users, made at format time
+    redis_password: SecretStr | None = None  # requirepass (AUTH)
+    redis_tls_cert_file: Path | None = None  # set: redis_port speaks TLS only (rediss://)
+    redis_tls_key_file: Path | None = None
+    redis_tls_ca_file: Path | None = None
+    kafka_authorizer: bool = False  # StandardAuthorizer with ACLs; ANONYMOUS (the loopback PLAINTEXT listener) is super user

@@ -45,6 +45,18 @@ def topic_specs(settings: CommonSettings) -> list[TopicSpec]:
     ]
 
 
+def ensure_topics_if_allowed(settings: CommonSettings) -> list[str]:
+    """What services call at start: create missing topics where this principal may; where the
+    ACLs leave topic creation to an admin (``lookalike topics create``), say so and go on."""
+    try:
+        return ensure_topics(settings)
+    except KafkaException as exc:
+        if exc.args[0].code() not in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+            raise
+        log.warning("not allowed to create topics (%s): they must be made by `lookalike topics create`", exc.args[0].str())
+        return []
+
+
 def ensure_topics(settings: CommonSettings, specs: list[TopicSpec] | None = None, timeout_s: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
     admin = AdminClient(confluent_config(settings))

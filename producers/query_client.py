@@ -14,6 +14,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
+from lookalike import auth
 from lookalike import contracts as c
 from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import ReplyTimeout
@@ -70,7 +71,7 @@ class QueryClient:
         """Publish a query; returns its request id. ``item_id``: "more like this item";
         ``min_position``: catalog partition -> offset the answering index must include (read
         your writes, e.g. ``CatalogFeed.positions``); ``headers`` are added to (and override)
-        the standard ones."""
+        the standard ones. With ``client_key`` set the query is signed (after ``headers`` are merged)."""
         self._assign()
         request_id = request_id or uuid.uuid4().hex
         standard = {c.H_REPLY_TO: self.reply_to.encode(), c.H_K: str(k or self.settings.default_k).encode()}
@@ -78,8 +79,12 @@ class QueryClient:
             standard[c.H_ITEM_ID] = item_id.encode()
         if min_position:
             standard[c.H_MIN_POSITION] = c.format_position(min_position)
-        headers = list({**standard, **(headers or {})}.items())
-        self.producer.produce(self.settings.queries_topic, key=request_id.encode(), value=image, headers=headers)
+        merged = {**standard, **(headers or {})}
+        if self.settings.client_key is not None:  # signed as client_id (docs/security.md)
+            merged = auth.sign(self.settings.client_id, self.settings.client_key.get_secret_value(),
+                               request_id.encode(), merged, image)
+        self.producer.produce(self.settings.queries_topic, key=request_id.encode(), value=image,
+                              headers=list(merged.items()))
         self.producer.flush(10)
         self._pending.add(request_id.encode())
         return request_id

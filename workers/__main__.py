@@ -7,7 +7,7 @@ import logging
 import faust
 
 from lookalike.settings import WorkerSettings
-from lookalike.topics import ensure_topics
+from lookalike.topics import ensure_topics_if_allowed
 from workers.app import ModelSet, create_app
 
 log = logging.getLogger("workers")
@@ -16,7 +16,7 @@ log = logging.getLogger("workers")
 def main() -> None:
     settings = WorkerSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ensure_topics(settings)
+    ensure_topics_if_allowed(settings)
     models = ModelSet(settings)
     app = create_app(settings, models)
     log.info("worker %s: catalog %s, queries %s, models from %s", settings.worker_group,

@@ -41,6 +41,7 @@ from lookalike.rollout import RolloutState
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_vectors_topic
 from workers import stages
+from workers.guard import QueryGuard
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,14 @@ class ModelSet:
         self._loaded: dict[str, Embedder] = {}
         self.state = RolloutState(serving=rollout.desired_version(settings))
 
+    @classmethod
+    def of(cls, settings: WorkerSettings, embedder: Embedder) -> ModelSet:
+        """A set holding one loaded model, serving (tests, embedding without a store)."""
+        models = cls.__new__(cls)
+        models.settings, models._loaded = settings, {embedder.version: embedder}
+        models.state = RolloutState(serving=embedder.version)
+        return models
+
     def get(self, version: str) -> Embedder:
         """The embedder of ``version``, loaded on first use (blocking)."""
         if version not in self._loaded:
@@ -110,6 +119,7 @@ class EmbeddingWorker:
         # One inference thread: torch already uses every core inside one call.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.reply_topics = ReplyTopics(settings)
+        self.guard = QueryGuard(settings)
 
     def catalog_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]],
                       version: str, dead_letters: bool = True):
@@ -154,6 +164,7 @@ class EmbeddingWorker:
         errors: list[tuple[str, Record]] = []
         for key, value, headers, source in events:
             try:
+                self.guard.admit(key, value, headers)  # signature and rate limit, before decoding anything
                 query = stages.parse_query(key, value, headers, source, self.settings)
                 if not self.reply_topics.exists(query.options.reply_to):
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")

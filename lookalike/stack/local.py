@@ -89,30 +89,78 @@ class KafkaBroker:
 
     def server_properties(self) -> str:
         s = self.settings
-        return "\n".join(
-            [
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@{HOST}:{s.controller_port}",
-                f"listeners=PLAINTEXT://{HOST}:{s.kafka_port},CONTROLLER://{HOST}:{s.controller_port}",
-                f"advertised.listeners=PLAINTEXT://{HOST}:{s.kafka_port}",
-                "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                "inter.broker.listener.name=PLAINTEXT",
-                f"log.dirs={self.dir / 'data'}",
-                "num.partitions=4",
-                "auto.create.topics.enable=false",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=8",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "group.initial.rebalance.delay.ms=0",
-                "message.max.bytes=16777216",
-                "log.cleaner.backoff.ms=5000",
-                "",
+        listeners = [f"PLAINTEXT://{HOST}:{s.kafka_port}", f"CONTROLLER://{HOST}:{s.controller_port}"]
+        if s.kafka_sasl_ssl_port:
+            listeners.append(f"SASL_SSL://{HOST}:{s.kafka_sasl_ssl_port}")
+        if s.kafka_ssl_port:
+            listeners.append(f"SSL://{HOST}:{s.kafka_ssl_port}")
+        advertised = [listener for listener in listeners if not listener.startswith("CONTROLLER")]
+        lines = [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{HOST}:{s.controller_port}",
+            f"listeners={','.join(listeners)}",
+            f"advertised.listeners={','.join(advertised)}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={self.dir / 'data'}",
+            "num.partitions=4",
+            "auto.create.topics.enable=false",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=8",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "group.initial.rebalance.delay.ms=0",
+            "message.max.bytes=16777216",
+            "log.cleaner.backoff.ms=5000",
+            *self.security_properties(),
+            "",
+        ]
+        return "\n".join(lines)
+
+    def security_properties(self) -> list[str]:
+        """TLS, SCRAM and ACL settings of the secured listeners (none without them). The
+        inter-broker and controller listeners stay PLAINTEXT on loopback."""
+        s = self.settings
+        lines: list[str] = []
+        if s.kafka_sasl_ssl_port or s.kafka_ssl_port:
+            if not s.kafka_tls_keystore or not s.kafka_tls_keystore_password:
+                raise StackError("a TLS listener needs kafka_tls_keystore and kafka_tls_keystore_password")
+            password = s.kafka_tls_keystore_password.get_secret_value()
+            lines += [
+                "ssl.keystore.type=PKCS12",
+                f"ssl.keystore.location={s.kafka_tls_keystore}",
+                f"ssl.keystore.password={password}",
+                f"ssl.key.password={password}",
+                "ssl.enabled.protocols=TLSv1.3,TLSv1.2",
             ]
-        )
+            if s.kafka_tls_truststore:
+                lines += ["ssl.truststore.type=PEM", f"ssl.truststore.location={s.kafka_tls_truststore}"]
+            if s.kafka_ssl_port:
+                lines.append(f"listener.name.ssl.ssl.client.auth={s.kafka_ssl_client_auth}")
+        if s.kafka_sasl_ssl_port:
+            lines += [
+                "sasl.enabled.mechanisms=SCRAM-SHA-512",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            ]
+        if s.kafka_authorizer:
+            lines += [
+                "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "super.users=User:ANONYMOUS",  # the loopback PLAINTEXT and CONTROLLER listeners
+                "allow.everyone.if.no.acl.found=false",
+            ]
+        return lines
+
+    def scram_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments that create the SCRAM users (KRaft stores them
+        in the metadata log from the first start; KIP-900)."""
+        out = []
+        for name, password in sorted(self.settings.kafka_scram_users.items()):
+            out += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password.get_secret_value()}]"]
+        return out
 
     def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
         return [
@@ -143,9 +191,11 @@ class KafkaBroker:
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "server.properties"
         config.write_text(self.server_properties())
+        config.chmod(0o600)  # it may hold the keystore password
         if not (self.dir / "data" / "meta.properties").is_file():
             cluster_id = self._cluster_id()
-            _run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)), "kafka storage format")
+            _run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
+                            *self.scram_arguments()), "kafka storage format")
         if self.daemon.pid() is None:
             self.daemon.start(self._java("kafka.Kafka", str(config), heap=self.settings.kafka_heap))
         self.daemon.wait_until(self.answers, self.settings.start_timeout_s, "the Kafka broker")
@@ -173,7 +223,23 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.settings.redis_port}/0"
+        """Without the password: clients get it from ``LOOKALIKE_REDIS_PASSWORD``."""
+        scheme = "rediss" if self.settings.redis_tls_cert_file else "redis"
+        return f"{scheme}://{HOST}:{self.settings.redis_port}/0"
+
+    def config(self, work: Path) -> str:
+        """redis.conf: a file (mode 0600), so that the password is not on the command line."""
+        s = self.settings
+        lines = [f"bind {HOST}", "save \"\"", "appendonly no", "daemonize no", f"dir {work}", "protected-mode yes"]
+        if s.redis_tls_cert_file:
+            lines += ["port 0", f"tls-port {s.redis_port}", f"tls-cert-file {s.redis_tls_cert_file}",
+                      f"tls-key-file {s.redis_tls_key_file}", f"tls-ca-cert-file {s.redis_tls_ca_file}",
+                      "tls-auth-clients no"]
+        else:
+            lines.append(f"port {s.redis_port}")
+        if s.redis_password:
+            lines.append(f"requirepass {s.redis_password.get_secret_value()}")
+        return "\n".join(lines) + "\n"
 
     def binary(self) -> str:
         found = shutil.which("redis-server")
@@ -191,8 +257,11 @@ class RedisServer:
     def answers(self) -> bool:
         import redis
 
+        s = self.settings
+        password = s.redis_password.get_secret_value() if s.redis_password else None
+        tls = {"ssl_ca_certs": str(s.redis_tls_ca_file)} if s.redis_tls_cert_file else {}
         try:
-            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
+            return bool(redis.Redis.from_url(self.url, socket_timeout=1, password=password, **tls).ping())
         except redis.RedisError:
             return False
 
@@ -204,13 +273,10 @@ class RedisServer:
         work = self.settings.state_dir / "redis"
         work.mkdir(parents=True, exist_ok=True)
         if self.daemon.pid() is None:
-            self.daemon.start(
-                [
-                    self.binary(), "--port", str(self.settings.redis_port), "--bind", HOST,
-                    "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(work),
-                    "--protected-mode", "yes",
-                ]
-            )
+            config = work / "redis.conf"
+            config.write_text(self.config(work))
+            config.chmod(0o600)
+            self.daemon.start([self.binary(), str(config)])
         self.daemon.wait_until(self.answers, 30, "redis-server")
 
     def down(self) -> bool:

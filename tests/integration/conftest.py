@@ -35,6 +35,7 @@ class Pipeline:
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per service, over env (e.g. its own Kafka user)
 
     def feed(self) -> CatalogFeed:
         return CatalogFeed(self.settings)
@@ -51,7 +52,8 @@ class Pipeline:
     def start(self, name: str) -> subprocess.Popen:
         module = {"worker": "workers", "indexer": "indexer"}[name]
         with self.logs[name].open("ab") as fh:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", module], env=self.env, cwd=REPO,
+            env = {**self.env, **self.service_env.get(name, {})}
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=REPO,
                                                 stdout=fh, stderr=subprocess.STDOUT)
         return self.procs[name]
 
@@ -101,8 +103,11 @@ def topic_env(prefix: str) -> dict[str, str]:
     }
 
 
-def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dict[str, str] | None = None) -> Pipeline:
-    prefix = f"test-{uuid.uuid4().hex[:10]}"
+def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dict[str, str] | None = None, *,
+                   prefix: str | None = None, service_env: dict[str, dict[str, str]] | None = None,
+                   create_topics: bool = True) -> Pipeline:
+    """``create_topics=False``: the caller created them (e.g. as an admin on a broker with ACLs)."""
+    prefix = prefix or f"test-{uuid.uuid4().hex[:10]}"
     env = {
         **os.environ,
         **topic_env(prefix),
@@ -118,8 +123,9 @@ def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dic
     }
     settings = ClientSettings(**{k[len("LOOKALIKE_"):].lower(): v for k, v in env.items()
                                  if k.startswith("LOOKALIKE_") and k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
-    ensure_topics(settings)
-    pipeline = Pipeline(settings, env)
+    if create_topics:
+        ensure_topics(settings)
+    pipeline = Pipeline(settings, env, service_env=service_env or {})
     for name in ("worker", "indexer"):
         pipeline.logs[name] = workdir / f"{name}.log"
         pipeline.start(name)

@@ -125,3 +125,17 @@ def test_stored_files_are_readable_by_other_users(tmp_path: Path) -> None:
     store.set_alias(CHAMPION, card.version)
     assert (store.root / card.version).stat().st_mode & 0o055 == 0o055
     assert (store.root / "aliases.json").stat().st_mode & 0o044 == 0o044
+
+
+def test_a_card_in_another_versions_folder_or_not_json_is_refused(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    _, card = save(store)
+    other = tmp_path / "20990101T000000Z-deadbeef"
+    other.mkdir()
+    (other / CARD_FILE).write_text((tmp_path / card.version / CARD_FILE).read_text("utf-8"), "utf-8")
+    (other / WEIGHTS_FILE).write_bytes((tmp_path / card.version / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ModelArtifactError, match="holds the card of"):
+        store.load(other.name)
+    (other / CARD_FILE).write_text("{not json", "utf-8")
+    with pytest.raises(ModelArtifactError, match="not JSON"):
+        store.card(other.name)

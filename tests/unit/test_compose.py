@@ -56,3 +56,17 @@ def test_gpu_worker_reserves_a_gpu_and_volumes_are_named() -> None:
     used = {v.split(":")[0] for s in SERVICES.values() for v in s.get("volumes", []) if not v.startswith(("$", "/", "."))}
     assert used <= set(COMPOSE["volumes"])
     assert {"kafka-data", "redis-data", "models"} <= used
+
+
+def test_queries_are_signed_and_rate_limited_in_compose() -> None:
+    for name in ("worker", "worker-gpu"):
+        settings = WorkerSettings(_env_file=None, **{k[len("LOOKALIKE_"):].lower(): v
+                                                     for k, v in SERVICES[name]["environment"].items()
+                                                     if k.startswith("LOOKALIKE_") and k != "LOOKALIKE_QUERY_KEYS_FILE"})
+        assert settings.query_auth and settings.rate_limit, name
+        assert SERVICES[name]["environment"]["LOOKALIKE_QUERY_KEYS_FILE"] == "/secrets/query-keys.json"
+        assert "secrets:/secrets:ro" in SERVICES[name]["volumes"]
+        assert SERVICES[name]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert SERVICES["keys"]["command"][:2] == ["lookalike", "keys"]
+    assert "/secrets/query-keys.json" in SERVICES["keys"]["command"]
+    assert WorkerSettings(_env_file=None).query_auth is False  # the local demo

@@ -101,7 +101,9 @@ def test_error_reply_for_unreadable_key_is_still_keyed_by_it() -> None:
 
 def test_reply_destination_falls_back_when_reply_to_is_not_allowed() -> None:
     assert stages.reply_destination({c.H_REPLY_TO: b"elsewhere"}, SETTINGS) == SETTINGS.replies_topic
-    assert stages.reply_destination({c.H_REPLY_TO: b"lookalike.mine"}, SETTINGS) == "lookalike.mine"
+    assert stages.reply_destination({c.H_REPLY_TO: b"lookalike.replies.mine"}, SETTINGS) == "lookalike.replies.mine"
+    # The pipeline's own topics are not reply topics: no JSON replies injected into the catalog.
+    assert stages.reply_destination({c.H_REPLY_TO: b"lookalike.catalog"}, SETTINGS) == SETTINGS.replies_topic
 
 
 def test_indexer_applies_vector_records_and_answers() -> None:

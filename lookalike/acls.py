@@ -1,0 +1,114 @@
+"""The Kafka ACLs each Lookalike component needs, least privilege, as data.
+
+docs/security.md shows them as ``kafka-acls.sh`` commands (``lookalike acls SERVICE
+--principal User:NAME`` prints them for your topic names, ``--apply`` creates them), and
+the security integration test runs the pipeline on a broker with an authorizer and
+exactly these ACLs. Topics and groups use prefixed patterns where a family of names is
+meant (reply topics, consumer groups of blue/green replicas), literal ones otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from lookalike.settings import CommonSettings
+
+Service = Literal["worker", "indexer", "query-client", "catalog-feed", "admin"]
+SERVICES: tuple[Service, ...] = ("worker", "indexer", "query-client", "catalog-feed", "admin")
+
+
+@dataclass(frozen=True)
+class Grant:
+    resource: Literal["topic", "group", "cluster"]
+    name: str
+    pattern: Literal["literal", "prefixed"]
+    operation: Literal["READ", "WRITE", "DESCRIBE", "CREATE", "DESCRIBE_CONFIGS"]
+    why: str
+
+
+def topic_namespace(settings: CommonSettings) -> str:
+    """The common prefix of the deployment's topic names up to a '.', e.g. ``lookalike.``."""
+    names = [settings.catalog_topic, settings.queries_topic, settings.replies_topic, settings.deadletter_topic,
+             settings.catalog_vectors_topic, settings.query_vectors_topic]
+    common = os.path.commonprefix(names)  # noqa: RUF071 (characters are what topic prefixes are made of)
+    return common[: common.rfind(".") + 1] if "." in common else common
+
+
+def grants(service: Service, settings: CommonSettings, *, group: str | None = None) -> list[Grant]:
+    """What ``service`` needs. ``group``: its consumer group (worker_group / indexer_group /
+    the query client's client_id), used as a prefix."""
+    s = settings
+    ns = topic_namespace(s)
+    describe = Grant("topic", ns, "prefixed", "DESCRIBE", "see which topics exist (start-up checks, reply-to)")
+
+    def replies(why: str) -> list[Grant]:
+        out = [Grant("topic", s.reply_topic_prefix, "prefixed", "WRITE", why)]
+        if not s.replies_topic.startswith(s.reply_topic_prefix):
+            out.append(Grant("topic", s.replies_topic, "literal", "WRITE", why))
+        return out
+
+    if service == "worker":
+        return [
+            describe,
+            Grant("topic", s.catalog_topic, "literal", "READ", "catalog images to embed"),
+            Grant("topic", s.queries_topic, "literal", "READ", "queries to embed"),
+            Grant("topic", f"{s.catalog_vectors_topic}.", "prefixed", "WRITE",
+                  "catalog vectors, one topic per model version (lookalike/rollout.py)"),
+            Grant("topic", f"{s.catalog_vectors_topic}.", "prefixed", "CREATE",
+                  "a new model version's vector topic, when the worker is first to need it"),
+            Grant("topic", s.query_vectors_topic, "literal", "WRITE", "query vectors"),
+            Grant("topic", s.deadletter_topic, "literal", "WRITE", "refused catalog records"),
+            *replies("error replies to refused queries (reply-to topics)"),
+            Grant("group", group or "lookalike-worker", "prefixed", "READ", "its consumer group (faust app id)"),
+        ]
+    if service == "indexer":
+        return [
+            describe,
+            Grant("topic", f"{s.catalog_vectors_topic}.", "prefixed", "READ",
+                  "each live model version's catalog feed (assigned, no group)"),
+            Grant("topic", f"{s.catalog_vectors_topic}.", "prefixed", "CREATE",
+                  "a new model version's vector topic, when the indexer is first to need it"),
+            Grant("topic", s.query_vectors_topic, "literal", "READ", "query vectors to answer"),
+            *replies("replies (reply-to topics)"),
+            Grant("group", group or "lookalike-indexer", "prefixed", "READ", "its consumer group (faust app id)"),
+        ]
+    if service == "query-client":
+        return [
+            Grant("topic", s.queries_topic, "literal", "WRITE", "publish queries"),
+            Grant("topic", s.replies_topic, "literal", "READ", "read replies (give each client its own reply "
+                  "topic under the reply prefix to keep clients from reading each other's answers)"),
+        ]
+    if service == "catalog-feed":
+        return [Grant("topic", s.catalog_topic, "literal", "WRITE", "publish catalog items and tombstones")]
+    if service == "admin":  # `lookalike topics create`
+        return [
+            Grant("topic", ns, "prefixed", "CREATE", "create the topics"),
+            Grant("topic", ns, "prefixed", "DESCRIBE", "see which exist"),
+            Grant("topic", ns, "prefixed", "DESCRIBE_CONFIGS", "check their configuration"),
+        ]
+    raise ValueError(f"unknown service {service!r}; one of {SERVICES}")
+
+
+def bindings(principal: str, service_grants: list[Grant], host: str = "*") -> list:
+    """confluent-kafka AclBindings (ALLOW) for ``principal``, e.g. ``User:lookalike-worker``."""
+    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    return [
+        AclBinding(ResourceType[g.resource.upper()], g.name, ResourcePatternType[g.pattern.upper()], principal, host,
+                   AclOperation[g.operation], AclPermissionType.ALLOW)
+        for g in service_grants
+    ]
+
+
+def kafka_acls_commands(principal: str, service_grants: list[Grant], bootstrap: str = "BROKER:9092") -> list[str]:
+    """The same grants as ``kafka-acls.sh`` command lines."""
+    lines = []
+    for g in service_grants:
+        target = "--cluster" if g.resource == "cluster" else f"--{g.resource} {g.name}"
+        operation = "".join(part.capitalize() for part in g.operation.split("_"))
+        lines.append(f"kafka-acls.sh --bootstrap-server {bootstrap} --command-config admin.properties --add "
+                     f"--allow-principal {principal} --operation {operation} {target} "
+                     f"--resource-pattern-type {g.pattern}   # {g.why}")
+    return lines
