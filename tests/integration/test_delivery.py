@@ -145,7 +145,7 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
         "LOOKALIKE_STATUS_DIGEST": "1", "LOOKALIKE_STATUS_INTERVAL_S": "0.5", "LOOKALIKE_SNAPSHOTS": "0"})
     try:
         warm_up(pipeline, small_image(10_000))
-        items = {f"b{i}": 30_000 + i for i in range(300)}
+        items = {f"b{i}": 30_000 + i for i in range(240)}
         feed = pipeline.feed()
         published = threading.Event()
         failures: list[BaseException] = []
@@ -155,7 +155,7 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
                 for n, (item_id, seed) in enumerate(items.items()):
                     feed.publish(item_id, small_image(seed), {"seed": seed})
                     if n % 10 == 9:
-                        time.sleep(0.2)  # about 20 s of publishing at 50 items a second
+                        time.sleep(0.5)  # 12 s of publishing at 20 items a second: before, during and after
                 feed.flush(180)
             except BaseException as exc:  # reported by the test thread
                 failures.append(exc)
@@ -164,7 +164,7 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
 
         publisher = threading.Thread(target=publish)
         publisher.start()
-        time.sleep(4)
+        time.sleep(3)
         restart_started = time.monotonic()
         broker.down()
         time.sleep(2)
