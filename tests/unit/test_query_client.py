@@ -64,3 +64,15 @@ def test_the_deadline_raises_a_clear_timeout_error() -> None:
     with pytest.raises(ReplyTimeout, match=r"no reply for request req-1 on r.topic within 0.3s .*q.topic"):
         client.wait("req-1", timeout_s=0.3)
     assert b"req-1" not in client.book.pending
+
+
+def test_every_producer_is_idempotent_with_acks_all() -> None:
+    from lookalike.clients import faust_app, producer_config
+
+    settings = ClientSettings(_env_file=None)
+    config = producer_config(settings)
+    assert config["enable.idempotence"] is True and config["acks"] == "all"
+    app = faust_app(settings, "test-app")  # the worker's and the indexer's producer (aiokafka under faust)
+    extra = app.producer._settings_extra()
+    assert extra["enable_idempotence"] is True and extra["acks"] == "all"
+    assert app.conf.producer_acks == -1
