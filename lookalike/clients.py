@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
@@ -25,7 +26,7 @@ ENVELOPE_BYTES = 256 * 1024
 
 
 def max_message_bytes(settings: CommonSettings) -> int:
-    return settings.max_image_bytes + ENVELOPE_BYTES
+    return max(settings.max_image_bytes, settings.max_query_image_bytes) + ENVELOPE_BYTES
 
 
 SECRET_KEYS = ("password", "sasl_plain_password", "broker_credentials", "ssl.key.password")
@@ -128,7 +129,7 @@ def faust_app(settings: CommonSettings, app_id: str, **extra: Any) -> faust.App:
     member killed with -9 hands its partitions over quickly (faust's default is 60 s)."""
     import faust
 
-    return faust.App(
+    app = faust.App(
         app_id,
         broker=faust_broker_url(settings),
         key_serializer="raw",
@@ -148,6 +149,25 @@ def faust_app(settings: CommonSettings, app_id: str, **extra: Any) -> faust.App:
         broker_credentials=faust_credentials(settings),
         **extra,
     )
+    app.transport = idempotent_transport()(app.conf.broker_consumer, app)
+    return app
+
+
+@cache
+def idempotent_transport() -> type:
+    """faust's aiokafka transport with an idempotent producer: faust enables idempotence only
+    for exactly-once transactions, but a retried send must not duplicate a vector or a reply
+    in at-least-once mode either (acks=all comes from ``producer_acks=-1``)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    class IdempotentProducer(driver.Producer):
+        def _settings_extra(self) -> Mapping[str, Any]:
+            return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+    class IdempotentTransport(driver.Transport):
+        Producer = IdempotentProducer
+
+    return IdempotentTransport
 
 
 def faust_broker_url(settings: CommonSettings) -> str:

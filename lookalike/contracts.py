@@ -8,7 +8,9 @@ the tests validate every reply against them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import unicodedata
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.errors import BadHeader, BadKey, InvalidMessage
+from lookalike.errors import BadHeader, BadKey, InvalidMessage, MessageTooLarge
 
 # Header names. Kafka headers are (str, bytes) pairs; values are UTF-8 text.
 H_METADATA = "metadata"
@@ -34,9 +36,20 @@ H_ERROR_MESSAGE = "error-message"
 H_SOURCE_TOPIC = "source-topic"
 H_SOURCE_PARTITION = "source-partition"
 H_SOURCE_OFFSET = "source-offset"
+H_ORIGINAL_VALUE_BYTES = "original-value-bytes"
 
 MAX_KEY_BYTES = 256
 MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 16  # nesting of JSON objects and arrays in the metadata header
+MAX_HEADERS = 64  # per incoming record
+MAX_HEADER_BYTES = 128 * 1024  # names and values of all headers of one incoming record
+# Known metadata fields and the JSON types they must have (lookalike/schemas/metadata.schema.json);
+# other fields are free-form and kept as they are.
+METADATA_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "title": (str,), "gender": (str,), "masterCategory": (str,), "subCategory": (str,), "articleType": (str,),
+    "baseColour": (str,), "season": (str,), "year": (str, int), "usage": (str,),
+}
+_K_PATTERN = re.compile(rb"[0-9]{1,9}")
 VECTOR_DTYPE = "float32"
 
 Headers = Sequence[tuple[str, bytes | None]]
@@ -63,23 +76,66 @@ def decode_key(key: bytes | None, what: str = "key") -> str:
         text = key.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadKey(f"{what} is not valid UTF-8") from exc
-    if any(ord(c) < 32 for c in text):
+    # C0 and C1 control characters and DEL (Unicode category Cc): they break logs and terminals
+    if any(unicodedata.category(c) == "Cc" for c in text):
         raise BadKey(f"{what} contains control characters")
     return text
 
 
+def check_header_limits(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes] | None) -> None:
+    """At most MAX_HEADERS headers of MAX_HEADER_BYTES in all, on any incoming record."""
+    if not headers:
+        return
+    pairs = list(headers.items() if isinstance(headers, Mapping) else headers)
+    if len(pairs) > MAX_HEADERS:
+        raise MessageTooLarge(f"{len(pairs)} headers, the limit is {MAX_HEADERS}")
+    size = sum(len(str(name).encode("utf-8", "surrogateescape")) + len(value or b"") for name, value in pairs)
+    if size > MAX_HEADER_BYTES:
+        raise MessageTooLarge(f"headers are {size} bytes, the limit is {MAX_HEADER_BYTES}")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python accepts them, other parsers do not
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 def decode_metadata(raw: bytes | None) -> dict[str, Any]:
-    """The ``metadata`` header: a JSON object, or an empty one when absent."""
+    """The ``metadata`` header: a JSON object, or an empty one when absent.
+
+    Refused (BadHeader): not UTF-8, not strict JSON (NaN, Infinity), not an object, nested
+    deeper than MAX_METADATA_DEPTH, strings that cannot be written back as UTF-8 (lone
+    surrogates escaped as ``\\ud800``: they would break every reply that carries them), or a
+    known field of the wrong type. Unknown fields are kept.
+    """
     if raw is None or raw == b"":
         return {}
     if len(raw) > MAX_METADATA_BYTES:
         raise BadHeader(f"metadata header is {len(raw)} bytes, the limit is {MAX_METADATA_BYTES}")
     try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        too_deep = _depth(value) > MAX_METADATA_DEPTH
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise BadHeader(f"metadata header is not UTF-8 JSON: {exc}") from exc
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise BadHeader(f"metadata header is nested too deeply (limit {MAX_METADATA_DEPTH})")
     if not isinstance(value, dict):
         raise BadHeader("metadata header must be a JSON object")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadHeader("metadata header has a string that is not valid Unicode (a lone surrogate)") from exc
+    for name, types in METADATA_FIELD_TYPES.items():
+        if name in value and (not isinstance(value[name], types) or isinstance(value[name], bool)):
+            raise BadHeader(f"metadata field {name!r} must be a {' or '.join(t.__name__ for t in types)}")
     return value
 
 
@@ -94,9 +150,15 @@ class QueryOptions:
 
 
 def parse_query_headers(
-    headers: Mapping[str, bytes], *, default_reply_to: str, default_k: int, max_k: int, reply_topic_prefix: str
+    headers: Mapping[str, bytes], *, default_reply_to: str, default_k: int, max_k: int, reply_topic_prefix: str,
+    forbidden_reply_topics: Collection[str] = (),
 ) -> QueryOptions:
-    """Validate a query's headers. Raises BadHeader with a message a client can act on."""
+    """Validate a query's headers. Raises BadHeader with a message a client can act on.
+
+    ``forbidden_reply_topics``: the service's own topics; they share the prefix, and a reply
+    written into the catalog or the vector topics would overwrite items by key.
+    Headers this function does not know are ignored.
+    """
     reply_to = default_reply_to
     if H_REPLY_TO in headers:
         try:
@@ -107,12 +169,14 @@ def parse_query_headers(
             raise BadHeader(f"reply-to {reply_to!r} is not a valid topic name")
         if reply_to != default_reply_to and not reply_to.startswith(reply_topic_prefix):
             raise BadHeader(f"reply-to {reply_to!r} is outside the allowed prefix {reply_topic_prefix!r}")
+        # ... and the topics named after them: every model version's vector topic is "{vectors}.{version}"
+        if any(reply_to == t or reply_to.startswith(f"{t}.") for t in forbidden_reply_topics):
+            raise BadHeader(f"reply-to {reply_to!r} is one of Lookalike's own topics, not a reply topic")
     k = default_k
     if H_K in headers:
-        try:
-            k = int(headers[H_K].decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BadHeader("k header is not an integer") from exc
+        if not _K_PATTERN.fullmatch(headers[H_K]):  # plain decimal digits: no sign, spaces or "1_0"
+            raise BadHeader(f"k header must be a decimal integer, not {headers[H_K][:20]!r}")
+        k = int(headers[H_K])
         if not 1 <= k <= max_k:
             raise BadHeader(f"k={k} is outside 1..{max_k}")
     item_id = None
@@ -209,4 +273,5 @@ def error_reply(
 
 
 def encode_reply(reply: Mapping[str, Any]) -> bytes:
-    return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # backslashreplace: a message quoting hostile input cannot make the reply unwritable
+    return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")

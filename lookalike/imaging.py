@@ -48,6 +48,11 @@ class PreprocessSpec:
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """Untrusted bytes -> an RGB image, upright as its EXIF says.
 
+    The rules (docs/contracts.md): at most ``max_bytes``; JPEG, PNG or WebP by content
+    (the bytes are sniffed, nothing trusts a name or a header); at most ``max_pixels``
+    checked from the image header *before* pixels are decoded (decompression bombs);
+    truncated or corrupt data refused; an animated PNG or WebP stands for its first
+    frame; the EXIF orientation is applied (an unknown orientation value is ignored).
     Raises MessageTooLarge or BadImage, never a Pillow exception.
     """
     if not data:
@@ -72,6 +77,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         raise BadImage(f"not a {'/'.join(sorted(ALLOWED_FORMATS))} image") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"image cannot be decoded: {exc}") from exc
+    except Exception as exc:  # a decoder bug on hostile bytes (struct.error, IndexError, ...) is still a bad image
+        raise BadImage(f"image cannot be decoded: {type(exc).__name__}: {exc}") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

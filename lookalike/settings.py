@@ -63,7 +63,8 @@ class CommonSettings(BaseSettings):
     partitions: int = Field(4, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1, le=16)
 
-    max_image_bytes: int = Field(8 * MiB, ge=1024)
+    max_image_bytes: int = Field(8 * MiB, ge=1024)  # a catalog image
+    max_query_image_bytes: int = Field(8 * MiB, ge=1024)  # a query image (the limit of the queries topic)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_k: int = Field(100, ge=1, le=10_000)
     default_k: int = Field(5, ge=1)

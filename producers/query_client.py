@@ -3,6 +3,10 @@
 Replies arrive on a shared reply topic keyed by request id. The client assigns itself
 every partition of the reply topic at its current end *before* sending, so it cannot
 miss a fast reply, then reads until its own key shows up or the deadline passes.
+
+Delivery is at least once: a worker or indexer that crashes after producing a reply but
+before committing its input answers the query again after the rebalance. The client keeps
+the first reply per request id and drops the copies (:class:`ReplyBook`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
@@ -20,6 +25,53 @@ from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import ReplyTimeout
 from lookalike.settings import ClientSettings
 from producers.feedback import FeedbackProducer
+
+
+class ReplyBook:
+    """Replies by request id. The first reply to a request that is waited for wins; copies
+    (the same request answered twice after a crash) and other clients' replies are dropped."""
+
+    REMEMBER = 10_000  # recently returned request ids, to count late copies
+
+    def __init__(self) -> None:
+        self.pending: set[bytes] = set()
+        self.replies: dict[bytes, tuple[dict[str, Any], bytes]] = {}
+        self.returned: OrderedDict[bytes, None] = OrderedDict()
+        self.duplicates = 0  # copies of a reply already held or already returned
+
+    def expect(self, key: bytes) -> None:
+        self.pending.add(key)
+
+    def offer(self, key: bytes | None, value: bytes | None) -> bool:
+        """A record read from the reply topic; True when it is a new reply to a pending request."""
+        if key is None or value is None:
+            return False
+        if key in self.replies or key in self.returned:
+            self.duplicates += 1
+            return False
+        if key not in self.pending:
+            return False
+        try:
+            self.replies[key] = (json.loads(value), value)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return True
+
+    def has(self, key: bytes) -> bool:
+        return key in self.replies
+
+    def take(self, key: bytes) -> tuple[dict[str, Any], bytes]:
+        """The reply for ``key`` (which must be held); the request is done."""
+        self.pending.discard(key)
+        self.returned[key] = None
+        while len(self.returned) > self.REMEMBER:
+            self.returned.popitem(last=False)
+        return self.replies.pop(key)
+
+    def forget(self, key: bytes) -> None:
+        """A request given up on (its deadline passed): a late reply is dropped."""
+        self.pending.discard(key)
+        self.replies.pop(key, None)
 
 
 class QueryClient:
@@ -46,9 +98,7 @@ class QueryClient:
             )
         )
         self._assigned = False
-        self._pending: set[bytes] = set()  # request ids sent and not yet returned
-        self._replies: dict[bytes, dict[str, Any]] = {}  # replies read for pending requests
-        self._raw: dict[bytes, bytes] = {}
+        self.book = ReplyBook()
         self.last_reply_bytes: bytes | None = None  # the value of the last reply returned, as it came
 
     def _assign(self) -> None:
@@ -85,29 +135,31 @@ class QueryClient:
                                request_id.encode(), merged, image)
         self.producer.produce(self.settings.queries_topic, key=request_id.encode(), value=image,
                               headers=list(merged.items()))
-        self.producer.flush(10)
-        self._pending.add(request_id.encode())
+        self.book.expect(request_id.encode())
+        left = self.producer.flush(10)
+        if left:
+            self.book.forget(request_id.encode())
+            raise ReplyTimeout(f"query {request_id} was not delivered to {self.settings.queries_topic} within 10s "
+                               f"(is the broker at {self.settings.kafka_bootstrap} reachable?)")
         return request_id
 
     def wait(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """The reply for ``request_id``; raises ReplyTimeout after the deadline."""
         key = request_id.encode()
-        deadline = time.monotonic() + (timeout_s or self.settings.reply_timeout_s)
-        while key not in self._replies:
+        timeout_s = timeout_s or self.settings.reply_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not self.book.has(key):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ReplyTimeout(f"no reply for request {request_id} within {timeout_s or self.settings.reply_timeout_s}s")
+                self.book.forget(key)
+                raise ReplyTimeout(
+                    f"no reply for request {request_id} on {self.reply_to} within {timeout_s:g}s (the query went to "
+                    f"{self.settings.queries_topic}; are the worker and the indexer running?); a late reply is ignored")
             msg = self.consumer.poll(min(left, 0.2))
-            if msg is None or msg.error() is not None or msg.key() not in self._pending or msg.value() is None:
-                continue  # other clients' replies share the topic
-            try:
-                self._replies[msg.key()] = json.loads(msg.value())
-                self._raw[msg.key()] = msg.value()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-        self._pending.discard(key)
-        self.last_reply_bytes = self._raw.pop(key)
-        reply = self._replies.pop(key)
+            if msg is not None and msg.error() is None:
+                self.book.offer(msg.key(), msg.value())  # other clients' replies share the topic
+        reply, raw = self.book.take(key)
+        self.last_reply_bytes = raw
         if self.impressions_for is not None:
             self.emit_impressions(reply, self.impressions_for)
         return reply

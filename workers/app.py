@@ -170,7 +170,7 @@ class EmbeddingWorker:
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
                 queries.append(query)
             except InvalidMessage as exc:
-                log.info("query %s refused: %s", stages.request_id_of(key), exc)
+                log.info("query %r refused: %s", stages.request_id_of(key), exc)  # %r: a key may hold a newline
                 rejected = Rejected(key, value, headers, exc, source)
                 reply_to = stages.reply_destination(headers, self.settings)
                 if not self.reply_topics.exists(reply_to):

@@ -8,7 +8,9 @@ batches, calls these, produces and lets faust commit.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from lookalike.imaging import decode_image
 from lookalike.settings import CommonSettings
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,35 @@ class Rejected:
     source: Source
 
 
+def refusing_unexpected(parse):  # type: ignore[no-untyped-def]
+    """Whatever a parser raises on hostile input becomes an InvalidMessage (code ``internal``
+    when it is not one already): one message must never stop a batch or a service."""
+
+    @functools.wraps(parse)
+    def guarded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return parse(*args, **kwargs)
+        except InvalidMessage:
+            raise
+        except Exception as exc:
+            log.exception("unexpected failure while validating a message")
+            raise InvalidMessage(f"{type(exc).__name__}: {exc}", code="internal") from exc
+
+    return guarded
+
+
+def own_topics(settings: CommonSettings) -> frozenset[str]:
+    """Lookalike's own topics: never a query's reply-to, although they share its prefix."""
+    return frozenset({settings.catalog_topic, settings.queries_topic, settings.deadletter_topic,
+                      settings.catalog_vectors_topic, settings.query_vectors_topic} - {settings.replies_topic})
+
+
+@refusing_unexpected
 def parse_catalog(
     key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings
 ) -> CatalogImage | CatalogRemoval:
     """A catalog event -> an image to embed, or a removal (tombstone). Raises InvalidMessage."""
+    c.check_header_limits(headers)
     item_id = c.decode_key(key, "item id (key)")
     if value is None:
         return CatalogRemoval(item_id, source)
@@ -82,11 +110,13 @@ def parse_catalog(
     return CatalogImage(item_id, image, metadata_raw, source)
 
 
+@refusing_unexpected
 def parse_query(
     key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings
 ) -> Query:
     """A query -> its options and decoded image. Raises InvalidMessage."""
     started = time.perf_counter()
+    c.check_header_limits(headers)
     request_id = c.decode_key(key, "request id (key)")
     options = c.parse_query_headers(
         headers,
@@ -94,12 +124,13 @@ def parse_query(
         default_k=settings.default_k,
         max_k=settings.max_k,
         reply_topic_prefix=settings.reply_topic_prefix,
+        forbidden_reply_topics=own_topics(settings),
     )
     image = None
     if options.item_id is None:
         if value is None:
             raise InvalidMessage("query has no image and no item-id header", code="bad_image")
-        image = decode_image(value, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        image = decode_image(value, max_bytes=settings.max_query_image_bytes, max_pixels=settings.max_image_pixels)
     timings = {"decode": (time.perf_counter() - started) * 1000}
     if source.timestamp_ms is not None:
         timings["queue"] = max(0.0, time.time() * 1000 - source.timestamp_ms - timings["decode"])
@@ -115,6 +146,7 @@ def reply_destination(headers: Mapping[str, bytes], settings: CommonSettings) ->
             default_k=settings.default_k,
             max_k=settings.max_k,
             reply_topic_prefix=settings.reply_topic_prefix,
+            forbidden_reply_topics=own_topics(settings),
         ).reply_to
     except InvalidMessage:
         return settings.replies_topic
@@ -182,16 +214,27 @@ def embed_queries(embedder: Embedder, queries: Sequence[Query]) -> list[Record]:
 
 
 def deadletter_record(rejected: Rejected) -> Record:
-    """The original message, with why it was refused and where it came from."""
-    headers = [(name, value) for name, value in rejected.headers.items() if not name.startswith(("error-", "source-"))]
+    """The original message, with why it was refused and where it came from.
+
+    A message refused as ``too_large`` keeps neither its value nor its headers (the dead
+    letter would be as large, possibly over what the producer may send); a header says how
+    large the value was.
+    """
+    value = rejected.value
+    if rejected.error.code == "too_large":
+        headers = [(c.H_ORIGINAL_VALUE_BYTES, str(len(value or b"")).encode())]
+        value = None
+    else:
+        headers = [(name, value) for name, value in rejected.headers.items()
+                   if not name.startswith(("error-", "source-"))]
     headers += [
         (c.H_ERROR_CODE, rejected.error.code.encode()),
-        (c.H_ERROR_MESSAGE, str(rejected.error)[:1000].encode()),
+        (c.H_ERROR_MESSAGE, str(rejected.error)[:1000].encode("utf-8", "backslashreplace")),
         (c.H_SOURCE_TOPIC, rejected.source.topic.encode()),
         (c.H_SOURCE_PARTITION, str(rejected.source.partition).encode()),
         (c.H_SOURCE_OFFSET, str(rejected.source.offset).encode()),
     ]
-    return (rejected.key, rejected.value, headers)
+    return (rejected.key, value, headers)
 
 
 def error_reply_record(rejected: Rejected, model_version: str | None) -> Record:

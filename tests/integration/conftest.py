@@ -50,7 +50,9 @@ class Pipeline:
         return "\n".join(f"--- {name}\n{self.log_text(name)[-chars:]}" for name in self.logs)
 
     def start(self, name: str) -> subprocess.Popen:
-        module = {"worker": "workers", "indexer": "indexer"}[name]
+        """Start ``worker`` or ``indexer``; ``worker-2`` etc. start another member of the same group."""
+        module = {"worker": "workers", "indexer": "indexer"}[name.split("-")[0]]
+        self.logs.setdefault(name, Path(self.env["LOOKALIKE_HOME"]) / f"{name}.log")
         with self.logs[name].open("ab") as fh:
             env = {**self.env, **self.service_env.get(name, {})}
             self.procs[name] = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=REPO,

@@ -16,6 +16,7 @@ from indexer.snapshot import SnapshotError, SnapshotStore
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, wait_status, warm_up
+from tests.integration.steady import SteadyStream
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +160,7 @@ def test_corrupted_chunk_is_refused_and_recovery_is_still_exact(snapshotting: Pi
     assert "fails its checksum" in log and "full replay" in log
 
 
-def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_redis_away_30s_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
     from lookalike.settings import StackSettings
@@ -178,8 +179,10 @@ def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_mo
         feed.flush()
         before = wait_status(pipeline, lambda s: s["snapshot_items"] == "51", 60, "a snapshot of 51 items")["snapshot"]
 
-        private.down()  # Redis away for at least 10 s
+        private.down()  # Redis away for 30 s, a steady stream of queries all along
         away_since = time.monotonic()
+        known = [(small_image(70_000 + i), f"r{i}") for i in range(50)]
+        stream = SteadyStream(pipeline.settings, known, rate=5, duration_s=30, drain_s=20).start()
         with pipeline.client() as client:
             for i in range(50, 70):
                 feed.publish(f"r{i}", small_image(70_000 + i), {})
@@ -192,8 +195,11 @@ def test_redis_away_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_mo
                 if reply["results"][0]["item_id"] == f"r{50 + answered}":
                     answered += 1
             assert answered == 20, "items published while Redis was away are served"
-            time.sleep(max(0.0, 10 - (time.monotonic() - away_since)))
-            assert client.ask(small_image(70_000), timeout_s=10)["results"][0]["item_id"] == "r0"
+        report = stream.join()
+        assert time.monotonic() - away_since >= 30 and not private.answers(), "Redis was away all along"
+        print(f"\nRedis away for {time.monotonic() - away_since:.0f}s: steady stream {report}")
+        assert report.sent >= 140
+        assert report.answered == report.sent and report.ok_and_right == report.sent, report
         assert pipeline.alive()
         assert "cannot publish status to Redis" in pipeline.log_text("indexer")
 

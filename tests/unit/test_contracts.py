@@ -32,18 +32,79 @@ def test_query_headers_all_set() -> None:
         {c.H_REPLY_TO: b"\xff\xfe"},
         {c.H_ITEM_ID: b"\xff"},
         {c.H_ITEM_ID: b""},
+        {c.H_K: b"1_0"},
+        {c.H_K: b" 5"},
+        {c.H_K: b"+5"},
+        {c.H_K: b"-1"},
+        {c.H_K: b""},
+        {c.H_K: b"9" * 5000},
+        {c.H_K: "٥".encode()},
+        {c.H_REPLY_TO: b"lookalike.catalog"},
+        {c.H_REPLY_TO: b"lookalike.catalog.vectors"},
     ],
 )
 def test_query_headers_refused(headers: dict[str, bytes]) -> None:
     with pytest.raises(InvalidMessage) as err:
-        c.parse_query_headers(headers, **OPTS)
+        c.parse_query_headers(headers, **OPTS, forbidden_reply_topics={"lookalike.catalog", "lookalike.catalog.vectors"})
     assert err.value.code in {"bad_header", "bad_key"}
 
 
-@pytest.mark.parametrize("key", [None, b"", b"\xff\xfe", b"a" * 257, b"line\nbreak"])
+@pytest.mark.parametrize(
+    "key",
+    [None, b"", b"\xff\xfe", b"a" * 257, b"line\nbreak", b"del\x7f", "c1\x85".encode(), b"\xc0\xaf",
+     b"\xed\xa0\x80", b"caf\xc3"],
+    ids=["none", "empty", "not-utf8", "too-long", "newline", "del", "c1-control", "overlong", "surrogate", "cut-utf8"],
+)
 def test_bad_keys(key: bytes | None) -> None:
     with pytest.raises(BadKey):
         c.decode_key(key)
+
+
+def test_unicode_keys_are_fine() -> None:
+    assert c.decode_key("Ölkännchen-𝔘-🧥".encode()) == "Ölkännchen-𝔘-🧥"
+    assert c.decode_key(b"a" * 256) == "a" * 256
+
+
+def test_unknown_headers_are_ignored_and_duplicates_keep_the_last() -> None:
+    headers = c.headers_to_dict([(c.H_K, b"3"), ("x-trace", b"\xff"), (c.H_K, b"7")])
+    assert c.parse_query_headers(headers, **OPTS).k == 7
+
+
+def test_header_limits() -> None:
+    c.check_header_limits([("h", b"x")] * c.MAX_HEADERS)
+    with pytest.raises(InvalidMessage) as err:
+        c.check_header_limits([("h", b"x")] * (c.MAX_HEADERS + 1))
+    assert err.value.code == "too_large"
+    with pytest.raises(InvalidMessage, match="headers are"):
+        c.check_header_limits({"a": b"x" * c.MAX_HEADER_BYTES})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"[" * 60_000, "nested too deeply"),
+        (b'{"a":' * 17 + b"1" + b"}" * 17, "nested too deeply"),
+        (b'{"price": NaN}', "not UTF-8 JSON"),
+        (b'{"price": -Infinity}', "not UTF-8 JSON"),
+        (b'{"title": "\\ud800"}', "lone surrogate"),
+        (b'{"title": 42}', "'title' must be a str"),
+        (b'{"year": true}', "'year' must be a str or int"),
+        (b'"just a string"', "JSON object"),
+    ],
+)
+def test_hostile_metadata_is_refused(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadHeader, match=reason):
+        c.decode_metadata(raw)
+
+
+def test_metadata_keeps_unknown_fields() -> None:
+    raw = b'{"title": "t", "year": 2012, "x-extra": {"deep": [1, 2.5, null]}, "emoji": "\xf0\x9f\xa7\xa5"}'
+    assert c.decode_metadata(raw) == {"title": "t", "year": 2012, "x-extra": {"deep": [1, 2.5, None]}, "emoji": "🧥"}
+
+
+def test_encoded_reply_is_valid_utf8_whatever_the_message() -> None:
+    raw = c.encode_reply(c.error_reply("r", "internal", "quoting \ud800 from the input"))
+    assert raw.decode("utf-8")
 
 
 def test_metadata_header() -> None:

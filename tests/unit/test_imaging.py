@@ -170,3 +170,102 @@ def test_normalise_maps_the_pixel_range_by_mean_and_std() -> None:
 def test_preprocess_spec_round_trips_through_a_dict() -> None:
     spec = PreprocessSpec(size=48, resize="pad", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+# EXIF orientation -> how the stored pixels must be turned to display upright (EXIF 2.3, tag 0x0112).
+ORIENTATIONS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def quadrants() -> Image.Image:
+    """A 6x4 picture whose four quadrants differ: every flip and turn gives another picture."""
+    img = Image.new("RGB", (6, 4), (255, 0, 0))
+    img.paste((0, 255, 0), (3, 0, 6, 2))
+    img.paste((0, 0, 255), (0, 2, 3, 4))
+    img.paste((255, 255, 0), (3, 2, 6, 4))
+    return img
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_every_exif_orientation_is_honoured(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(encode(quadrants(), "PNG", exif=exif), **LIMITS)
+    method = ORIENTATIONS[orientation]
+    expected = quadrants() if method is None else quadrants().transpose(method)
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 65535])
+def test_an_unknown_orientation_is_ignored(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(encode(quadrants(), "PNG", exif=exif), **LIMITS)
+    assert np.array_equal(np.asarray(decoded), np.asarray(quadrants()))
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_corrupt_exif_block_does_not_fail_the_image() -> None:
+    data = encode(Image.new("RGB", (8, 8), RED), "JPEG", quality=95, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
+    assert decode_image(data, **LIMITS).size == (8, 8)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_an_animated_image_stands_for_its_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (12, 10), colour) for colour in (RED, (0, 0, 255), (0, 255, 0))]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
+    with Image.open(io.BytesIO(data)) as probe:
+        assert getattr(probe, "n_frames", 1) == 3, "the test image really is animated"
+    decoded = np.asarray(decode_image(data, **LIMITS), np.int16)
+    assert decoded.shape == (10, 12, 3)
+    assert np.abs(decoded - RED).max() < 8
+
+
+def test_an_animation_with_a_huge_canvas_is_refused() -> None:
+    frames = [Image.new("RGB", (40, 30), RED), Image.new("RGB", (40, 30), (0, 0, 255))]
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    with pytest.raises(BadImage, match="pixel limit"):
+        decode_image(data, max_bytes=10_000, max_pixels=1199)
+
+
+def test_animated_gif_is_refused_like_any_gif() -> None:
+    frames = [Image.new("RGB", (8, 8), RED), Image.new("RGB", (8, 8), (0, 0, 255))]
+    with pytest.raises(BadImage, match="not a JPEG/PNG/WEBP"):
+        decode_image(encode(frames[0], "GIF", save_all=True, append_images=frames[1:]), **LIMITS)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_truncated_png_and_webp_are_bad_images(fmt: str) -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), fmt)
+    for cut in (len(data) // 3, len(data) * 2 // 3):
+        with pytest.raises(BadImage):
+            decode_image(data[:cut], **LIMITS)
+
+
+def test_a_jpeg_claiming_huge_dimensions_is_refused_before_decoding() -> None:
+    data = bytearray(encode(Image.new("RGB", (8, 8), RED), "JPEG"))
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 9] = (60_000).to_bytes(2, "big") + (60_000).to_bytes(2, "big")
+    with pytest.raises(BadImage, match=r"pixel limit|decompression bomb"):
+        decode_image(bytes(data), **LIMITS)
+
+
+def test_a_decoder_bug_is_a_bad_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    def broken(self):  # type: ignore[no-untyped-def]
+        raise IndexError("index out of range in a decoder")
+
+    data = encode(Image.new("RGB", (8, 8), RED), "PNG")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(BadImage, match="IndexError"):
+        decode_image(data, **LIMITS)

@@ -46,6 +46,9 @@ def test_catalog_image_and_tombstone() -> None:
         (None, jpeg_bytes(1), {}, "bad_key"),
         (b"\xff", jpeg_bytes(1), {}, "bad_key"),
         (b"1", jpeg_bytes(1), {c.H_METADATA: b"not json"}, "bad_header"),
+        (b"1", jpeg_bytes(1), {c.H_METADATA: b"[" * 50_000}, "bad_header"),
+        (b"1", jpeg_bytes(1), {f"h{i}": b"" for i in range(100)}, "too_large"),
+        (b"1", b"\xff" * (SETTINGS.max_image_bytes + 1), {}, "too_large"),
     ],
 )
 def test_catalog_refusals(key, value, headers, code) -> None:  # type: ignore[no-untyped-def]
@@ -104,6 +107,49 @@ def test_reply_destination_falls_back_when_reply_to_is_not_allowed() -> None:
     assert stages.reply_destination({c.H_REPLY_TO: b"lookalike.replies.mine"}, SETTINGS) == "lookalike.replies.mine"
     # The pipeline's own topics are not reply topics: no JSON replies injected into the catalog.
     assert stages.reply_destination({c.H_REPLY_TO: b"lookalike.catalog"}, SETTINGS) == SETTINGS.replies_topic
+    assert stages.reply_destination({c.H_REPLY_TO: SETTINGS.catalog_vectors_topic.encode()}, SETTINGS) == SETTINGS.replies_topic
+    # Nor is any model version's vector topic, even under a prefix that would allow it.
+    wide = WorkerSettings(_env_file=None, reply_topic_prefix="lookalike.")
+    with pytest.raises(InvalidMessage, match="own topics"):
+        stages.parse_query(b"r", jpeg_bytes(1), {c.H_REPLY_TO: b"lookalike.catalog.vectors.v1"}, SRC, wide)
+
+
+@pytest.mark.parametrize("topic", ["catalog_topic", "queries_topic", "deadletter_topic", "catalog_vectors_topic",
+                                   "query_vectors_topic"])
+def test_a_query_cannot_reply_into_lookalikes_own_topics(topic: str) -> None:
+    """Even where they share the reply prefix; a reply keyed by an item id would overwrite that item."""
+    wide = WorkerSettings(_env_file=None, reply_topic_prefix="lookalike.")
+    with pytest.raises(InvalidMessage, match="own topics") as err:
+        stages.parse_query(b"r", jpeg_bytes(1), {c.H_REPLY_TO: getattr(wide, topic).encode()}, SRC, wide)
+    assert err.value.code == "bad_header"
+
+
+def test_queries_have_their_own_size_limit() -> None:
+    settings = WorkerSettings(_env_file=None, max_query_image_bytes=2048)
+    image = jpeg_bytes(1, size=(200, 200))
+    assert len(image) > 2048
+    stages.parse_catalog(b"1", image, {}, SRC, settings)  # the catalog limit is another one
+    with pytest.raises(InvalidMessage) as err:
+        stages.parse_query(b"r", image, {}, SRC, settings)
+    assert err.value.code == "too_large"
+
+
+def test_an_unexpected_failure_is_an_internal_refusal_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise ZeroDivisionError("a decoder bug")
+
+    monkeypatch.setattr(stages, "decode_image", broken)
+    with pytest.raises(InvalidMessage, match="ZeroDivisionError: a decoder bug") as err:
+        stages.parse_query(b"r", jpeg_bytes(1), {}, SRC, SETTINGS)
+    assert err.value.code == "internal"
+
+
+def test_deadletter_of_a_too_large_message_drops_the_value() -> None:
+    error = InvalidMessage("too big", code="too_large")
+    key, value, headers = stages.deadletter_record(Rejected(b"k", b"v" * 5000, {"metadata": b"{}"}, error, SRC))
+    h = dict(headers)
+    assert (key, value) == (b"k", None)
+    assert h[c.H_ORIGINAL_VALUE_BYTES] == b"5000" and h[c.H_ERROR_CODE] == b"too_large" and "metadata" not in h
 
 
 def test_indexer_applies_vector_records_and_answers() -> None:

@@ -1,0 +1,78 @@
+"""The query client's reply bookkeeping: first reply wins, copies and strangers dropped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lookalike.errors import ReplyTimeout
+from lookalike.settings import ClientSettings
+from producers.query_client import QueryClient, ReplyBook
+
+
+def reply(request_id: str, status: str = "ok") -> bytes:
+    return json.dumps({"request_id": request_id, "status": status}).encode()
+
+
+def test_first_reply_wins_and_copies_are_counted() -> None:
+    book = ReplyBook()
+    book.expect(b"r1")
+    assert book.offer(b"r1", reply("r1", "ok"))
+    assert not book.offer(b"r1", reply("r1", "error"))  # a replayed query answered again
+    assert book.take(b"r1")[0]["status"] == "ok"
+    assert not book.offer(b"r1", reply("r1", "error"))  # a copy after the answer was returned
+    assert book.duplicates == 2
+    assert not book.has(b"r1")
+
+
+def test_other_clients_replies_and_garbage_are_ignored() -> None:
+    book = ReplyBook()
+    book.expect(b"mine")
+    assert not book.offer(b"theirs", reply("theirs"))
+    assert not book.offer(None, reply("x"))
+    assert not book.offer(b"mine", None)
+    assert not book.offer(b"mine", b"\xff not json")
+    assert book.offer(b"mine", reply("mine"))
+    assert book.duplicates == 0
+
+
+def test_a_request_given_up_on_ignores_its_late_reply() -> None:
+    book = ReplyBook()
+    book.expect(b"slow")
+    book.forget(b"slow")
+    assert not book.offer(b"slow", reply("slow"))
+    assert not book.has(b"slow")
+
+
+class SilentConsumer:
+    """A consumer on a reply topic where nothing ever arrives."""
+
+    def poll(self, timeout: float):  # type: ignore[no-untyped-def]
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_deadline_raises_a_clear_timeout_error() -> None:
+    settings = ClientSettings(_env_file=None, kafka_bootstrap="127.0.0.1:1", queries_topic="q.topic",
+                              replies_topic="r.topic")
+    client = QueryClient(settings)
+    client.consumer = SilentConsumer()  # type: ignore[assignment]
+    client.book.expect(b"req-1")
+    with pytest.raises(ReplyTimeout, match=r"no reply for request req-1 on r.topic within 0.3s .*q.topic"):
+        client.wait("req-1", timeout_s=0.3)
+    assert b"req-1" not in client.book.pending
+
+
+def test_every_producer_is_idempotent_with_acks_all() -> None:
+    from lookalike.clients import faust_app, producer_config
+
+    settings = ClientSettings(_env_file=None)
+    config = producer_config(settings)
+    assert config["enable.idempotence"] is True and config["acks"] == "all"
+    app = faust_app(settings, "test-app")  # the worker's and the indexer's producer (aiokafka under faust)
+    extra = app.producer._settings_extra()
+    assert extra["enable_idempotence"] is True and extra["acks"] == "all"
+    assert app.conf.producer_acks == -1
