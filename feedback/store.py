@@ -91,6 +91,8 @@ class FeedbackStore:
             pipe.ltrim(samples, 0, self.s.query_samples_per_bucket - 1)
             pipe.expire(samples, self.keep_s)
         pipe.execute()
+        if query_item is not None:
+            self._pair_waiting(request_id, query_item)
 
     def record_catalog_vector(self, item_id: str, model_version: str, vector: np.ndarray | None) -> bool:
         """Keep the vector if the item id hashes into the sample (tombstone: forget it). Returns: kept."""
@@ -173,15 +175,40 @@ class FeedbackStore:
         totals = self.key("totals")
         pipe.hincrby(totals, "events", 1)
         label = w.pair_label(event)
+        unpaired = self.key("unpaired", event.request_id)
         if label is not None:
             pipe.hincrby(totals, "labelled", 1)
-            if query_item is not None and query_item != event.item_id:
-                pair = {"query_item": query_item, "item_id": event.item_id, "label": label, "event": event.event,
-                        "model_version": model, "timestamp": event.timestamp_ms}
+            pair = {"query_item": query_item, "item_id": event.item_id, "label": label, "event": event.event,
+                    "model_version": model, "timestamp": event.timestamp_ms}
+            if query_item is None:  # its query-vector record may not be read yet: keep the label until it is
+                pipe.rpush(unpaired, json.dumps(pair))
+                pipe.expire(unpaired, self.s.reply_ttl_s)
+            elif query_item != event.item_id:
                 pipe.lpush(self.key("pairs"), json.dumps(pair))
                 pipe.ltrim(self.key("pairs"), 0, self.s.max_pairs - 1)
         pipe.execute()
+        if label is not None and query_item is None:  # the query item may have come meanwhile
+            late = self.r.hget(self.key("req", event.request_id), "query_item")
+            if late is not None:
+                self._pair_waiting(event.request_id, late.decode())
         return "applied"
+
+    def _pair_waiting(self, request_id: str, query_item: str) -> int:
+        """Labels that came before their query's item was known become pairs now (for image
+        queries there is no query item; their labels expire with the request)."""
+        unpaired = self.key("unpaired", request_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrange(unpaired, 0, -1)
+        pipe.delete(unpaired)
+        raw, _ = pipe.execute()
+        pairs = [{**json.loads(r), "query_item": query_item} for r in raw]
+        pairs = [p for p in pairs if p["item_id"] != query_item]
+        if pairs:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.lpush(self.key("pairs"), *[json.dumps(p) for p in pairs])
+            pipe.ltrim(self.key("pairs"), 0, self.s.max_pairs - 1)
+            pipe.execute()
+        return len(pairs)
 
     def _bump(self, model: str, bucket: int, counts: dict[str, int], pipe: Any = None) -> None:
         own = pipe is None

@@ -92,10 +92,17 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from lookalike import rollout
     from lookalike.services import indexer_status
+    from lookalike.settings import CommonSettings
 
     for status in indexer_status():
         print(json.dumps(status))
+    settings = CommonSettings()
+    client = rollout.redis_client(settings)
+    state = rollout.read_state(client, settings)
+    print(json.dumps({"rollout": state.to_redis() if state else None,
+                      "events": rollout.read_events(client, settings, count=5)}))
     return 0
 
 

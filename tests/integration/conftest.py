@@ -51,7 +51,8 @@ class Pipeline:
 
     def start(self, name: str) -> subprocess.Popen:
         """Start ``worker`` or ``indexer``; ``worker-2`` etc. start another member of the same group."""
-        module = {"worker": "workers", "indexer": "indexer"}[name.split("-")[0]]
+        module = {"worker": "workers", "indexer": "indexer", "feedback": "feedback",
+                  "trainer": "training.service"}[name.split("-")[0]]
         self.logs.setdefault(name, Path(self.env["LOOKALIKE_HOME"]) / f"{name}.log")
         with self.logs[name].open("ab") as fh:
             env = {**self.env, **self.service_env.get(name, {})}
@@ -101,6 +102,11 @@ def topic_env(prefix: str) -> dict[str, str]:
         "LOOKALIKE_REPLY_TOPIC_PREFIX": f"{prefix}.",
         "LOOKALIKE_WORKER_GROUP": f"{prefix}-worker",
         "LOOKALIKE_INDEXER_GROUP": f"{prefix}-indexer",
+        "LOOKALIKE_FEEDBACK_TOPIC": f"{prefix}.feedback",
+        "LOOKALIKE_TRIGGERS_TOPIC": f"{prefix}.triggers",
+        "LOOKALIKE_MODELS_TOPIC": f"{prefix}.models",
+        "LOOKALIKE_FEEDBACK_GROUP": f"{prefix}-feedback",
+        "LOOKALIKE_TRAINER_GROUP": f"{prefix}-trainer",
         "LOOKALIKE_PARTITIONS": "2",
     }
 

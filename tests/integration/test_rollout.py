@@ -19,6 +19,7 @@ import pytest
 
 from lookalike import rollout
 from lookalike.artifacts import ModelCard, ModelStore
+from lookalike.catalog import iter_catalog
 from lookalike.errors import ReplyTimeout
 from lookalike.registry import Registry
 from tests.conftest import Cluster
@@ -165,3 +166,86 @@ def test_gate_then_blue_green_switch_and_rollback(running: Pipeline, models) -> 
     assert len(stream.replies) > 50
     events = [e["event"] for e in reversed(rollout.read_events(redis_client, running.settings))]
     assert events == ["init", "start", "switch", "start", "switch"], events
+
+
+FEEDBACK_ENV = {
+    **ROLLOUT_ENV,
+    "LOOKALIKE_POLICY_INTERVAL_S": "0.5",
+    "LOOKALIKE_TRIGGER_MIN_FEEDBACK": "20",  # the one reason on: 20 feedback events since the last training
+    "LOOKALIKE_TRIGGER_DROP_FRACTION": "0",
+    "LOOKALIKE_TRIGGER_CATALOG_GROWTH": "0",
+    "LOOKALIKE_TRIGGER_DRIFT": "0",
+    "LOOKALIKE_TRAINER_EPOCHS": "4",  # the champion's recipe (2 epochs) trained longer: a better challenger
+    "LOOKALIKE_TRAINER_THREADS": "1",
+}
+
+
+def test_feedback_triggers_training_promotion_and_a_live_switch(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The whole loop on the real broker and Redis: feedback over the threshold -> one
+    trigger -> the trainer trains a challenger and the gate promotes it -> the catalog is
+    re-embedded into a new index -> replies come from the new model; a query stream gets
+    only ok replies, each from a consistent model/index pair."""
+    from producers.feedback import FeedbackProducer
+    from training.synthetic import make_synthetic_catalog
+    from training.train import TrainConfig, train
+
+    data = make_synthetic_catalog(tmp_path / "data", classes=6, per_class=16, size=32, seed=3)
+    store = ModelStore(tmp_path / "models")
+    champion = train(TrainConfig(data=data, min_count=2, size=32, channels=(4, 16), embedding_dim=256, epochs=2,
+                                 batch_size=16, patience=None, cache_dir=tmp_path / "cache", threads=1),
+                     store, progress=False)
+    (tmp_path / "run").mkdir()
+    running = start_pipeline(cluster, store.root, tmp_path / "run", FEEDBACK_ENV)
+    stream = None
+    try:
+        warm_up(running, jpeg_bytes(seed=999, size=(32, 32)))
+        running.start("feedback")
+        running.start("trainer")
+        # The live catalog is the training data, so clicks name items the trainer knows.
+        items = list(iter_catalog(data))
+        images = {item.item_id: Path(item.image_path).read_bytes() for item in items}
+        feed = running.feed()
+        feed.publish_items(items)
+        feed.flush()
+        with running.client() as client:
+            assert client.ask(images[items[0].item_id], min_position=feed.positions, timeout_s=20)["status"] == "ok"
+        stream = QueryStream(running, list(images.values()))
+        stream.start()
+
+        # Shoppers click: 10 "more like this" replies, two clicks each -> 20 events.
+        feedback = FeedbackProducer(running.settings)
+        with running.client() as client:
+            for item_id in list(images)[:10]:
+                reply = client.ask(None, item_id=item_id, timeout_s=10)
+                assert reply["status"] == "ok" and reply["model_version"] == champion.version
+                for hit in reply["results"][:2]:
+                    feedback.emit("click", request_id=reply["request_id"], item_id=hit["item_id"], user_id="sess-1")
+        feedback.flush(10)
+
+        registry = Registry(store)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(d["action"] == "promote" and d["challenger"] != champion.version
+                                                      for d in registry.decisions()):
+            assert running.alive(), running.logs_tail()
+            time.sleep(0.5)
+        decision = [d for d in registry.decisions() if d["challenger"] != champion.version][-1]
+        assert decision["accepted"], decision
+        challenger = decision["challenger"]
+        assert decision["challenger_value"] >= decision["champion_value"] + decision["margin"]
+        status = wait_status(running, lambda s: s["model_version"] == challenger, 90, "the switch to the retrained model")
+        assert status["items"] == len(items) + 1  # and the warm-up item
+        stream.wait_for_version(challenger, 30)
+        assert store.card(challenger).training["feedback_pairs"]["used"] > 0  # it learned from the clicks
+    finally:
+        if stream is not None:
+            stream.stopping.set()
+            stream.join(timeout=30)
+        stop_pipeline(running)
+
+    assert stream is not None and len(stream.replies) > 20
+    bad = [r for r in stream.replies if r["status"] != "ok"]
+    assert not bad, f"{len(bad)} of {len(stream.replies)} replies were not ok, e.g. {bad[:3]}"
+    assert all(r["index_version"].startswith(r["model_version"] + "/") for r in stream.replies)
+    assert stream.versions_seen() == [champion.version, challenger]
