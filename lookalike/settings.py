@@ -60,6 +60,8 @@ class CommonSettings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     model_dir: Path | None = None
     model_version: str | None = None  # pin a version; None: the store's champion (worker) / any (indexer)
+    metrics_host: str = "127.0.0.1"  # where /metrics and /healthz listen (0.0.0.0 in containers)
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with request ids
 
     @property
     def models_path(self) -> Path:
@@ -76,6 +78,7 @@ class WorkerSettings(CommonSettings):
     query_batch_wait_ms: int = Field(5, ge=0)
     catalog_batch_max: int = Field(64, ge=1)
     catalog_batch_wait_ms: int = Field(100, ge=0)
+    worker_metrics_port: int = Field(9410, ge=0, le=65535)  # /metrics and /healthz; 0: off
 
 
 class IndexerSettings(CommonSettings):
@@ -94,6 +97,7 @@ class IndexerSettings(CommonSettings):
     snapshot_chunk_bytes: int = Field(16 * MiB, ge=1024)
     min_position_wait_s: float = Field(5.0, ge=0)  # how long a query may wait for its min-position
     status_digest: bool = False  # publish a SHA-256 of the live item ids (verification; costs a sort)
+    indexer_metrics_port: int = Field(9411, ge=0, le=65535)  # /metrics and /healthz; 0: off
 
 
 class ClientSettings(CommonSettings):

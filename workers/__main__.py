@@ -6,6 +6,7 @@ import logging
 
 import faust
 
+from lookalike import logs, metrics
 from lookalike.embedder import Embedder
 from lookalike.settings import WorkerSettings
 from lookalike.topics import check_copartitioned, ensure_topics
@@ -16,14 +17,16 @@ log = logging.getLogger("workers")
 
 def main() -> None:
     settings = WorkerSettings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format, "worker")
     ensure_topics(settings)
     check_copartitioned(settings)
     embedder = Embedder.from_store(settings.models_path, settings.model_version, settings.device, settings.torch_threads)
     app = create_app(settings, embedder)
+    metrics.instrument_worker(settings, embedder)
     log.info("worker %s: model %s, catalog %s, queries %s", settings.worker_group, embedder.version,
              settings.catalog_topic, settings.queries_topic)
-    faust.Worker(app, loglevel="INFO").execute_from_commandline()
+    faust.Worker(app, loglevel="INFO",
+                 logging_config=logs.logging_config(settings.log_format, "worker")).execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient
 from faust.types import EventT
 
 from lookalike import contracts as c
+from lookalike import metrics
 from lookalike.clients import confluent_config, faust_app, max_message_bytes
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, InvalidMessage
@@ -82,7 +83,9 @@ class EmbeddingWorker:
             try:
                 parsed = stages.parse_catalog(key, value, headers, source, self.settings)
             except InvalidMessage as exc:
-                log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc)
+                log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc,
+                            extra={"item_id": stages.request_id_of(key), "code": exc.code})
+                metrics.observe_error("worker", exc.code)
                 dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
                 continue
             if isinstance(parsed, CatalogRemoval):
@@ -105,7 +108,9 @@ class EmbeddingWorker:
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
                 queries.append(query)
             except InvalidMessage as exc:
-                log.info("query %s refused: %s", stages.request_id_of(key), exc)
+                log.info("query %s refused: %s", stages.request_id_of(key), exc,
+                         extra={"request_id": stages.request_id_of(key), "code": exc.code})
+                metrics.observe_error("worker", exc.code)
                 rejected = Rejected(key, value, headers, exc, source)
                 reply_to = stages.reply_destination(headers, self.settings)
                 if not self.reply_topics.exists(reply_to):
@@ -147,7 +152,9 @@ def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
         within = max(settings.catalog_batch_wait_ms, 1) / 1000
         async for events in stream.take_events(settings.catalog_batch_max, within=within):
             loop = asyncio.get_running_loop()
+            started = time.perf_counter()
             vectors, dead = await loop.run_in_executor(loop_executor, worker.catalog_batch, unpack(events))
+            metrics.observe_batch("worker", "catalog", len(events), time.perf_counter() - started)
             await produce_all(app, settings.catalog_vectors_topic, [r for _, r in vectors], [p for p, _ in vectors])
             await produce_all(app, settings.deadletter_topic, dead)
             log.debug("catalog batch: %d events, %d vectors, %d dead letters", len(events), len(vectors), len(dead))
@@ -157,7 +164,9 @@ def create_app(settings: WorkerSettings, embedder: Embedder) -> faust.App:
         within = max(settings.query_batch_wait_ms, 1) / 1000
         async for events in stream.take_events(settings.query_batch_max, within=within):
             loop = asyncio.get_running_loop()
+            started = time.perf_counter()
             records, errors = await loop.run_in_executor(loop_executor, worker.query_batch, unpack(events))
+            metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
             await produce_all(app, settings.query_vectors_topic, records)
             for reply_to, record in errors:
                 await produce_all(app, reply_to, [record])

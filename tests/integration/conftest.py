@@ -85,6 +85,9 @@ def topic_env(prefix: str) -> dict[str, str]:
         "LOOKALIKE_WORKER_GROUP": f"{prefix}-worker",
         "LOOKALIKE_INDEXER_GROUP": f"{prefix}-indexer",
         "LOOKALIKE_PARTITIONS": "2",
+        # Tests run side by side on one host: no metrics endpoints unless a test asks for one.
+        "LOOKALIKE_WORKER_METRICS_PORT": "0",
+        "LOOKALIKE_INDEXER_METRICS_PORT": "0",
     }
 
 
