@@ -37,7 +37,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ def serve(port: int, health: Callable[[], tuple[bool, dict[str, Any]]], host: st
     or when the port is taken (logged: a second replica on one host keeps working without)."""
     if not port:
         return None
+    disable_created_metrics()  # the *_created series only double what a scrape says
     try:
         server = make_server(host, port, wsgi_app(health), server_class=_Server, handler_class=_QuietHandler)
     except OSError as exc:
