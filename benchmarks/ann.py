@@ -96,7 +96,8 @@ def compare(data: np.ndarray, queries: np.ndarray, *, name: str, settings: Index
     result: dict[str, Any] = {
         "name": name, "items": n, "dim": dim, "queries": len(queries), "m": settings.hnsw_m,
         "ef_construction": settings.hnsw_ef_construction, "ef_search_served": settings.hnsw_ef_search,
-        "build_s": round(build_s, 1), "index_memory_gb": round(index_gb, 3),
+        "build_s": round(build_s, 1), "index_bytes": index.index_file_size(),
+        "rss_growth_gb": round(index_gb, 3),
         "vectors_memory_gb": round(data.nbytes / 1e9, 3),
         "exact_qps_one_at_a_time": round(exact_qps(data, queries, 1), 1),
         "exact_qps_batch64": round(exact_qps(data, queries, 64), 1),

@@ -97,7 +97,8 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
     def row(name: str, value: float | None, unit: str, target: float | None = None, higher: bool = False,
             target_text: str | None = None) -> None:
-        shown = "—" if value is None else f"{value:,.2f} {unit}".strip()
+        digits = 4 if unit == "" and value is not None and value <= 1 else 2  # recall: 0.998 is not 1.00
+        shown = "—" if value is None else f"{value:,.{digits}f} {unit}".strip()
         if target is None:
             rows.append((name, shown, target_text or "", ""))
         else:
@@ -142,7 +143,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             target_text=None if key == "ann_synthetic" else "(info)")
         row(f"HNSW QPS / exact QPS (batches of 64) {a['name']}", a["speedup_vs_exact_batch64"], "×")
         row(f"  HNSW {a['hnsw_qps']:,.0f} QPS, exact {a['exact_qps_one_at_a_time']:,.1f} / "
-            f"{a['exact_qps_batch64']:,.1f} QPS; HNSW index memory", a["index_memory_gb"] * 1000, "MB")
+            f"{a['exact_qps_batch64']:,.1f} QPS; HNSW index size", a["index_bytes"] / 1e6, "MB")
     return rows
 
 
