@@ -43,7 +43,7 @@ from indexer import stages
 from indexer.index import Mutation, VectorIndex
 from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
-from lookalike import rollout
+from lookalike import metrics, rollout
 from lookalike.artifacts import ModelStore
 from lookalike.clients import aiokafka_config, confluent_config, faust_app, redis_client
 from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, ModelMismatch, UnknownItem
@@ -129,6 +129,7 @@ class VersionIndex:
         if self.index is not None:
             self.index.apply(mutations, position, catalog_position)
             self.applied_since_snapshot += len(mutations)
+            metrics.observe_batch("indexer", "vector", len(mutations))
         else:  # only tombstones so far: nothing to delete, but the positions move on
             self.pending_position.update(position)
             self.pending_catalog_position.update(catalog_position)
@@ -463,9 +464,10 @@ class Indexer:
             reply = c.error_reply(query.request_id, exc.code, str(exc), model_version=version,
                                   index_version=index_version, timings_ms=query.timings_ms)
         except Exception as exc:  # a bug must not stop the service; the client still gets an answer
-            log.exception("query %s failed", query.request_id)
+            log.exception("query %s failed", query.request_id, extra={"request_id": query.request_id})
             reply = c.error_reply(query.request_id, "internal", f"{type(exc).__name__}: {exc}",
                                   model_version=version, index_version=index_version)
+        metrics.observe_reply(reply)
         return query.reply_to, query.request_key, c.encode_reply(reply)
 
     # -- status -------------------------------------------------------------------
@@ -553,6 +555,7 @@ def create_app(settings: IndexerSettings) -> faust.App:
             return await loop.run_in_executor(indexer.pools.search, indexer.answer, event.key, event.value, headers)
 
         async for events in stream.take_events(64, within=0.002):
+            metrics.observe_batch("indexer", "query", len(events))
             replies = await asyncio.gather(*(handle(e) for e in events))
             by_topic: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
             for topic, key, value in replies:

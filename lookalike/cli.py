@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a model (see `lookalike train --help`)", add_help=False)
     sub.add_parser("evaluate", help="evaluation report of a stored model (see `lookalike evaluate --help`)",
                    add_help=False)
+    sub.add_parser("bench", help="benchmarks against the running stack (see `lookalike bench --help`)",
+                   add_help=False)
 
     p = sub.add_parser("feed", help="publish a catalog folder (Kaggle layout or plain images)")
     p.add_argument("folder", nargs="?")
@@ -337,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return evaluate_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from benchmarks.run import main as bench_main
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

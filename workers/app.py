@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient
 from faust.types import EventT
 
 from lookalike import contracts as c
-from lookalike import rollout
+from lookalike import metrics, rollout
 from lookalike.clients import aiokafka_config, confluent_config, faust_app, max_message_bytes
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, InvalidMessage, ModelArtifactError
@@ -104,6 +104,10 @@ class ModelSet:
     def serving(self) -> str | None:
         return self.state.serving
 
+    def loaded(self, version: str | None) -> Embedder | None:
+        """The embedder of ``version`` if it is loaded already (never loads)."""
+        return self._loaded.get(version) if version else None
+
     def forget(self, keep: Sequence[str]) -> None:
         for version in [v for v in self._loaded if v not in keep]:
             del self._loaded[version]
@@ -140,7 +144,9 @@ class EmbeddingWorker:
                 parsed = stages.parse_catalog(key, value, headers, source, self.settings)
             except InvalidMessage as exc:
                 if dead_letters:
-                    log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc)
+                    log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc,
+                                extra={"item_id": stages.request_id_of(key), "code": exc.code})
+                    metrics.observe_error("worker", exc.code)
                     dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
                 continue
             if isinstance(parsed, CatalogRemoval):
@@ -170,7 +176,9 @@ class EmbeddingWorker:
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
                 queries.append(query)
             except InvalidMessage as exc:
-                log.info("query %r refused: %s", stages.request_id_of(key), exc)  # %r: a key may hold a newline
+                log.info("query %r refused: %s", stages.request_id_of(key), exc,  # %r: a key may hold a newline
+                         extra={"request_id": stages.request_id_of(key), "code": exc.code})
+                metrics.observe_error("worker", exc.code)
                 rejected = Rejected(key, value, headers, exc, source)
                 reply_to = stages.reply_destination(headers, self.settings)
                 if not self.reply_topics.exists(reply_to):
@@ -263,8 +271,10 @@ class CatalogConsumers:
                     continue
                 events = records_to_events(batch)
                 dead_letters = self.worker.models.serving == version
+                started = time.perf_counter()
                 vectors, dead = await loop.run_in_executor(
                     self.worker.executor, self.worker.catalog_batch, events, version, dead_letters)
+                metrics.observe_batch("worker", "catalog", len(events), time.perf_counter() - started)
                 await produce_all(self.app, topic, [r for _, r in vectors], [p for p, _ in vectors])
                 await produce_all(self.app, s.deadletter_topic, dead)
                 try:
@@ -316,7 +326,9 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
         within = max(settings.query_batch_wait_ms, 1) / 1000
         async for events in stream.take_events(settings.query_batch_max, within=within):
             loop = asyncio.get_running_loop()
+            started = time.perf_counter()
             records, errors = await loop.run_in_executor(loop_executor, worker.query_batch, unpack(events))
+            metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
             await produce_all(app, settings.query_vectors_topic, records)
             for reply_to, record in errors:
                 await produce_all(app, reply_to, [record])

@@ -108,6 +108,9 @@ def topic_env(prefix: str) -> dict[str, str]:
         "LOOKALIKE_FEEDBACK_GROUP": f"{prefix}-feedback",
         "LOOKALIKE_TRAINER_GROUP": f"{prefix}-trainer",
         "LOOKALIKE_PARTITIONS": "2",
+        # Tests run side by side on one host: no metrics endpoints unless a test asks for one.
+        "LOOKALIKE_WORKER_METRICS_PORT": "0",
+        "LOOKALIKE_INDEXER_METRICS_PORT": "0",
     }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def test_commands_exist() -> None:
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     for name, service in SERVICES.items():
         command = service.get("command")
-        if not command or name in {"kafka", "redis"}:
+        if not command or name in {"kafka", "redis", "prometheus", "grafana"}:
             continue
         if command[:2] == ["python", "-m"]:
             assert importlib.util.find_spec(command[2]) is not None, f"{name}: no module {command[2]}"
@@ -70,3 +72,77 @@ def test_queries_are_signed_and_rate_limited_in_compose() -> None:
     assert SERVICES["keys"]["command"][:2] == ["lookalike", "keys"]
     assert "/secrets/query-keys.json" in SERVICES["keys"]["command"]
     assert WorkerSettings(_env_file=None).query_auth is False  # the local demo
+
+
+# -- Prometheus and Grafana (deploy/): no promtool or Grafana here, so check what can be
+# checked statically: files parse, mounts exist, targets and metric names match the code.
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PROMETHEUS = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+ALERTS = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "lookalike.json").read_text())
+METRIC = re.compile(r"\b(lookalike_[a-z_]+|process_[a-z_]+|up)\b")
+
+
+def exported_names() -> set[str]:
+    """Every series name lookalike.metrics can expose (histograms: _bucket/_sum/_count)."""
+    from lookalike import metrics
+
+    names = set()
+    for name in metrics.METRIC_NAMES:
+        names |= {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return names | {"process_cpu_seconds_total", "process_resident_memory_bytes", "up"}
+
+
+def test_prometheus_and_grafana_are_services_with_their_files_mounted() -> None:
+    assert {"prometheus", "grafana"} <= set(SERVICES)
+    root = Path(__file__).resolve().parents[2]
+    for name in ("prometheus", "grafana"):
+        for volume in SERVICES[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (root / source).exists(), f"{name} mounts {source}, which is not in the repo"
+            else:
+                assert source in COMPOSE["volumes"]
+        assert SERVICES[name]["healthcheck"]["test"]
+    assert "/etc/prometheus/alerts.yml" in PROMETHEUS["rule_files"]
+    assert SERVICES["worker"]["environment"]["LOOKALIKE_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_scrape_targets_are_the_services_on_their_metrics_ports() -> None:
+    jobs = {job["job_name"]: job for job in PROMETHEUS["scrape_configs"]}
+    worker = jobs["lookalike-worker"]["dns_sd_configs"][0]
+    indexer = jobs["lookalike-indexer"]["dns_sd_configs"][0]
+    assert worker["port"] == WorkerSettings().worker_metrics_port
+    assert indexer["port"] == IndexerSettings().indexer_metrics_port
+    assert set(worker["names"]) <= set(SERVICES) and set(indexer["names"]) <= set(SERVICES)
+    assert "worker" in worker["names"] and indexer["names"] == ["indexer"]
+
+
+def test_alert_rules_cover_the_issue_and_use_exported_metrics() -> None:
+    rules = [rule for group in ALERTS["groups"] for rule in group["rules"]]
+    names = {rule["alert"] for rule in rules}
+    assert {"LookalikeQueryLatencySLO", "LookalikeConsumerLag", "LookalikeErrorRate", "LookalikeSnapshotAge",
+            "LookalikeStaleModel"} <= names
+    known = exported_names()
+    for rule in rules:
+        assert rule["expr"] and rule["for"] and rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        used = set(METRIC.findall(rule["expr"]))
+        assert used and used <= known, f"{rule['alert']}: unknown metrics {used - known}"
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+
+
+def test_dashboard_is_provisioned_and_queries_exported_metrics() -> None:
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "lookalike.yml").read_text())
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    uid = datasource["datasources"][0]["uid"]
+    known = exported_names()
+    titles = set()
+    for panel in DASHBOARD["panels"]:
+        titles.add(panel["title"])
+        assert panel["datasource"]["uid"] == uid
+        for target in panel["targets"]:
+            used = set(METRIC.findall(target["expr"]))
+            assert used and used <= known, f"{panel['title']}: unknown metrics {used - known}"
+    assert len(titles) == len(DASHBOARD["panels"]) >= 10

@@ -1,0 +1,273 @@
+"""`lookalike bench`: the whole benchmark against the running stack, one table at the end.
+
+    lookalike stack up && lookalike services up      # or `make demo`, which leaves both running
+    lookalike bench                                  # ≈ 20 min on 2 cores, 1M-vector HNSW included
+    lookalike bench --ann-items 0 --query-seconds 10 # a quick look (≈ 3 min)
+
+Phases, in order: the bare model's batched rate (services idle), query latency at a fixed
+rate, ingestion throughput, freshness, HNSW vs exact on the live catalog's vectors, HNSW
+vs exact on synthetic vectors; CPU and memory of every local process throughout. Writes
+``out/bench/bench.json`` and PNG plots beside it, and prints the figures against the
+targets of issue 7. Settings (servers, topics, model store) are the ``LOOKALIKE_*`` ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from benchmarks import ann, model_rate, plots
+from benchmarks.pipeline import Bench
+from benchmarks.resources import ResourceMonitor, local_pids
+from lookalike.catalog import CatalogItem, iter_catalog
+from lookalike.settings import ClientSettings, IndexerSettings, WorkerSettings, default_data
+
+TARGETS = {
+    "query_p50_ms": 10.0, "query_p99_ms": 30.0, "ingest_ratio": 0.8, "freshness_p99_ms": 1000.0,
+    "recall_at_5": 0.99, "speedup_vs_exact": 10.0,
+}
+
+
+def catalog_vectors(settings: ClientSettings, timeout_s: float = 120) -> tuple[list[str], np.ndarray, str | None]:
+    """The live catalog's vectors, read from the compacted vector topic like an indexer does:
+    the last record per item, tombstones removed, the benchmark's own items left out."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from lookalike import contracts as c
+    from lookalike.clients import confluent_config
+
+    topic = settings.catalog_vectors_topic
+    consumer = Consumer(confluent_config(settings, **{"group.id": "bench-vectors", "enable.auto.commit": False}))
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    latest: dict[str, tuple[str | None, bytes | None, int]] = {}
+    done = {p for p, end in ends.items() if end <= 0}
+    deadline = time.monotonic() + timeout_s
+    while len(done) < len(parts) and time.monotonic() < deadline:
+        for msg in consumer.consume(2000, 1.0):
+            if msg.error() is not None:
+                continue
+            headers = c.headers_to_dict(msg.headers())
+            dim = int(headers.get(c.H_VECTOR_DIM, b"0") or 0)
+            latest[msg.key().decode("utf-8", "replace")] = (
+                headers.get(c.H_MODEL_VERSION, b"").decode() or None, msg.value(), dim)
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                done.add(msg.partition())
+    consumer.close()
+    live = {k: v for k, v in latest.items() if v[1] is not None and not k.startswith("bench-")}
+    if not live:
+        return [], np.zeros((0, 0), np.float32), None
+    version = Counter(v[0] for v in live.values()).most_common(1)[0][0]
+    ids = [k for k, v in live.items() if v[0] == version]
+    vectors = np.stack([c.decode_vector(live[k][1], live[k][2]) for k in ids])  # type: ignore[arg-type]
+    return ids, vectors, version
+
+
+def indexer_reach(settings: ClientSettings, group: str) -> dict[int, int]:
+    """The highest catalog position any live indexer of the group reports (Redis status)."""
+    from lookalike.services import indexer_status
+
+    reach: dict[int, int] = {}
+    for status in indexer_status(settings, group):
+        for p, o in json.loads(status.get("catalog_position") or "{}").items():
+            reach[int(p)] = max(o, reach.get(int(p), 0))
+    return reach
+
+
+def verdict(measured: float | None, target: float, higher_is_better: bool) -> str:
+    if measured is None:
+        return "not measured"
+    return "met" if (measured >= target if higher_is_better else measured <= target) else "MISSED"
+
+
+def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+
+    def row(name: str, value: float | None, unit: str, target: float | None = None, higher: bool = False,
+            target_text: str | None = None) -> None:
+        digits = 4 if unit == "" and value is not None and value <= 1 else 2  # recall: 0.998 is not 1.00
+        shown = "—" if value is None else f"{value:,.{digits}f} {unit}".strip()
+        if target is None:
+            rows.append((name, shown, target_text or "", ""))
+        else:
+            rows.append((name, shown, target_text or f"{'≥' if higher else '≤'} {target:g} {unit}".strip(),
+                         verdict(value, target, higher)))
+
+    q = result.get("queries")
+    if q:
+        lat = q["latency_ms"]
+        row(f"query p50 at {q['rate_per_s']:g}/s (publish → reply)", lat.get("p50"), "ms", TARGETS["query_p50_ms"])
+        row("query p95", lat.get("p95"), "ms")
+        row("query p99", lat.get("p99"), "ms", TARGETS["query_p99_ms"])
+        row("query max", lat.get("max"), "ms")
+        row("queries answered ok / sent", q["answered_ok"], f"/ {q['sent']}")
+        for stage, p in q["stages_ms"].items():
+            row(f"  stage {stage} p50 / p99", p.get("p50"), f"/ {p.get('p99')} ms")
+    m = result.get("model")
+    if m:
+        row(f"bare model, batch {m['batch']} ({m['device']}, {m['threads']} threads)", m["forward_images_per_s"],
+            "images/s")
+        if "with_decode_images_per_s" in m:
+            row("bare model + JPEG decode + preprocess", m["with_decode_images_per_s"], "images/s")
+    ing = result.get("ingestion")
+    if ing and "images_per_s" in ing:
+        row(f"ingestion, {ing['delivered']} images (publish → searchable)", ing["images_per_s"], "images/s")
+        if m:
+            row("ingestion / bare model", result["ingest_ratio"], "", TARGETS["ingest_ratio"], higher=True)
+    fr = result.get("freshness")
+    if fr:
+        f = fr["freshness_ms"]
+        row(f"freshness p50 at {fr['rate_per_s']:g} items/s", f.get("p50"), "ms")
+        row("freshness p99", f.get("p99"), "ms", TARGETS["freshness_p99_ms"])
+    for key in ("ann_catalog", "ann_synthetic"):
+        a = result.get(key)
+        if not a:
+            continue
+        label = f"{a['name']} {a['items']:,}×{a['dim']}, ef {a['ef_search_served']}"
+        row(f"recall@5 {label}", a["recall_at_5"], "", TARGETS["recall_at_5"] if key == "ann_synthetic" else None,
+            higher=True, target_text=None if key == "ann_synthetic" else "(info)")
+        row(f"HNSW QPS / exact QPS (one at a time) {a['name']}", a["speedup_vs_exact_one_at_a_time"], "×",
+            TARGETS["speedup_vs_exact"] if key == "ann_synthetic" else None, higher=True,
+            target_text=None if key == "ann_synthetic" else "(info)")
+        row(f"HNSW QPS / exact QPS (batches of 64) {a['name']}", a["speedup_vs_exact_batch64"], "×")
+        row(f"  HNSW {a['hnsw_qps']:,.0f} QPS, exact {a['exact_qps_one_at_a_time']:,.1f} / "
+            f"{a['exact_qps_batch64']:,.1f} QPS; HNSW index size", a["index_bytes"] / 1e6, "MB")
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]], resources: dict[str, Any]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
+    print()
+    for r in [("figure", "measured", "target", ""), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if resources:
+        print("\nCPU (cores busy) and peak RSS per process and phase:")
+        for phase, procs in resources.items():
+            cells = ", ".join(f"{n} {v['cpu_cores']:.2f} cores {v['rss_peak_mb']:.0f} MB" for n, v in procs.items())
+            print(f"  {phase:12} {cells}")
+
+
+def parse_pids(values: list[str]) -> dict[str, int]:
+    out = {}
+    for value in values:
+        name, _, pid = value.partition("=")
+        out[name] = int(pid)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lookalike bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=default_data(), help="catalog folder for query and ingest images")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--query-rate", type=float, default=50.0)
+    parser.add_argument("--query-seconds", type=float, default=30.0)
+    parser.add_argument("--ingest-items", type=int, default=0, help="0: the whole catalog folder")
+    parser.add_argument("--fresh-rate", type=float, default=20.0)
+    parser.add_argument("--fresh-items", type=int, default=200)
+    parser.add_argument("--ann-items", type=int, default=1_000_000, help="synthetic vectors; 0 skips")
+    parser.add_argument("--ann-kind", choices=["clustered", "uniform"], default="clustered")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["model", "queries", "ingestion", "freshness", "ann-catalog", "ann-synthetic"])
+    parser.add_argument("--pid", nargs="*", default=[], metavar="NAME=PID", help="more processes to watch")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings, wsettings, isettings = ClientSettings(), WorkerSettings(), IndexerSettings()
+    started = time.monotonic()
+
+    items: list[CatalogItem] = list(iter_catalog(args.data))
+    random.Random(0).shuffle(items)
+    images = {item.item_id: Path(item.image_path).read_bytes() for item in items}
+    result: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "host": platform.node(),
+        "cpus": psutil.cpu_count(), "load_average_at_start": list(psutil.getloadavg()),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1), "catalog_folder": str(args.data),
+        "kafka": settings.kafka_bootstrap, "catalog_topic": settings.catalog_topic, "targets": TARGETS,
+    }
+    monitor = ResourceMonitor(local_pids(parse_pids(args.pid))).start()
+    result["watched_processes"] = sorted(monitor.procs)
+    paths: list[Path] = []
+    bench = Bench(settings)
+    try:
+        if "model" not in args.skip:
+            print("== bare model: batched inference, services idle", flush=True)
+            monitor.begin("model")
+            result["model"] = model_rate.measure(wsettings, [images[i.item_id] for i in items[:512]])
+        if "queries" not in args.skip:
+            print(f"== queries: {args.query_rate:g}/s for {args.query_seconds:g}s, open loop", flush=True)
+            monitor.begin("queries")
+            queries = [(i.item_id, images[i.item_id]) for i in items[:1000]]
+            result["queries"] = bench.query_latency(queries, args.query_rate, args.query_seconds)
+            paths += [plots.latency(result["queries"], args.out / "latency.png"),
+                      plots.stages(result["queries"], args.out / "stages.png")]
+        group = isettings.indexer_group
+        if "ingestion" not in args.skip:
+            chosen = items[: args.ingest_items or len(items)]
+            print(f"== ingestion: {len(chosen)} images as new items, as fast as they go", flush=True)
+            monitor.begin("ingestion")
+            result["ingestion"] = bench.ingestion(chosen, [images[i.item_id] for i in chosen],
+                                                  searchable=lambda: indexer_reach(settings, group))
+            if "images_per_s" in result["ingestion"]:
+                paths.append(plots.ingestion(result["ingestion"], args.out / "ingestion.png"))
+                if "model" in result:
+                    result["ingest_ratio"] = round(
+                        result["ingestion"]["images_per_s"] / result["model"]["forward_images_per_s"], 3)
+        if "freshness" not in args.skip:
+            chosen = items[: args.fresh_items]
+            print(f"== freshness: {len(chosen)} images at {args.fresh_rate:g}/s, each followed by a query", flush=True)
+            monitor.begin("freshness")
+            result["freshness"] = bench.freshness(chosen, [images[i.item_id] for i in chosen], args.fresh_rate)
+            paths.append(plots.freshness(result["freshness"], args.out / "freshness.png"))
+        monitor.begin("cleanup")
+        print(f"== cleanup: {bench.cleanup()} tombstones for the benchmark's items", flush=True)
+        monitor.end()
+        ann_results = []
+        if "ann-catalog" not in args.skip:
+            ids, vectors, version = catalog_vectors(settings)
+            if len(ids) > 10:
+                print(f"== ann: the live catalog's {len(ids)} vectors (model {version})", flush=True)
+                monitor.begin("ann-catalog")
+                rng = np.random.default_rng(0)
+                picks = rng.choice(len(ids), size=min(1000, len(ids)), replace=False)
+                result["ann_catalog"] = ann.compare(vectors, vectors[picks], name="catalog", settings=isettings,
+                                                    exclude_self=True)
+                result["ann_catalog"]["model_version"] = version
+                ann_results.append(result["ann_catalog"])
+        if "ann-synthetic" not in args.skip and args.ann_items:
+            monitor.begin("ann-synthetic")
+            result["ann_synthetic"] = ann.run_synthetic(args.ann_items, 256, args.ann_kind, settings=isettings)
+            ann_results.append(result["ann_synthetic"])
+        if ann_results:
+            paths.append(plots.ann(ann_results, args.out / "ann.png"))
+    finally:
+        if bench.added:
+            bench.cleanup()
+        bench.close()
+        monitor.close()
+    result["resources"] = monitor.summary()
+    if result["resources"]:
+        paths.append(plots.resources(result["resources"], args.out / "resources.png"))
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    rows = table(result)
+    result["table"] = [dict(zip(("figure", "measured", "target", "verdict"), r, strict=True)) for r in rows]
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print_table(rows, result["resources"])
+    print(f"\nwritten: {args.out / 'bench.json'}, " + ", ".join(str(p) for p in paths))
+    print(f"took {result['duration_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

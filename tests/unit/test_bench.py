@@ -1,0 +1,50 @@
+"""The benchmark harness's own arithmetic: exact search, recall, the verdicts of the table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks import ann
+from benchmarks.pipeline import percentiles
+from benchmarks.run import table
+from lookalike.settings import IndexerSettings
+
+
+def test_exact_top_is_the_brute_force_order() -> None:
+    data = ann.synthetic(500, 16, "uniform", seed=1)
+    queries = ann.synthetic(7, 16, "uniform", seed=2)
+    expected = np.argsort(-(queries @ data.T), axis=1)[:, :5]
+    assert (ann.exact_top(data, queries, 5, batch=3) == expected).all()
+
+
+def test_compare_measures_recall_against_exact_search() -> None:
+    data = ann.synthetic(2000, 32, "clustered", seed=3, clusters=20)
+    result = ann.compare(data[:1900], data[1900:], name="t", settings=IndexerSettings(), ef_values=(8, 64))
+    by_ef = {h["ef"]: h for h in result["hnsw"]}
+    assert by_ef[64]["recall_at_5"] >= 0.95
+    assert 0 <= by_ef[8]["recall_at_5"] <= by_ef[64]["recall_at_5"] + 0.05
+    assert result["recall_at_5"] == by_ef[IndexerSettings().hnsw_ef_search]["recall_at_5"]
+    # Catalog mode: queries are rows of the data; their own row must not count as a neighbour.
+    self_mode = ann.compare(data[:500], data[:20], name="self", settings=IndexerSettings(), ef_values=(64,),
+                            exclude_self=True)
+    assert self_mode["recall_at_5"] >= 0.95
+
+
+def test_table_verdicts_follow_the_targets() -> None:
+    result = {
+        "queries": {"rate_per_s": 50, "latency_ms": {"p50": 8.0, "p95": 20.0, "p99": 31.0, "max": 40.0},
+                    "answered_ok": 10, "sent": 10, "stages_ms": {}},
+        "model": {"batch": 64, "device": "cpu", "threads": 2, "forward_images_per_s": 100.0},
+        "ingestion": {"delivered": 10, "images_per_s": 79.0},
+        "ingest_ratio": 0.79,
+        "freshness": {"rate_per_s": 20, "freshness_ms": {"p50": 100.0, "p99": 900.0}},
+    }
+    verdicts = {figure.split(" at ")[0]: verdict for figure, _, _, verdict in table(result) if verdict}
+    assert verdicts == {"query p50": "met", "query p99": "MISSED", "ingestion / bare model": "MISSED",
+                        "freshness p99": "met"}
+
+
+def test_percentiles() -> None:
+    p = percentiles(list(range(1, 101)))
+    assert (p["n"], p["p50"], p["max"]) == (100, 50.5, 100.0)
+    assert percentiles([]) == {"n": 0}
