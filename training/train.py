@@ -89,9 +89,11 @@ class TrainConfig:
     # enough, and res-cnn over-fits in 14 epochs without them (train loss 0.02).
     flip: bool = True
     # A stratified share of the training split held out to pick the best epoch and to stop
-    # early; the golden test split is used only for the final report. 0: no validation set,
-    # the last epoch is kept and there is no early stopping.
-    val_fraction: float = 0.1
+    # early; the golden test split is only for the final report. 0 (the default): no
+    # validation set, the last epoch of the cosine schedule is kept, no early stopping.
+    # Measured on fashion-9k (res-cnn, 14 epochs): 0.1 picked the last epoch anyway and,
+    # with 10% less to learn from, reached P@5 0.847 against 0.850 (docs/training.md).
+    val_fraction: float = 0.0
     # Epochs without a better validation accuracy before stopping. Early in the cosine schedule
     # (high learning rate) test accuracy dipped for one or two epochs at a time; 4 leaves room.
     patience: int | None = 4
