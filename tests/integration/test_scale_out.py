@@ -52,12 +52,22 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def assignment(pipeline: Pipeline) -> dict[str, set[tuple[str, int]]]:
-    """member id -> the (topic, partition)s it holds, from the group's description."""
+    """member -> the (topic, partition)s it holds, over the workers' two groups: queries (the
+    faust app's group) and the serving model version's catalog group (lookalike/rollout.py).
+    Members are told apart by their client host and id prefix, the same in both groups."""
     admin = AdminClient(confluent_config(pipeline.settings))
-    group = pipeline.env["LOOKALIKE_WORKER_GROUP"]
-    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
-    return {m.member_id: {(tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else [])}
-            for m in description.members}
+    queries_group = pipeline.env["LOOKALIKE_WORKER_GROUP"]
+    status = pipeline.status()
+    if not status or not status["model_version"]:
+        return {}
+    catalog_group = f"{queries_group}.catalog.{status['model_version']}"
+    out: dict[str, set[tuple[str, int]]] = {}
+    for group in (queries_group, catalog_group):
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        for m in description.members:
+            held = {(tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else [])}
+            out.setdefault(f"{group}/{m.member_id}", set()).update(held)
+    return out
 
 
 def wait_for(predicate, timeout_s: float, what: str, pipeline: Pipeline):  # type: ignore[no-untyped-def]
@@ -107,14 +117,14 @@ def test_two_workers_share_partitions_and_answer_correctly(two_workers) -> None:
 
     def shared() -> dict | None:
         members = assignment(pipeline)
-        held = [{tp for tp in tps if tp[0] in topics} for tps in members.values()]
-        every = {(t, p) for t in topics for p in range(4)}
-        ok = len(members) == 2 and all(h for h in held) and set().union(*held) == every and not held[0] & held[1]
-        return members if ok else None
+        for topic in topics:  # in each group, two members split the topic's 4 partitions between them
+            held = [{tp for tp in tps if tp[0] == topic} for tps in members.values()]
+            held = [h for h in held if h]
+            if len(held) != 2 or set().union(*held) != {(topic, p) for p in range(4)} or held[0] & held[1]:
+                return None
+        return members
 
-    members = wait_for(shared, 60, "two members sharing every partition of catalog and queries", pipeline)
-    for tps in members.values():  # each member holds both topics' partitions: catalog and queries
-        assert {t for t, _ in tps} >= topics
+    wait_for(shared, 60, "two members sharing every partition of catalog and of queries", pipeline)
 
     feed = pipeline.feed()
     images = {f"scale-{uuid.uuid4().hex[:6]}-{i}": jpeg_bytes(seed=5000 + i) for i in range(ITEMS)}
@@ -150,8 +160,11 @@ def test_a_worker_leaves_and_the_other_takes_over(two_workers) -> None:  # type:
     proc = pipeline.procs.pop("worker2")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
-    wait_for(lambda: len(assignment(pipeline)) == 1 and len(next(iter(assignment(pipeline).values()))) >= 8, 60,
-             "the remaining worker holding every partition", pipeline)
+    def one_left() -> bool:
+        members = [tps for tps in assignment(pipeline).values() if tps]
+        return len(members) == 2 and all(len(tps) == 4 for tps in members)  # one member per group, all 4 each
+
+    wait_for(one_left, 60, "the remaining worker holding every partition", pipeline)
     feed = pipeline.feed()
     images = {f"after-{uuid.uuid4().hex[:6]}-{i}": jpeg_bytes(seed=7000 + i) for i in range(8)}
     for item_id, image in images.items():
