@@ -40,14 +40,20 @@ TARGETS = {
 
 
 def catalog_vectors(settings: ClientSettings, timeout_s: float = 120) -> tuple[list[str], np.ndarray, str | None]:
-    """The live catalog's vectors, read from the compacted vector topic like an indexer does:
-    the last record per item, tombstones removed, the benchmark's own items left out."""
+    """The live catalog's vectors, read from the serving model version's compacted vector
+    topic like an indexer does: the last record per item, tombstones removed, the benchmark's
+    own items left out."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from lookalike import contracts as c
+    from lookalike import rollout
     from lookalike.clients import confluent_config
 
-    topic = settings.catalog_vectors_topic
+    state = rollout.read_state(rollout.redis_client(settings), settings)
+    serving = state.serving if state else rollout.desired_version(settings)
+    if not serving:
+        return [], np.zeros((0, 0), np.float32), None
+    topic = rollout.vectors_topic(settings, serving)
     consumer = Consumer(confluent_config(settings, **{"group.id": "bench-vectors", "enable.auto.commit": False}))
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
