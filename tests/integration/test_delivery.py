@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import shutil
 import threading
 import time
@@ -44,11 +45,18 @@ def wait_for(predicate, timeout_s: float, what: str, pipeline: Pipeline):  # typ
     raise AssertionError(f"{what}: not within {timeout_s}s\n{pipeline.logs_tail()}")
 
 
+def query_assignments(pipeline: Pipeline, name: str) -> list[str]:
+    """The assignments this worker logged in the queries group (faust's), each with what it
+    logged up to its next assignment. (Its catalog consumer groups log theirs too.)"""
+    group = pipeline.env["LOOKALIKE_WORKER_GROUP"]
+    chunks = pipeline.log_text(name).split("Setting newly assigned partitions")[1:]
+    return [chunk for chunk in chunks if re.match(rf"[^\[]*?\+ for group {re.escape(group)}\s", chunk, re.S)]
+
+
 def holds_query_partitions(pipeline: Pipeline, name: str) -> bool:
-    """Did the last assignment logged by this worker give it a partition of the queries topic?"""
-    log = pipeline.log_text(name)
-    last = log.rfind("Setting newly assigned partitions")
-    return last >= 0 and f"| {pipeline.settings.queries_topic} " in log[last:] and "Worker ready" in log[last:]
+    """Did the last queries-group assignment logged by this worker give it a partition, and is it ready?"""
+    chunks = query_assignments(pipeline, name)
+    return bool(chunks) and f"| {pipeline.settings.queries_topic} " in chunks[-1] and "Worker ready" in chunks[-1]
 
 
 def publish_known_items(pipeline: Pipeline, count: int, first_seed: int) -> list[tuple[bytes, str]]:
@@ -87,14 +95,14 @@ def test_worker_killed_mid_batch_every_query_of_a_steady_stream_is_answered(
 
         stream = SteadyStream(pipeline.settings, queries, rate=20, duration_s=25, drain_s=45).start()
         time.sleep(random.uniform(4.0, 6.0))
-        assignments_before = pipeline.log_text("worker-2").count("Setting newly assigned partitions")
+        assignments_before = len(query_assignments(pipeline, "worker-2"))
         killed_at = time.monotonic()
         pipeline.kill("worker")
 
         def survivor_holds_both() -> float | None:
-            log = pipeline.log_text("worker-2")
-            last = log[log.rfind("Setting newly assigned partitions"):]
-            handed_over = log.count("Setting newly assigned partitions") > assignments_before
+            chunks = query_assignments(pipeline, "worker-2")
+            last = chunks[-1] if chunks else ""
+            handed_over = len(chunks) > assignments_before
             return time.monotonic() if handed_over and "Worker ready" in last and (
                 f"| {pipeline.settings.queries_topic} | {{0-1}}" in last) else None
 
