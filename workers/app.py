@@ -241,6 +241,13 @@ class CatalogConsumers:
             self.tasks.pop(version).cancel()
             log.info("catalog consumer for model %s: stopped", version)
 
+    async def stop(self) -> None:
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     @staticmethod
     def _done(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -306,20 +313,23 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
         every live one. When Redis is away, the last state known stays."""
         loop = asyncio.get_running_loop()
         client = rollout.redis_client(settings)
-        while True:
-            try:
-                state = await loop.run_in_executor(None, rollout.read_state, client, settings)
-            except (redis.RedisError, OSError) as exc:
-                log.debug("rollout state unavailable: %s", exc)
-                state = None
-            if state is not None and state != models.state:
-                log.info("rollout state: serving %s, building %s", state.serving, state.target)
-                models.state = state
-            elif state is None and models.state.serving is None:  # no state and no champion at start: look again
-                models.state = RolloutState(serving=rollout.desired_version(settings))
-            catalog.reconcile(models.state.embedding())
-            models.forget([*models.state.embedding()])
-            await asyncio.sleep(settings.rollout_poll_s)
+        try:
+            while True:
+                try:
+                    state = await loop.run_in_executor(None, rollout.read_state, client, settings)
+                except (redis.RedisError, OSError) as exc:
+                    log.debug("rollout state unavailable: %s", exc)
+                    state = None
+                if state is not None and state != models.state:
+                    log.info("rollout state: serving %s, building %s", state.serving, state.target)
+                    models.state = state
+                elif state is None and models.state.serving is None:  # no state and no champion at start: look again
+                    models.state = RolloutState(serving=rollout.desired_version(settings))
+                catalog.reconcile(models.state.embedding())
+                models.forget([*models.state.embedding()])
+                await asyncio.sleep(settings.rollout_poll_s)
+        finally:  # the worker stops: its catalog consumers leave their groups, so others take over at once
+            await catalog.stop()
 
     @app.agent(queries_topic, name="embed-queries")
     async def embed_queries(stream: faust.Stream) -> None:
