@@ -383,14 +383,20 @@ class Indexer:
         except (redis.RedisError, ValueError) as exc:
             log.warning("no Redis for the rollout state (%s): serving the champion only", exc)
             client = controller = None
-        while True:
-            state = await loop.run_in_executor(None, self.rollout_step, client, controller)
-            if state is not None:
-                self.reconcile(state)
-                self.started.set()
-            elif not self.started.is_set():
-                log.warning("no model to serve yet: no champion in %s and none pinned", s.models_path)
-            await asyncio.sleep(s.rollout_poll_s)
+        try:
+            while True:
+                state = await loop.run_in_executor(None, self.rollout_step, client, controller)
+                if state is not None:
+                    self.reconcile(state)
+                    self.started.set()
+                elif not self.started.is_set():
+                    log.warning("no model to serve yet: no champion in %s and none pinned", s.models_path)
+                await asyncio.sleep(s.rollout_poll_s)
+        finally:  # stopping: end the feeds (their consumers close) rather than leave them pending
+            feeds = [vi.task for vi in self.versions.values() if vi.task is not None]
+            for task in feeds:
+                task.cancel()
+            await asyncio.gather(*feeds, return_exceptions=True)
 
     # -- snapshots --------------------------------------------------------------------
     async def run_snapshots(self) -> None:
