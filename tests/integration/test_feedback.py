@@ -38,6 +38,7 @@ from lookalike.settings import FeedbackSettings, TrainerSettings
 from lookalike.topics import ensure_topics, ensure_vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
+from tests.integration.conftest import topic_env
 from training.data import Split
 
 pytestmark = pytest.mark.integration
@@ -61,19 +62,7 @@ def env_for(cluster: Cluster, prefix: str, workdir: Path, **extra: str) -> dict[
         "LOOKALIKE_KAFKA_BOOTSTRAP": cluster.kafka_bootstrap,
         "LOOKALIKE_REDIS_URL": cluster.redis_url,
         "LOOKALIKE_HOME": str(workdir),
-        "LOOKALIKE_PARTITIONS": "2",
-        "LOOKALIKE_CATALOG_TOPIC": f"{prefix}.catalog",
-        "LOOKALIKE_QUERIES_TOPIC": f"{prefix}.queries",
-        "LOOKALIKE_REPLIES_TOPIC": f"{prefix}.replies",
-        "LOOKALIKE_DEADLETTER_TOPIC": f"{prefix}.deadletter",
-        "LOOKALIKE_CATALOG_VECTORS_TOPIC": f"{prefix}.catalog.vectors",
-        "LOOKALIKE_QUERY_VECTORS_TOPIC": f"{prefix}.queries.vectors",
-        "LOOKALIKE_FEEDBACK_TOPIC": f"{prefix}.feedback",
-        "LOOKALIKE_TRIGGERS_TOPIC": f"{prefix}.triggers",
-        "LOOKALIKE_MODELS_TOPIC": f"{prefix}.models",
-        "LOOKALIKE_FEEDBACK_GROUP": f"{prefix}-feedback",
-        "LOOKALIKE_TRAINER_GROUP": f"{prefix}-trainer",
-        "LOOKALIKE_INDEXER_GROUP": f"{prefix}-indexer",
+        **topic_env(prefix),  # the pipeline's topic and group names, the feedback loop's included
         "LOOKALIKE_POLICY_INTERVAL_S": "0.5",
         # every trigger reason off unless a test turns it on
         "LOOKALIKE_TRIGGER_MIN_FEEDBACK": "0",
