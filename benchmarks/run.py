@@ -48,12 +48,13 @@ def catalog_vectors(settings: ClientSettings, timeout_s: float = 120) -> tuple[l
     from lookalike import contracts as c
     from lookalike import rollout
     from lookalike.clients import confluent_config
+    from lookalike.topics import vectors_topic
 
     state = rollout.read_state(rollout.redis_client(settings), settings)
     serving = state.serving if state else rollout.desired_version(settings)
     if not serving:
         return [], np.zeros((0, 0), np.float32), None
-    topic = rollout.vectors_topic(settings, serving)
+    topic = vectors_topic(settings, serving)
     consumer = Consumer(confluent_config(settings, **{"group.id": "bench-vectors", "enable.auto.commit": False}))
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}

@@ -50,7 +50,7 @@ from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, Mo
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.rollout import RolloutController, RolloutState
 from lookalike.settings import IndexerSettings
-from lookalike.topics import ensure_vectors_topic
+from lookalike.topics import ensure_vectors_topic, vectors_topic
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ def topic_partitions(settings: IndexerSettings, topic: str) -> list[int]:
     if found is None or found.error is not None or not found.partitions:
         raise ConfigError(f"topic {topic} does not exist: create it with `lookalike topics create`")
     return sorted(found.partitions)
-
-
-def covers(position: Mapping[int, int], other: Mapping[int, int]) -> bool:
-    """Has an index at ``position`` (next offsets) seen every catalog record ``other`` has?"""
-    return all(position.get(p, 0) >= offset for p, offset in other.items())
 
 
 class Pools:
@@ -89,7 +84,7 @@ class VersionIndex:
         self.settings = settings
         self.version = version
         self.pools = pools
-        self.topic = rollout.vectors_topic(settings, version)
+        self.topic = vectors_topic(settings, version)
         self.index: VectorIndex | None = None
         self.index_version: str | None = None
         self.pending_position: dict[int, int] = {}
@@ -320,7 +315,7 @@ class Indexer:
         target, serving = self.versions.get(version), self.serving
         if target is None or not target.caught_up.is_set():
             return False
-        return serving is None or covers(target.catalog_position, serving.catalog_position)
+        return serving is None or stages.covers(target.catalog_position, serving.catalog_position)
 
     def all_ready(self, client: redis.Redis, version: str) -> bool:
         """Ready here and on every other live replica of the group (blocking)."""

@@ -87,6 +87,12 @@ def reached(position: Mapping[int, int], required: Mapping[int, int] | None) -> 
     return not required or all(position.get(p, 0) > offset for p, offset in required.items())
 
 
+def covers(position: Mapping[int, int], other: Mapping[int, int]) -> bool:
+    """Has an index at ``position`` seen every catalog record an index at ``other`` has
+    (both next offsets)?"""
+    return all(position.get(p, 0) >= offset for p, offset in other.items())
+
+
 def answer(
     index: VectorIndex,
     query: QueryVector,

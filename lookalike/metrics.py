@@ -293,7 +293,7 @@ def instrument_worker(settings: Any, models: Any) -> _Server | None:
 def instrument_indexer(settings: Any, indexer: Any) -> _Server | None:
     """Index gauges, the feed's and the group's lag and the endpoint for an indexer process."""
     from lookalike.health import heartbeat_path
-    from lookalike.rollout import vectors_topic
+    from lookalike.topics import vectors_topic
 
     if not settings.indexer_metrics_port:
         return None

@@ -1,6 +1,6 @@
 """Blue/green model rollout: which model version answers queries, and the switch to a new one.
 
-Every model version has its own catalog-vector topic, ``{catalog_vectors_topic}.{version}``,
+Every model version has its own catalog-vector topic (:func:`lookalike.topics.vectors_topic`),
 filled by the workers' consumer group for that version, which reads the compacted
 catalog from its beginning. An index is built per version from its topic. So a new
 champion is rolled out like this:
@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 
 import redis
 
+from lookalike import clients
 from lookalike.artifacts import ModelStore
 from lookalike.errors import ModelArtifactError
 from lookalike.settings import CommonSettings
@@ -92,16 +93,9 @@ def events_key(settings: CommonSettings) -> str:
     return f"{state_key(settings)}:events"
 
 
-def vectors_topic(settings: CommonSettings, version: str) -> str:
-    """The catalog-vector topic of one model version."""
-    return f"{settings.catalog_vectors_topic}.{version}"
-
-
 def redis_client(settings: CommonSettings, **kwargs: object) -> redis.Redis:
     """A client for the rollout state (with the deployment's AUTH/TLS settings), strings decoded."""
-    from lookalike.clients import redis_client as make_client
-
-    return make_client(settings, **{"socket_timeout": 5, "decode_responses": True, **kwargs})
+    return clients.redis_client(settings, **{"socket_timeout": 5, "decode_responses": True, **kwargs})
 
 
 def read_state(client: redis.Redis, settings: CommonSettings) -> RolloutState | None:

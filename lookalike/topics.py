@@ -81,12 +81,15 @@ def ensure_topics(settings: CommonSettings, specs: list[TopicSpec] | None = None
     return created
 
 
+def vectors_topic(settings: CommonSettings, version: str) -> str:
+    """The catalog-vector topic of one model version: ``{catalog_vectors_topic}.{version}``."""
+    return f"{settings.catalog_vectors_topic}.{version}"
+
+
 def vectors_topic_spec(settings: CommonSettings, version: str, partitions: int) -> TopicSpec:
     """A model version's catalog-vector topic: compacted like the catalog (the latest vector
     per item is the index), and with the catalog's partitions (catalog partition p's vectors
     go to partition p)."""
-    from lookalike.rollout import vectors_topic
-
     config = {"cleanup.policy": "compact", "max.message.bytes": str(1024 * 1024), "min.compaction.lag.ms": "60000"}
     return TopicSpec(vectors_topic(settings, version), partitions, config)
 

@@ -80,18 +80,11 @@ class ModelSet:
     The serving version comes from the rollout state in Redis; before there is one, or
     while Redis is away at start-up, it is the pinned version or the store's champion."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, serving: Embedder | None = None) -> None:
+        """``serving``: a model already loaded, to serve from the start (embedding without a store)."""
         self.settings = settings
-        self._loaded: dict[str, Embedder] = {}
-        self.state = RolloutState(serving=rollout.desired_version(settings))
-
-    @classmethod
-    def of(cls, settings: WorkerSettings, embedder: Embedder) -> ModelSet:
-        """A set holding one loaded model, serving (tests, embedding without a store)."""
-        models = cls.__new__(cls)
-        models.settings, models._loaded = settings, {embedder.version: embedder}
-        models.state = RolloutState(serving=embedder.version)
-        return models
+        self._loaded: dict[str, Embedder] = {serving.version: serving} if serving else {}
+        self.state = RolloutState(serving=serving.version if serving else rollout.desired_version(settings))
 
     def get(self, version: str) -> Embedder:
         """The embedder of ``version``, loaded on first use (blocking)."""

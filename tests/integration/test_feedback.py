@@ -33,9 +33,8 @@ from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.clients import confluent_config, producer_config
 from lookalike.events import Reason, make_feedback, make_trigger
 from lookalike.registry import Registry
-from lookalike.rollout import vectors_topic
 from lookalike.settings import FeedbackSettings, TrainerSettings
-from lookalike.topics import ensure_topics, ensure_vectors_topic
+from lookalike.topics import ensure_topics, ensure_vectors_topic, vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
 from tests.integration.conftest import topic_env

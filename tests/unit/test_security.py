@@ -114,7 +114,7 @@ def test_worker_answers_unsigned_and_forged_queries_with_unauthorized(embedder: 
 
     settings = WorkerSettings(_env_file=None, kafka_bootstrap="127.0.0.1:9", query_auth=True,
                               query_keys={"shop-1": SecretStr("k" * 32)})
-    worker = EmbeddingWorker(settings, ModelSet.of(settings, embedder))
+    worker = EmbeddingWorker(settings, ModelSet(settings, embedder))
     image = jpeg_bytes(1)
     base = {c.H_REPLY_TO: settings.replies_topic.encode()}
     good = auth.sign("shop-1", "k" * 32, b"ok", base, image)
