@@ -285,10 +285,12 @@ class VectorIndex:
         return index_bytes, json.dumps(items, separators=(",", ":")).encode(), facts
 
     @classmethod
-    def restore(cls, index_bytes: bytes, items_bytes: bytes, facts: Mapping[str, Any]) -> VectorIndex:
-        """Rebuild from :meth:`export` output. ef is set again: hnswlib does not save it."""
+    def restore(cls, index_bytes: bytes, items_bytes: bytes, facts: Mapping[str, Any],
+                ef_search: int | None = None) -> VectorIndex:
+        """Rebuild from :meth:`export` output. ef is set again (hnswlib does not save it):
+        ``ef_search`` when given (the setting of the restoring indexer), else the snapshot's."""
         index = cls(int(facts["dim"]), m=int(facts["m"]), ef_construction=int(facts["ef_construction"]),
-                    ef_search=int(facts["ef_search"]), capacity=16)
+                    ef_search=ef_search or int(facts["ef_search"]), capacity=16)
         with tempfile.TemporaryDirectory(prefix="lookalike-index-") as tmp:
             path = Path(tmp) / "index.bin"
             path.write_bytes(index_bytes)

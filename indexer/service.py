@@ -236,7 +236,7 @@ class VersionIndex:
                 if facts.get("model_version") != self.version or (dim is not None and facts.get("dim") != dim):
                     raise SnapshotError(f"snapshot {snapshot_id} holds model {facts.get('model_version')} "
                                         f"(dim {facts.get('dim')}), this index is for {self.version} (dim {dim})")
-                index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts)
+                index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts, ef_search=self.settings.hnsw_ef_search)
             except Exception as exc:  # whatever is wrong with a snapshot, the next one or a replay is right
                 log.warning("snapshot %s refused: %s", snapshot_id, exc)
                 continue

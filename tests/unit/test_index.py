@@ -130,6 +130,7 @@ def test_export_restore_round_trip() -> None:
     assert restored.free_slots == 1 and restored.ef_search == 50
     for i in (0, 13, 59):
         assert [h.item_id for h in restored.search(vecs[i], 5)] == [h.item_id for h in index.search(vecs[i], 5)]
+    assert VectorIndex.restore(*index.export(), ef_search=80).ef_search == 80  # the restoring indexer's setting
     restored.apply([Upsert("new", vecs[7], {})])  # the deleted slot is reused after a restore too
     assert restored.free_slots == 0 and restored.search(vecs[7], 1)[0].item_id == "new"
 
