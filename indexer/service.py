@@ -28,7 +28,6 @@ import os
 import socket
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -41,6 +40,7 @@ from confluent_kafka.admin import AdminClient
 
 from indexer import stages
 from indexer.index import Mutation, VectorIndex
+from indexer.shards import LOOKUP, SEARCH, own_position, partial_headers, run_gatherer
 from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
 from lookalike import metrics, rollout
@@ -55,6 +55,7 @@ from lookalike.topics import ensure_vectors_topic, vectors_topic
 log = logging.getLogger(__name__)
 
 STATUS_KEY = "lookalike:indexer:{group}:{instance}"
+Out = tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]  # topic, key, value, headers
 STATUS_TTL_S = 15
 
 
@@ -153,7 +154,9 @@ class VersionIndex:
         return len(self.index) if self.index is not None else 0
 
     async def wait_for_position(self, required: dict[int, int] | None, timeout_s: float) -> None:
-        """Return once the index includes ``required`` catalog offsets, or after the timeout."""
+        """Return once the index includes ``required`` catalog offsets (of this shard's
+        partitions), or after the timeout."""
+        required = own_position(self.settings, required)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not stages.reached(self.catalog_position, required):
             left = deadline - asyncio.get_running_loop().time()
@@ -169,7 +172,7 @@ class VersionIndex:
         s = self.settings
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, ensure_vectors_topic, s, self.version)
-        partitions = await loop.run_in_executor(None, topic_partitions, s, self.topic)
+        partitions = [p for p in await loop.run_in_executor(None, topic_partitions, s, self.topic) if s.owns(p)]
         if s.snapshots:
             await loop.run_in_executor(self.pools.write, self.restore)
         consumer = AIOKafkaConsumer(
@@ -187,7 +190,8 @@ class VersionIndex:
                 else:
                     await consumer.seek_to_beginning(tp)
             start_ends = await consumer.end_offsets(tps)
-            log.info("feed %s: %d partitions, %d records to replay", self.topic, len(tps),
+            log.info("feed %s: %d partitions (shard %d of %d), %d records to replay", self.topic, len(tps),
+                     s.index_shard, s.index_shards,
                      sum(start_ends[tp] - restored.get(tp.partition, 0) for tp in tps))
             while True:
                 batch = await consumer.getmany(timeout_ms=200, max_records=2000)
@@ -291,7 +295,8 @@ class VersionIndex:
 
 
 def snapshot_namespace(settings: IndexerSettings, version: str) -> str:
-    return f"lookalike:snapshots:{settings.indexer_group}:{version}"
+    """Each shard snapshots its own slice: the namespace is per query group (one per shard)."""
+    return f"lookalike:snapshots:{settings.query_group}:{version}"
 
 
 class Indexer:
@@ -436,18 +441,26 @@ class Indexer:
                 required = c.parse_position(headers[c.H_MIN_POSITION])
                 await vi.wait_for_position(required, self.settings.min_position_wait_s)
 
-    def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes]) -> tuple[str, bytes, bytes]:
-        """One query vector -> (reply topic, reply key, reply value). Never raises."""
+    def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes]) -> list[Out]:
+        """One query vector -> the records to produce: its reply (one index), or this shard's
+        partial answer or resolved item (shards, :mod:`indexer.shards`). Never raises."""
+        s = self.settings
         vi = self.version_for(headers)
         serving = self.state.serving if self.state else None
         dim = vi.index.dim if vi is not None and vi.index is not None else None
+        if dim is None and value and len(value) % 4 == 0:
+            dim = len(value) // 4  # no index yet to check against: an empty index answers below
         try:
-            query = stages.parse_query_vector(key, value, headers, dim=dim, default_reply_to=self.settings.replies_topic)
+            query = stages.parse_query_vector(key, value, headers, dim=dim, default_reply_to=s.replies_topic)
         except InvalidMessage as exc:
+            if s.sharded and s.index_shard != 0:
+                return []  # every shard sees the same malformed record: shard 0 alone answers it
             reply = c.error_reply(key.decode("utf-8", "replace") if key else "(missing)", exc.code, str(exc))
-            return self.settings.replies_topic, key or b"", c.encode_reply(reply)
+            metrics.observe_reply(reply)
+            return [(s.replies_topic, key or b"", c.encode_reply(reply), [])]
         version = vi.version if vi is not None else serving
         index_version = vi.index_version if vi is not None else None
+        phase = LOOKUP if s.sharded and query.item_id is not None else SEARCH
         try:
             if vi is None:
                 raise ModelMismatch(f"query embedded by model {query.model_version}; this indexer holds "
@@ -455,10 +468,12 @@ class Indexer:
             if vi.index is None or len(vi.index) == 0:
                 raise InvalidMessage("the index is empty: no catalog item has been indexed yet", code="empty_index")
             position = vi.catalog_position
-            if not stages.reached(position, query.min_position):
+            if not stages.reached(position, own_position(s, query.min_position)):
                 raise InvalidMessage(
                     f"the index has not reached position {query.min_position} within "
-                    f"{self.settings.min_position_wait_s}s (it is at {position})", code="not_ready")
+                    f"{s.min_position_wait_s}s (it is at {position})", code="not_ready")
+            if phase == LOOKUP:
+                return [self.resolve(vi, query, key, headers)]
             reply = stages.answer(vi.index, query, model_version=vi.version, index_version=index_version,
                                   index_position=position)
         except (InvalidMessage, UnknownItem) as exc:
@@ -468,8 +483,26 @@ class Indexer:
             log.exception("query %s failed", query.request_id, extra={"request_id": query.request_id})
             reply = c.error_reply(query.request_id, "internal", f"{type(exc).__name__}: {exc}",
                                   model_version=version, index_version=index_version)
-        metrics.observe_reply(reply)
-        return query.reply_to, query.request_key, c.encode_reply(reply)
+        if not s.sharded:
+            metrics.observe_reply(reply)
+            return [(query.reply_to, query.request_key, c.encode_reply(reply), [])]
+        return [(s.partials_topic, query.request_key, c.encode_reply(reply),
+                 partial_headers(s, phase=phase, reply_to=query.reply_to, k=query.k,
+                                 query_ts=query.query_timestamp_ms, waits=query.min_position is not None))]
+
+    def resolve(self, vi: VersionIndex, query: stages.QueryVector, key: bytes | None,
+                headers: Mapping[str, bytes]) -> Out:
+        """A "more like this" query on a shard: the item's vector as a new query vector for
+        every shard to search (the item left out). Raises UnknownItem where this shard does
+        not hold the item; the caller makes that its ``lookup`` answer."""
+        s = self.settings
+        assert vi.index is not None and query.item_id is not None
+        if query.item_id not in vi.index:
+            raise UnknownItem(f"item {query.item_id!r} is not in shard {s.index_shard} of {s.index_shards}")
+        vector = vi.index.vector(query.item_id)
+        forwarded = [(name, raw) for name, raw in headers.items() if name not in (c.H_ITEM_ID, c.H_LOOKUP_OF)]
+        forwarded.append((c.H_LOOKUP_OF, query.item_id.encode()))
+        return (s.query_vectors_topic, key or b"", c.encode_vector(vector), forwarded)
 
     # -- status -------------------------------------------------------------------
     def status(self) -> dict[str, str]:
@@ -483,6 +516,7 @@ class Indexer:
         return {
             **extra,
             "instance": self.instance,
+            "shard": f"{self.settings.index_shard}/{self.settings.index_shards}",
             "items": str(len(vi) if vi else 0),
             "model_version": state.serving or "",
             "target_version": state.target or "",
@@ -521,7 +555,7 @@ class Indexer:
 def create_app(settings: IndexerSettings) -> faust.App:
     """The faust app: the query agent plus the rollout, snapshot and status tasks."""
     indexer = Indexer(settings)
-    app = faust_app(settings, settings.indexer_group)
+    app = faust_app(settings, settings.query_group)
     query_vectors = app.topic(settings.query_vectors_topic, key_type=bytes, value_type=bytes, allow_empty=True)
 
     @app.task
@@ -537,6 +571,14 @@ def create_app(settings: IndexerSettings) -> faust.App:
     async def status() -> None:
         await indexer.publish_status()
 
+    if settings.sharded:
+        @app.task
+        async def gather() -> None:
+            async def send(topic: str, key: bytes, value: bytes) -> Any:
+                return await app.producer.send(topic, key, value, None, None, None)
+
+            await run_gatherer(settings, send)
+
     @app.task
     async def heartbeat() -> None:
         while True:
@@ -550,21 +592,16 @@ def create_app(settings: IndexerSettings) -> faust.App:
     async def answer_queries(stream: faust.Stream) -> None:
         loop = asyncio.get_running_loop()
 
-        async def handle(event: Any) -> tuple[str, bytes, bytes]:
+        async def handle(event: Any) -> list[Out]:
             headers = c.headers_to_dict(event.headers)
             await indexer.ready_for(headers)
             return await loop.run_in_executor(indexer.pools.search, indexer.answer, event.key, event.value, headers)
 
         async for events in stream.take_events(64, within=0.002):
             metrics.observe_batch("indexer", "query", len(events))
-            replies = await asyncio.gather(*(handle(e) for e in events))
-            by_topic: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
-            for topic, key, value in replies:
-                by_topic[topic].append((key, value))
-            pending = []
-            for topic, records in by_topic.items():
-                for key, value in records:
-                    pending.append(await app.producer.send(topic, key, value, None, None, None))
+            outs = await asyncio.gather(*(handle(e) for e in events))
+            pending = [await app.producer.send(topic, key, value, None, None, headers or None)
+                       for records in outs for topic, key, value, headers in records]
             await asyncio.gather(*pending)
 
     app.lookalike_indexer = indexer  # type: ignore[attr-defined]

@@ -56,6 +56,7 @@ class QueryVector:
     query_timestamp_ms: int | None
     timings_ms: dict[str, float] = field(default_factory=dict)
     min_position: dict[int, int] | None = None
+    exclude: str | None = None  # a shard resolved this vector from this item: leave it out of the results
 
 
 def parse_query_vector(
@@ -78,8 +79,9 @@ def parse_query_vector(
         vector = c.decode_vector(value, dim)
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
     min_position = c.parse_position(headers[c.H_MIN_POSITION]) if c.H_MIN_POSITION in headers else None
+    exclude = headers[c.H_LOOKUP_OF].decode("utf-8", "replace") if c.H_LOOKUP_OF in headers else None
     return QueryVector(key or b"", request_id, reply_to, k, item_id, vector, model_version, ts, dict(timings),
-                       min_position)
+                       min_position, exclude)
 
 
 def reached(position: Mapping[int, int], required: Mapping[int, int] | None) -> bool:
@@ -91,6 +93,12 @@ def covers(position: Mapping[int, int], other: Mapping[int, int]) -> bool:
     """Has an index at ``position`` seen every catalog record an index at ``other`` has
     (both next offsets)?"""
     return all(position.get(p, 0) >= offset for p, offset in other.items())
+
+
+def rank(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first; equal (rounded) scores by item id, so one index and merged shards order
+    ties alike."""
+    return sorted(results, key=lambda r: (-r["score"], r["item_id"]))
 
 
 def answer(
@@ -108,12 +116,12 @@ def answer(
     if query.item_id is not None:
         hits = index.search(index.vector(query.item_id), query.k, exclude=query.item_id)
     else:
-        hits = index.search(query.vector, query.k)  # type: ignore[arg-type]
+        hits = index.search(query.vector, query.k, exclude=query.exclude)  # type: ignore[arg-type]
     timings = dict(query.timings_ms)
     timings["search"] = (time.perf_counter() - started) * 1000
     if query.query_timestamp_ms is not None:
         timings["total"] = time.time() * 1000 - query.query_timestamp_ms
-    results = [{"item_id": h.item_id, "score": round(h.score, 6), "metadata": dict(h.metadata)} for h in hits]
+    results = rank([{"item_id": h.item_id, "score": round(h.score, 6), "metadata": dict(h.metadata)} for h in hits])
     return c.ok_reply(
         query.request_id,
         results,

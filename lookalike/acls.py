@@ -71,6 +71,10 @@ def grants(service: Service, settings: CommonSettings, *, group: str | None = No
             Grant("topic", f"{s.catalog_vectors_topic}.", "prefixed", "CREATE",
                   "a new model version's vector topic, when the indexer is first to need it"),
             Grant("topic", s.query_vectors_topic, "literal", "READ", "query vectors to answer"),
+            Grant("topic", s.query_vectors_topic, "literal", "WRITE",
+                  "index shards: a \"more like this\" item resolved to its vector, for every shard"),
+            Grant("topic", s.partials_topic, "literal", "READ", "index shards: partial answers to merge"),
+            Grant("topic", s.partials_topic, "literal", "WRITE", "index shards: this shard's partial answers"),
             *replies("replies (reply-to topics)"),
             Grant("group", group or "lookalike-indexer", "prefixed", "READ", "its consumer group (faust app id)"),
         ]

@@ -37,6 +37,13 @@ H_SOURCE_TOPIC = "source-topic"
 H_SOURCE_PARTITION = "source-partition"
 H_SOURCE_OFFSET = "source-offset"
 H_ORIGINAL_VALUE_BYTES = "original-value-bytes"
+# Index shards (indexer/shards.py): a partial answer's shard ("1/2"), its phase ("search", or
+# "lookup" for a "more like this" item the shard does not hold), how long the gatherer may
+# wait for the other shards, and on a query vector a shard resolved from an item id.
+H_SHARD = "shard"
+H_SHARD_PHASE = "shard-phase"
+H_GATHER_WAIT_MS = "gather-wait-ms"
+H_LOOKUP_OF = "lookup-of"
 
 MAX_KEY_BYTES = 256
 MAX_METADATA_BYTES = 64 * 1024

@@ -52,6 +52,7 @@ BATCH_SIZE = Histogram("lookalike_batch_size", "Records per micro-batch", ["serv
 ERRORS = Counter("lookalike_errors", "Refused messages and error replies, by error code", ["service", "code"])
 CONSUMER_LAG = Gauge("lookalike_consumer_lag", "Records between the consumed position and the partition's end",
                      ["service", "group", "topic", "partition"])
+PARTIAL_REPLIES = Counter("lookalike_partial_replies", "Replies merged without every index shard (one was late)")
 INDEX_ITEMS = Gauge("lookalike_index_items", "Items in the HNSW index")
 INDEX_POSITION = Gauge("lookalike_index_position", "Next catalog offset the index reflects", ["partition"])
 INDEX_CAUGHT_UP = Gauge("lookalike_index_caught_up", "1 once the catalog feed has caught up since start-up")
@@ -63,6 +64,7 @@ METRIC_NAMES = frozenset({
     "lookalike_stage_seconds", "lookalike_records_total", "lookalike_batch_size", "lookalike_errors_total",
     "lookalike_consumer_lag", "lookalike_index_items", "lookalike_index_position", "lookalike_index_caught_up",
     "lookalike_snapshot_age_seconds", "lookalike_model_info", "lookalike_model_created_timestamp_seconds",
+    "lookalike_partial_replies_total",
 })
 
 _STARTED = time.time()
@@ -297,7 +299,7 @@ def instrument_indexer(settings: Any, indexer: Any) -> _Server | None:
 
     if not settings.indexer_metrics_port:
         return None
-    probe = LagProbe(settings, "indexer", settings.indexer_group, [settings.query_vectors_topic])
+    probe = LagProbe(settings, "indexer", settings.query_group, [settings.query_vectors_topic])
 
     def feed() -> None:
         vi = indexer.serving

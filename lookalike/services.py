@@ -60,9 +60,28 @@ def indexer_status(settings: CommonSettings | None = None, group: str | None = N
     return out
 
 
+def whole_index(statuses: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The largest caught-up index among the statuses; with index shards, the sum of one
+    caught-up instance per shard (None until every shard has one)."""
+    best: dict[str, dict[str, Any]] = {}
+    for status in statuses:
+        shard = status.get("shard") or "0/1"
+        if status.get("caught_up") == "1" and status["items"] >= best.get(shard, {"items": -1})["items"]:
+            best[shard] = status
+    if not best:
+        return None
+    shards = int(next(iter(best)).partition("/")[2] or 1)
+    if len(best) < shards:
+        return None
+    whole = dict(best[min(best)])
+    whole["items"] = sum(s["items"] for s in best.values())
+    return whole
+
+
 def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None = None,
                    daemon: Daemon | None = None, group: str | None = None) -> dict[str, Any]:
-    """Block until an indexer reports at least ``count`` items and is caught up."""
+    """Block until the indexers report at least ``count`` items and are caught up (with index
+    shards: every shard caught up and ``count`` items in all)."""
     deadline = time.monotonic() + timeout_s
     last: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -70,9 +89,9 @@ def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None
             last = indexer_status(settings, group)
         except redis.RedisError:
             last = []
-        for status in last:
-            if status["items"] >= count and status.get("caught_up") == "1":
-                return status
+        whole = whole_index(last)
+        if whole is not None and whole["items"] >= count:
+            return whole
         if daemon is not None and daemon.pid() is None:
             raise StackError(f"the indexer is not running; last lines of {daemon.log_file}:\n{daemon.log_tail()}")
         time.sleep(0.5)

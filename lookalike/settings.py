@@ -57,6 +57,7 @@ class CommonSettings(BaseSettings):
     deadletter_topic: str = "lookalike.deadletter"
     catalog_vectors_topic: str = "lookalike.catalog.vectors"  # + ".{model version}": one topic per version
     query_vectors_topic: str = "lookalike.queries.vectors"
+    partials_topic: str = "lookalike.queries.partials"  # index shards' partial answers (indexer/shards.py)
     feedback_topic: str = "lookalike.feedback"
     triggers_topic: str = "lookalike.triggers"
     models_topic: str = "lookalike.models"  # the trainer's gate decisions
@@ -143,6 +144,38 @@ class IndexerSettings(CommonSettings):
     min_position_wait_s: float = Field(5.0, ge=0)  # how long a query may wait for its min-position
     status_digest: bool = False  # publish a SHA-256 of the live item ids (verification; costs a sort)
     indexer_metrics_port: int = Field(9411, ge=0, le=65535)  # /metrics and /healthz; 0: off
+    # Index shards (indexer/shards.py): this instance owns catalog partitions p with
+    # p % index_shards == index_shard; every shard answers every query and the partial
+    # answers are merged. 1: one index with every partition, replies straight from it.
+    index_shards: int = Field(1, ge=1)
+    index_shard: int = Field(0, ge=0)
+    shard_deadline_ms: float = Field(250.0, gt=0)  # a reply is sent without a shard this late (partial: true)
+    gather_max_age_s: float = Field(60.0, gt=0)  # partial answers older than this are dropped unmerged
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> IndexerSettings:
+        if self.index_shard >= self.index_shards:
+            raise ValueError(f"index_shard {self.index_shard} is not below index_shards {self.index_shards}")
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_shards > 1
+
+    @property
+    def query_group(self) -> str:
+        """The consumer group (faust app id) of this instance's query feed, and its snapshot
+        namespace: each shard reads every query, so each shard has its own group."""
+        return f"{self.indexer_group}.shard-{self.index_shard}" if self.sharded else self.indexer_group
+
+    @property
+    def gather_group(self) -> str:
+        """The group of the shards' gatherers: they share the partial-answer topic's partitions."""
+        return f"{self.indexer_group}.gather"
+
+    def owns(self, partition: int) -> bool:
+        """Is catalog partition ``partition`` in this instance's shard?"""
+        return partition % self.index_shards == self.index_shard
 
 
 class ClientSettings(CommonSettings):

@@ -36,6 +36,8 @@ def topic_specs(settings: CommonSettings) -> list[TopicSpec]:
         TopicSpec(settings.catalog_topic, p, compacted),
         TopicSpec(settings.queries_topic, p, transient),
         TopicSpec(settings.query_vectors_topic, p, {**transient, "max.message.bytes": str(1024 * 1024)}),
+        TopicSpec(settings.partials_topic, p, {**transient, "retention.ms": str(HOUR_MS),
+                                               "max.message.bytes": str(4 * 1024 * 1024)}),
         TopicSpec(settings.replies_topic, p, {**transient, "max.message.bytes": str(4 * 1024 * 1024)}),
         TopicSpec(settings.deadletter_topic, 1, {**transient, "retention.ms": str(7 * 24 * HOUR_MS)}),
         # Feedback is an event log, not state: deleted after a week, never compacted.

@@ -50,8 +50,9 @@ class Pipeline:
         return "\n".join(f"--- {name}\n{self.log_text(name)[-chars:]}" for name in self.logs)
 
     def start(self, name: str) -> subprocess.Popen:
-        """Start ``worker`` or ``indexer``; ``worker-2`` etc. start another member of the same group."""
-        module = {"worker": "workers", "indexer": "indexer", "feedback": "feedback",
+        """Start ``worker`` or ``indexer``; ``worker-2`` etc. start another member of the same group,
+        ``shard-N`` an indexer (its shard settings in ``service_env``)."""
+        module = {"worker": "workers", "indexer": "indexer", "shard": "indexer", "feedback": "feedback",
                   "trainer": "training.service"}[name.split("-")[0]]
         self.logs.setdefault(name, Path(self.env["LOOKALIKE_HOME"]) / f"{name}.log")
         with self.logs[name].open("ab") as fh:
@@ -78,13 +79,14 @@ class Pipeline:
         return all(p.poll() is None for p in self.procs.values())
 
 
-def wait_status(pipeline: Pipeline, predicate, timeout_s: float, what: str) -> dict:  # type: ignore[no-untyped-def]
-    """Poll the running indexer's status until ``predicate(status)``; fail with the logs."""
+def wait_status(pipeline: Pipeline, predicate, timeout_s: float, what: str,  # type: ignore[no-untyped-def]
+                name: str = "indexer") -> dict:
+    """Poll the running indexer's (or ``name``'s) status until ``predicate(status)``; fail with the logs."""
     deadline = time.monotonic() + timeout_s
     status = None
     while time.monotonic() < deadline:
         assert pipeline.alive(), pipeline.logs_tail()
-        status = pipeline.status()
+        status = pipeline.status(name)
         if status and predicate(status):
             return status
         time.sleep(0.2)

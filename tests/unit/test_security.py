@@ -229,13 +229,17 @@ def test_acl_grants_are_least_privilege() -> None:
     assert client == {("WRITE", "lookalike.queries"), ("READ", "lookalike.replies")}
     for service in SERVICES:
         for g in grants(service, s, group=f"lookalike-{service}"):
-            # Nobody but the worker writes vectors, nobody writes the catalog but the feed, no cluster-wide rights.
+            # Nobody but the worker writes catalog vectors, nobody writes the catalog but the feed, no
+            # cluster-wide rights.
             assert g.resource != "cluster"
             if g.operation == "WRITE":
                 assert g.name in {"lookalike.replies", "lookalike.catalog.vectors.", "lookalike.queries.vectors",
-                                  "lookalike.deadletter", "lookalike.queries", "lookalike.catalog"}
+                                  "lookalike.deadletter", "lookalike.queries", "lookalike.catalog",
+                                  "lookalike.queries.partials"}
                 assert g.name != "lookalike.catalog" or service == "catalog-feed"
-                assert "vectors" not in g.name or service == "worker"
-    assert all(op != "WRITE" for op, _name, _pattern in indexer if _name != "lookalike.replies")
+                assert "catalog.vectors" not in g.name or service == "worker"
+    # The indexer writes replies, and with index shards partial answers and resolved item queries.
+    assert {name for op, name, _ in indexer if op == "WRITE"} == {
+        "lookalike.replies", "lookalike.queries.partials", "lookalike.queries.vectors"}
     line = kafka_acls_commands("User:w", grants("worker", s))[0]
     assert "--operation Describe --topic lookalike. --resource-pattern-type prefixed" in line

@@ -1,0 +1,321 @@
+"""Index shards: scatter a query to every shard, gather the partial top-k lists into one reply.
+
+With ``LOOKALIKE_INDEX_SHARDS=N`` an indexer instance is shard ``LOOKALIKE_INDEX_SHARD=i``:
+
+* its feed reads only the catalog-vector partitions ``p`` with ``p % N == i`` (vectors stay
+  in their catalog partition, so a shard is a fixed slice of the catalog, and its
+  positions are catalog offsets of its own partitions);
+* it reads *every* query vector, in its own consumer group ``{indexer_group}.shard-{i}``
+  (replicas of one shard share that group's partitions), searches its slice and sends the
+  partial answer, a reply document of its own top-k, to the partials topic keyed by the
+  request, so all partial answers of a request land in one partition;
+* every instance also runs a gatherer in the shared group ``{indexer_group}.gather``: it
+  holds each request's partial answers until all N shards have answered, or until the
+  deadline after the first one (``LOOKALIKE_SHARD_DEADLINE_MS``, plus the query's own
+  ``min-position`` wait), merges them and produces the reply to the query's reply-to topic,
+  with ``partial: true`` and the shards that answered when one was late.
+
+"More like this" queries name an item, which lives on one shard. A shard that holds it
+resolves the item to its vector and sends that as a new query vector (``lookup-of``: the
+item, left out of the results) for every shard to search; shards that do not hold it say
+so (phase ``lookup``). When all N say so, the reply is ``unknown_item``.
+
+The gatherer commits a partition's offset only up to the first partial answer of a
+request still open, so a gatherer that dies mid-request leaves it to the next one
+(at-least-once; clients drop a repeated reply by request id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from lookalike import contracts as c
+from lookalike import metrics
+from lookalike.clients import aiokafka_config
+from lookalike.settings import IndexerSettings
+
+log = logging.getLogger(__name__)
+
+SEARCH, LOOKUP = "search", "lookup"
+# An error on one shard that does not sink the merged answer: that shard holds nothing yet.
+HARMLESS = frozenset({"empty_index"})
+
+
+def own_position(settings: IndexerSettings, position: Mapping[int, int] | None) -> dict[int, int] | None:
+    """The part of a catalog position in this instance's shard (None stays None)."""
+    if position is None:
+        return None
+    return {p: o for p, o in position.items() if settings.owns(p)}
+
+
+def partial_headers(settings: IndexerSettings, *, phase: str, reply_to: str, k: int,
+                    query_ts: int | None, waits: bool) -> list[tuple[str, bytes]]:
+    """What the gatherer needs beside the partial reply document itself."""
+    wait_ms = settings.shard_deadline_ms + (settings.min_position_wait_s * 1000 if waits else 0)
+    headers = [
+        (c.H_SHARD, f"{settings.index_shard}/{settings.index_shards}".encode()),
+        (c.H_SHARD_PHASE, phase.encode()),
+        (c.H_REPLY_TO, reply_to.encode()),
+        (c.H_K, str(k).encode()),
+        (c.H_GATHER_WAIT_MS, f"{wait_ms:.0f}".encode()),
+    ]
+    if query_ts is not None:
+        headers.append((c.H_QUERY_TS, str(query_ts).encode()))
+    return headers
+
+
+def merge(search: Mapping[int, dict[str, Any]], k: int, shards: int, request_id: str) -> dict[str, Any]:
+    """Partial replies of the shards that answered (shard -> reply) -> one reply.
+
+    Results: the k best of all shards' (score, then item id). An error of any shard other
+    than an empty index is the answer (the first such shard's). Positions are the union of
+    the shards' (each reports its own partitions); timings are the slowest shard's."""
+    failed = sorted(i for i, r in search.items() if r.get("status") != "ok" and error_code(r) not in HARMLESS)
+    answered = sorted(search)
+    if failed:
+        reply = dict(search[failed[0]])
+    elif all(r.get("status") != "ok" for r in search.values()):
+        reply = dict(search[answered[0]])  # every shard that answered is empty
+    else:
+        oks = [search[i] for i in answered if search[i].get("status") == "ok"]
+        results = sorted((r for reply in oks for r in reply.get("results", [])),
+                         key=lambda r: (-r["score"], r["item_id"]))[:k]
+        position: dict[int, int] = {}
+        timings: dict[str, float] = {}
+        for part in oks:
+            for p, o in part.get("index_position", {}).items():
+                position[int(p)] = max(int(o), position.get(int(p), 0))
+            for stage, ms in part.get("timings_ms", {}).items():
+                timings[stage] = max(float(ms), timings.get(stage, 0.0))
+        index_versions = sorted({str(r.get("index_version")) for r in oks if r.get("index_version")})
+        reply = c.ok_reply(request_id, results, model_version=oks[0].get("model_version"),
+                           index_version="+".join(index_versions) or None, index_position=position,
+                           timings_ms=timings)
+    reply["partial"] = len(answered) < shards
+    reply["shards"] = {"answered": answered, "of": shards}
+    return reply
+
+
+def error_code(reply: Mapping[str, Any]) -> str | None:
+    error = reply.get("error")
+    return error.get("code") if isinstance(error, dict) else None
+
+
+@dataclass
+class Pending:
+    """One request's partial answers so far."""
+
+    key: bytes
+    reply_to: str
+    k: int
+    first_seen: float
+    wait_s: float
+    query_ts: int | None
+    search: dict[int, dict[str, Any]] = field(default_factory=dict)
+    lookup: dict[int, dict[str, Any]] = field(default_factory=dict)
+    offsets: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset) of its records
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A merged reply to produce."""
+
+    reply_to: str
+    key: bytes
+    reply: dict[str, Any]
+
+    @property
+    def value(self) -> bytes:
+        return c.encode_reply(self.reply)
+
+
+class Gatherer:
+    """The gathering state machine, apart from Kafka (time is passed in, so tests set it)."""
+
+    def __init__(self, shards: int, *, max_age_s: float = 60.0, remember_s: float = 60.0) -> None:
+        self.shards = shards
+        self.max_age_s = max_age_s
+        self.remember_s = remember_s
+        self.pending: dict[bytes, Pending] = {}
+        self.done: dict[bytes, float] = {}  # requests already answered -> when (late partials are dropped)
+        self._open: dict[int, dict[int, int]] = {}  # partition -> {offset of an open request's record: 1}
+        self._next: dict[int, int] = {}  # partition -> offset after the last record seen
+        self.late = 0
+        self.dropped = 0
+
+    # -- input ----------------------------------------------------------------------
+    def add(self, partition: int, offset: int, key: bytes | None, value: bytes | None,
+            headers: Mapping[str, bytes], timestamp_ms: int | None, now: float) -> Gathered | None:
+        """One partial answer; returns the merged reply once every shard has answered."""
+        self._next[partition] = max(offset + 1, self._next.get(partition, 0))
+        try:
+            shard, phase, part = self._parse(key, value, headers)
+        except ValueError as exc:
+            self.dropped += 1
+            log.warning("partial answer %d@%d dropped: %s", partition, offset, exc)
+            return None
+        assert key is not None
+        if key in self.done:
+            self.late += 1
+            metrics.observe_error("indexer", "late_shard")
+            return None
+        if timestamp_ms is not None and time.time() - timestamp_ms / 1000 > self.max_age_s:
+            self.dropped += 1  # from before a long outage: its client gave up long ago
+            return None
+        pending = self.pending.get(key)
+        if pending is None:
+            pending = self.pending[key] = Pending(
+                key, headers[c.H_REPLY_TO].decode("utf-8", "replace"), int(headers[c.H_K]), now,
+                int(headers.get(c.H_GATHER_WAIT_MS, b"0")) / 1000,
+                int(headers[c.H_QUERY_TS]) if c.H_QUERY_TS in headers else None)
+        pending.wait_s = max(pending.wait_s, int(headers.get(c.H_GATHER_WAIT_MS, b"0")) / 1000)
+        (pending.search if phase == SEARCH else pending.lookup)[shard] = part
+        pending.offsets.append((partition, offset))
+        self._open.setdefault(partition, {})[offset] = 1
+        if len(pending.search) == self.shards or (len(pending.lookup) == self.shards and not pending.search):
+            return self._finish(pending, now)
+        return None
+
+    def _parse(self, key: bytes | None, value: bytes | None,
+               headers: Mapping[str, bytes]) -> tuple[int, str, dict[str, Any]]:
+        if not key or value is None:
+            raise ValueError("no key or no value")
+        try:
+            shard_text, _, of_text = headers[c.H_SHARD].decode("ascii").partition("/")
+            shard, of = int(shard_text), int(of_text)
+            phase = headers[c.H_SHARD_PHASE].decode("ascii")
+            int(headers[c.H_K])
+            headers[c.H_REPLY_TO].decode("utf-8")
+            part = json.loads(value)
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"malformed partial answer: {exc!r}") from exc
+        if of != self.shards:
+            raise ValueError(f"from shard {shard}/{of}, but this gatherer merges {self.shards} shards: "
+                             "every indexer of the group needs the same LOOKALIKE_INDEX_SHARDS")
+        if phase not in (SEARCH, LOOKUP) or not 0 <= shard < of or not isinstance(part, dict):
+            raise ValueError(f"malformed partial answer (shard {shard}/{of}, phase {phase!r})")
+        return shard, phase, part
+
+    # -- output ---------------------------------------------------------------------
+    def expired(self, now: float) -> list[Gathered]:
+        """Requests whose deadline passed: their replies, from the shards that answered."""
+        late = [p for p in self.pending.values() if now - p.first_seen >= p.wait_s]
+        for key in [k for k, t in self.done.items() if now - t > self.remember_s]:
+            del self.done[key]
+        return [self._finish(p, now) for p in late]
+
+    def next_deadline(self) -> float | None:
+        return min((p.first_seen + p.wait_s for p in self.pending.values()), default=None)
+
+    def _finish(self, pending: Pending, now: float) -> Gathered:
+        del self.pending[pending.key]
+        self.done[pending.key] = now
+        for partition, offset in pending.offsets:
+            self._open.get(partition, {}).pop(offset, None)
+        request_id = pending.key.decode("utf-8", "replace")
+        if pending.search:
+            reply = merge(pending.search, pending.k, self.shards, request_id)
+        else:  # only "I do not hold that item" answers (all of them, or the rest were late)
+            parts = pending.lookup
+            order = sorted(parts, key=lambda i: (error_code(parts[i]) in HARMLESS,  # empty: says least
+                                                 error_code(parts[i]) == "unknown_item", i))
+            reply = dict(parts[order[0]])  # another error (not ready, model) says more than "not here"
+            reply["partial"] = len(parts) < self.shards
+            reply["shards"] = {"answered": sorted(parts), "of": self.shards}
+        timings = dict(reply.get("timings_ms") or {})
+        timings["gather"] = round((now - pending.first_seen) * 1000, 3)
+        if pending.query_ts is not None:
+            timings["total"] = round(time.time() * 1000 - pending.query_ts, 3)
+        reply["timings_ms"] = timings
+        return Gathered(pending.reply_to, pending.key, reply)
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Partitions moved to another gatherer: it answers their open requests."""
+        gone = set(partitions)
+        for key in [k for k, p in self.pending.items() if any(part in gone for part, _ in p.offsets)]:
+            del self.pending[key]
+        for partition in gone:
+            self._open.pop(partition, None)
+            self._next.pop(partition, None)
+
+    def commit_offsets(self) -> dict[int, int]:
+        """Per partition, where a restarted gatherer must begin: the first record of a request
+        still open, else after the last record seen."""
+        return {p: min(self._open[p]) if self._open.get(p) else nxt for p, nxt in self._next.items()}
+
+
+class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, gatherer: Gatherer) -> None:
+        self.gatherer = gatherer
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.gatherer.revoke(tp.partition for tp in revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        pass
+
+
+async def run_gatherer(settings: IndexerSettings, send: Any) -> None:
+    """The gatherer of this instance, forever. ``send(topic, key, value)`` produces a reply
+    and returns an awaitable that completes when the broker has it."""
+    gatherer = Gatherer(settings.index_shards, max_age_s=settings.gather_max_age_s)
+    consumer = AIOKafkaConsumer(
+        **aiokafka_config(settings), group_id=settings.gather_group, enable_auto_commit=False,
+        auto_offset_reset="earliest", session_timeout_ms=int(settings.session_timeout_s * 1000),
+        heartbeat_interval_ms=int(settings.session_timeout_s * 250),
+    )
+    await consumer.start()
+    consumer.subscribe([settings.partials_topic], listener=_Revoke(gatherer))
+    committed: dict[int, int] = {}
+    last_commit = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            deadline = gatherer.next_deadline()
+            wait_ms = 100 if deadline is None else max(1, min(100, int((deadline - now) * 1000)))
+            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=500)
+            now = time.monotonic()
+            out: list[Gathered] = []
+            for tp, records in batch.items():
+                for r in records:
+                    done = gatherer.add(tp.partition, r.offset, r.key, r.value, c.headers_to_dict(r.headers),
+                                        r.timestamp, now)
+                    if done is not None:
+                        out.append(done)
+            out.extend(gatherer.expired(now))
+            if out:
+                acks = []
+                for g in out:
+                    metrics.observe_reply(g.reply)
+                    if g.reply.get("partial"):
+                        metrics.PARTIAL_REPLIES.inc()
+                        log.warning("request %s answered by shards %s of %d (the rest were late)",
+                                    g.key.decode("utf-8", "replace"), g.reply["shards"]["answered"],
+                                    settings.index_shards, extra={"request_id": g.key.decode("utf-8", "replace")})
+                    acks.append(await send(g.reply_to, g.key, g.value))
+                await asyncio.gather(*acks)  # effects before commits
+            offsets = gatherer.commit_offsets()
+            if offsets != committed and (out or time.monotonic() - last_commit > 1.0):
+                assigned = {tp.partition for tp in consumer.assignment()}
+                to_commit = {TopicPartition(settings.partials_topic, p): o for p, o in offsets.items()
+                             if p in assigned and committed.get(p) != o}
+                if to_commit:
+                    try:
+                        await consumer.commit(to_commit)
+                        committed.update({tp.partition: o for tp, o in to_commit.items()})
+                    except KafkaError as exc:  # a rebalance: the new owner starts from the last commit
+                        log.warning("gatherer commit failed (%s); its partitions' requests are redone", exc)
+                last_commit = time.monotonic()
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
