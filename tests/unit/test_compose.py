@@ -115,7 +115,7 @@ def test_scrape_targets_are_the_services_on_their_metrics_ports() -> None:
     assert worker["port"] == WorkerSettings().worker_metrics_port
     assert indexer["port"] == IndexerSettings().indexer_metrics_port
     assert set(worker["names"]) <= set(SERVICES) and set(indexer["names"]) <= set(SERVICES)
-    assert "worker" in worker["names"] and indexer["names"] == ["indexer"]
+    assert "worker" in worker["names"] and indexer["names"] == ["indexer", "indexer-shard-0", "indexer-shard-1"]
 
 
 def test_alert_rules_cover_the_issue_and_use_exported_metrics() -> None:
