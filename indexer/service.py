@@ -11,6 +11,9 @@ queries from the index of the model that embedded them.
 * The faust agent on the query-vector topic (partitions shared by the replicas of the
   consumer group) searches the index of the query's model version and produces each
   reply to the query's reply-to topic.
+* With index shards (``LOOKALIKE_INDEX_SHARDS`` > 1, :mod:`indexer.shards`) the feeds read
+  only this shard's partitions, the agent sends partial answers instead of replies, and a
+  gatherer task merges every shard's partial answers into the replies.
 
 Queries wait until their version's feed has caught up with the end of its topic as it
 was at start-up, so a restarted indexer never answers from a half-loaded index. The
@@ -55,8 +58,8 @@ from lookalike.topics import ensure_vectors_topic, vectors_topic
 log = logging.getLogger(__name__)
 
 STATUS_KEY = "lookalike:indexer:{group}:{instance}"
-Out = tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]  # topic, key, value, headers
 STATUS_TTL_S = 15
+Out = tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]  # a record to produce: topic, key, value, headers
 
 
 def topic_partitions(settings: IndexerSettings, topic: str) -> list[int]:
