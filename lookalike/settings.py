@@ -114,7 +114,7 @@ class WorkerSettings(CommonSettings):
     # The catalog's inference threads yield the CPU to queries (and to the broker and indexer).
     catalog_nice: int = Field(10, ge=0, le=19)  # 0: the process's priority
     query_batch_max: int = Field(16, ge=1)
-    query_batch_wait_ms: int = Field(5, ge=0)
+    query_batch_wait_ms: int = Field(0, ge=0)  # how long a query may wait for company; 0: none
     catalog_batch_max: int = Field(64, ge=1)
     catalog_batch_wait_ms: int = Field(100, ge=0)
     # Who may ask (docs/security.md): signed queries with per-client keys, and a token

@@ -9,11 +9,12 @@ per live model version.
   from the beginning of the compacted topic, and embedded into that version's vector
   topic. Several workers share each group's partitions.
 
-Both paths micro-batch (catalog: large batches, queries: small batches and a short
-wait), run the pure stages of :mod:`workers.stages` in their own inference thread
-(:mod:`workers.inference`: a query never waits behind a catalog batch, and each path has
-its torch thread count) so the event loop keeps heartbeating, produce the results and
-wait for the broker's acknowledgement before the batch's offsets are committed.
+Both paths micro-batch (catalog: large batches after a wait to fill them; queries: whatever
+arrived while the previous batch was embedded, :mod:`workers.batching`), run the pure
+stages of :mod:`workers.stages` in their own inference thread (:mod:`workers.inference`:
+a query never waits behind a catalog batch, and each path has its torch thread count) so
+the event loop keeps heartbeating, produce the results and wait for the broker's
+acknowledgement before the batch's offsets are committed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from lookalike.rollout import RolloutState
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_vectors_topic
 from workers import stages
+from workers.batching import MicroBatches
 from workers.guard import QueryGuard
 from workers.inference import InferenceThread
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
@@ -329,14 +331,33 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
 
     @app.agent(queries_topic, name="embed-queries")
     async def embed_queries(stream: faust.Stream) -> None:
-        within = max(settings.query_batch_wait_ms, 1) / 1000
-        async for events in stream.take_events(settings.query_batch_max, within=within):
-            started = time.perf_counter()
-            records, errors = await worker.query_thread.run(worker.query_batch, unpack(events))
-            metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
-            await produce_all(app, settings.query_vectors_topic, records)
-            for reply_to, record in errors:
-                await produce_all(app, reply_to, [record])
+        """Queries are read into micro-batches while the previous batch is embedded; a batch's
+        events are acked (so committed) only once the broker has its vectors and error replies."""
+        batches: MicroBatches[EventT] = MicroBatches(settings.query_batch_max, settings.query_batch_wait_ms / 1000)
+        events_in = stream.noack()
+
+        async def read() -> None:
+            async for event in events_in.events():
+                await batches.put(event)
+
+        async def answer() -> None:
+            while True:
+                events = await batches.get()
+                started = time.perf_counter()
+                records, errors = await worker.query_thread.run(worker.query_batch, unpack(events))
+                metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
+                await produce_all(app, settings.query_vectors_topic, records)
+                for reply_to, record in errors:
+                    await produce_all(app, reply_to, [record])
+                for event in events:
+                    await events_in.ack(event)
+
+        tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(answer())]
+        try:
+            await asyncio.gather(*tasks)  # a failure in either stops both, as it stops the agent
+        finally:
+            for task in tasks:
+                task.cancel()
 
     @app.task
     async def heartbeat() -> None:
