@@ -113,6 +113,7 @@ class WorkerSettings(CommonSettings):
     query_torch_threads: int = Field(1, ge=0)  # 0: as torch_threads
     # The catalog's inference threads yield the CPU to queries (and to the broker and indexer).
     catalog_nice: int = Field(10, ge=0, le=19)  # 0: the process's priority
+    channels_last: bool = True  # the model's layout: faster convolutions on CPU (docs/benchmarks.md)
     query_batch_max: int = Field(16, ge=1)
     query_batch_wait_ms: int = Field(0, ge=0)  # how long a query may wait for company; 0: none
     catalog_batch_max: int = Field(64, ge=1)

@@ -45,7 +45,7 @@ from lookalike.topics import ensure_vectors_topic
 from workers import stages
 from workers.batching import MicroBatches
 from workers.guard import QueryGuard
-from workers.inference import InferenceThread
+from workers.inference import InferenceThread, use_layout
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class ModelSet:
     def __init__(self, settings: WorkerSettings, serving: Embedder | None = None) -> None:
         """``serving``: a model already loaded, to serve from the start (embedding without a store)."""
         self.settings = settings
-        self._loaded: dict[str, Embedder] = {serving.version: serving} if serving else {}
+        self._loaded: dict[str, Embedder] = (
+            {serving.version: use_layout(serving, settings.channels_last)} if serving else {})
         self.state = RolloutState(serving=serving.version if serving else rollout.desired_version(settings))
         self._loading = threading.Lock()  # both inference threads may ask for a version first
 
@@ -96,7 +97,8 @@ class ModelSet:
         with self._loading:
             if version not in self._loaded:
                 s = self.settings  # threads 0: each inference thread sets its own count
-                self._loaded[version] = Embedder.from_store(s.models_path, version, s.device, 0)
+                embedder = Embedder.from_store(s.models_path, version, s.device, 0)
+                self._loaded[version] = use_layout(embedder, s.channels_last)
             return self._loaded[version]
 
     @property

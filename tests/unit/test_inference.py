@@ -7,8 +7,10 @@ import os
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lookalike.artifacts import ModelCard
 from lookalike.embedder import Embedder
@@ -16,8 +18,12 @@ from lookalike.imaging import PreprocessSpec
 from lookalike.model import EmbeddingNet, ModelSpec
 from lookalike.settings import WorkerSettings
 from tests.images import jpeg_bytes
-from workers.inference import InferenceThread
+from workers.inference import InferenceThread, use_layout
 from workers.stages import Source
+
+
+def embedder_image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 30, 3), dtype=np.uint8))
 
 
 def test_each_thread_keeps_its_own_torch_thread_count() -> None:
@@ -78,3 +84,18 @@ def test_a_query_batch_is_embedded_while_a_catalog_batch_holds_the_catalog_threa
         worker.query_thread.shutdown()
         worker.catalog_thread.shutdown()
 
+
+def test_channels_last_gives_the_same_vectors() -> None:
+    torch.manual_seed(0)
+    for arch in ("seed-cnn", "res-cnn"):
+        spec = ModelSpec(arch=arch, input_size=32, channels=(8, 16), num_classes=3)
+        card = ModelCard("test-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=32), ["a", "b", "c"],
+                         "0" * 64)
+        embedder = Embedder(EmbeddingNet(spec), card, torch.device("cpu"))
+        pixels = embedder.pixels([embedder_image(seed) for seed in range(4)])
+        plain = embedder.embed_pixels(pixels)
+        use_layout(embedder, channels_last=True)
+        assert embedder.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert np.allclose(embedder.embed_pixels(pixels), plain, atol=1e-5)
+        use_layout(embedder, channels_last=False)
+        assert embedder.model.features[0].weight.is_contiguous()
