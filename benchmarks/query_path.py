@@ -15,7 +15,7 @@ adds to publish -> reply), and the worker's own stage timings (queue, decode, em
 A policy is ``NAME`` (a preset below) or ``NAME:key=value,...`` over the worker's defaults:
 WorkerSettings fields (``query_torch_threads``, ``torch_threads``, ``catalog_nice``,
 ``channels_last``, ``query_batch_wait_ms``, ``query_batch_max``), ``omp`` (the
-OMP_WAIT_POLICY the process starts with; ``default``: unset), ``switch_ms`` (the GIL's
+OMP_WAIT_POLICY the process starts with, e.g. PASSIVE; ``default``: unset), ``switch_ms`` (the GIL's
 switch interval), ``shared=1`` (queries and catalog in one inference thread, the thread
 count switched per call), ``ticker_ms=N`` (batches as faust's ``take_events`` makes them:
 on a fixed ticker, none taken while a batch is processed).
@@ -215,14 +215,12 @@ while True:
 
 
 def child_env(knobs: dict[str, str]) -> dict[str, str]:
+    """The policy's process environment: OMP_WAIT_POLICY as the policy says (unset: as here)."""
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
     omp = knobs.get("omp")
-    if omp is None:  # as `python -m workers` starts
-        from workers.__main__ import OPENMP_DEFAULTS
-
-        env.update({k: v for k, v in OPENMP_DEFAULTS.items() if k not in os.environ})
-    elif omp != "default":
+    if omp == "default":
+        env.pop("OMP_WAIT_POLICY", None)
+    elif omp is not None:
         env["OMP_WAIT_POLICY"] = omp
     return env
 

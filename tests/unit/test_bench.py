@@ -57,10 +57,10 @@ def test_query_path_policies_are_presets_or_knobs_over_the_defaults(monkeypatch)
     name, before = parse_policy("before")
     assert name == "before" and before["shared"] == "1" and before["omp"] == "default"
     assert parse_policy("t2:query_torch_threads=0,omp=ACTIVE") == ("t2", {"query_torch_threads": "0", "omp": "ACTIVE"})
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"  # as `python -m workers` starts
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert child_env({})["OMP_WAIT_POLICY"] == "ACTIVE"  # as this process has it
     assert "OMP_WAIT_POLICY" not in child_env({"omp": "default"})
-    assert child_env({"omp": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert child_env({"omp": "PASSIVE"})["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_query_path_ticker_batches_hold_a_lone_item_until_the_tick() -> None:
