@@ -3,7 +3,7 @@
     python -m benchmarks.model_rate                      # the store's champion, the worker's settings
 
 ``forward``: preprocessed tensors in, vectors out — the model alone, in inference mode, at
-the worker's catalog batch size and torch threads. ``with_decode``: JPEG bytes in (the
+the worker's catalog batch size, torch threads and layout (``LOOKALIKE_CHANNELS_LAST``). ``with_decode``: JPEG bytes in (the
 real catalog's files), decode + preprocess + forward, which is the worker's work per image
 without Kafka. A small sweep over batch sizes and the channels_last layout shows whether
 another setting would be faster on this CPU.
@@ -24,6 +24,7 @@ import torch
 from lookalike.embedder import Embedder
 from lookalike.imaging import decode_image, normalise
 from lookalike.settings import WorkerSettings
+from workers.inference import use_layout
 
 
 def forward_rate(embedder: Embedder, batch: int, *, channels_last: bool = False, budget_s: float = 3.0,
@@ -76,13 +77,15 @@ def measure(settings: WorkerSettings, images: Sequence[bytes] = (), sweep: bool 
     batch = settings.catalog_batch_max
     result: dict[str, Any] = {
         "model_version": embedder.version, "device": str(embedder.device), "threads": torch.get_num_threads(),
-        "input_size": embedder.card.preprocess.size, "batch": batch,
+        "input_size": embedder.card.preprocess.size, "batch": batch, "channels_last": settings.channels_last,
     }
-    rates = forward_rate(embedder, batch, budget_s=budget_s)
+    rates = forward_rate(embedder, batch, channels_last=settings.channels_last, budget_s=budget_s)
     result["forward_images_per_s"] = round(float(np.median(rates)), 1)
     result["forward_images_per_s_best_round"] = round(max(rates), 1)
-    if images:
+    if images:  # in the worker's layout, as it embeds
+        use_layout(embedder, settings.channels_last)
         result["with_decode_images_per_s"] = round(decode_rate(embedder, images, batch, budget_s=budget_s), 1)
+        use_layout(embedder, channels_last=False)
     if sweep:
         result["sweep"] = [
             {"batch": b, "channels_last": cl,
