@@ -23,6 +23,7 @@ import torch
 
 from lookalike.embedder import Embedder
 from lookalike.imaging import decode_image
+from workers.inference import use_layout
 
 if TYPE_CHECKING:
     from lookalike.settings import WorkerSettings
@@ -32,14 +33,13 @@ def forward_rate(embedder: Embedder, batch: int, *, channels_last: bool = True, 
                  rounds: int = 5) -> list[float]:
     """Images per second through the embedder's forward pass on random preprocessed input
     already on its device, for each of ``rounds`` rounds (a shared box's neighbours come and
-    go: report the median, and the best). ``channels_last=False`` measures the default
-    layout instead of the embedder's own."""
+    go: report the median, and the best), in the channels-last layout or (False) the default
+    one; the embedder's own layout is restored after."""
     size = embedder.card.preprocess.size
     pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    own = embedder.channels_last
+    use_layout(embedder, channels_last)
     x = embedder.to_input(pixels)
-    if not channels_last:
-        embedder.model.to(memory_format=torch.contiguous_format)
-        x = x.contiguous()
     cuda = embedder.device.type == "cuda"
     try:
         for _ in range(3):
@@ -57,8 +57,7 @@ def forward_rate(embedder: Embedder, batch: int, *, channels_last: bool = True, 
             rates.append(done / (time.perf_counter() - started))
         return rates
     finally:
-        if not channels_last:
-            embedder.model.to(memory_format=torch.channels_last)
+        use_layout(embedder, own)
 
 
 def decode_rate(embedder: Embedder, images: Sequence[bytes], batch: int, budget_s: float = 5.0) -> float:
@@ -74,14 +73,14 @@ def decode_rate(embedder: Embedder, images: Sequence[bytes], batch: int, budget_
 
 def measure(settings: WorkerSettings, images: Sequence[bytes] = (), sweep: bool = True,
             budget_s: float = 3.0) -> dict[str, Any]:
-    embedder = Embedder.from_store(settings.models_path, settings.model_version, settings.device,
-                                   settings.torch_threads)
+    embedder = use_layout(Embedder.from_store(settings.models_path, settings.model_version, settings.device,
+                                              settings.torch_threads), settings.channels_last)
     batch = settings.catalog_batch_max
     result: dict[str, Any] = {
         "model_version": embedder.version, "device": str(embedder.device), "threads": torch.get_num_threads(),
-        "input_size": embedder.card.preprocess.size, "batch": batch,
+        "input_size": embedder.card.preprocess.size, "batch": batch, "channels_last": settings.channels_last,
     }
-    rates = forward_rate(embedder, batch, budget_s=budget_s)
+    rates = forward_rate(embedder, batch, channels_last=settings.channels_last, budget_s=budget_s)
     result["forward_images_per_s"] = round(float(np.median(rates)), 1)
     result["forward_images_per_s_best_round"] = round(max(rates), 1)
     if images:

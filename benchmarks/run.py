@@ -124,7 +124,8 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             row(f"  stage {stage} p50 / p99", p.get("p50"), f"/ {p.get('p99')} ms")
     m = result.get("model")
     if m:
-        row(f"bare model, batch {m['batch']} ({m['device']}, {m['threads']} threads)", m["forward_images_per_s"],
+        layout = ", channels-last" if m.get("channels_last") else ""
+        row(f"bare model, batch {m['batch']} ({m['device']}, {m['threads']} threads{layout})", m["forward_images_per_s"],
             "images/s")
         if "with_decode_images_per_s" in m:
             row("bare model + JPEG decode + preprocess", m["with_decode_images_per_s"], "images/s")

@@ -50,6 +50,7 @@ class Embedder:
         self.amp_dtype = _AMP_DTYPES.get(precision) if cuda else None
         self.precision = precision if self.amp_dtype is not None else "fp32"
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
+        self.channels_last = True  # the input's layout follows the model's (workers.inference.use_layout)
         if cuda:
             spec = card.preprocess
             self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -81,12 +82,12 @@ class Embedder:
 
     def to_input(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (B, S, S, 3) -> the model's normalised float input on the model's device."""
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
         if self.device.type != "cuda":
-            x = torch.from_numpy(normalise(pixels, self.card.preprocess))
-            return x.contiguous(memory_format=torch.channels_last)
+            return torch.from_numpy(normalise(pixels, self.card.preprocess)).contiguous(memory_format=layout)
         raw = torch.from_numpy(pixels).pin_memory().to(self.device, non_blocking=True)
         x = raw.permute(0, 3, 1, 2).float()  # a channels_last view of (B, 3, S, S): no copy
-        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        return ((x - self._mean) / self._std).contiguous(memory_format=layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input on the device -> float32 (B, D) unit vectors on the device."""

@@ -108,9 +108,15 @@ class WorkerSettings(CommonSettings):
 
     worker_group: str = "lookalike-worker"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(0, ge=0)  # 0: torch's default
+    torch_threads: int = Field(0, ge=0)  # catalog batches; 0: torch's default (all cores)
+    # Queries have their own inference thread (never behind a catalog batch) and torch thread
+    # count: 1 gives a batch of one the shortest tail on a shared CPU (docs/benchmarks.md).
+    query_torch_threads: int = Field(1, ge=0)  # 0: as torch_threads
+    # The catalog's inference threads yield the CPU to queries (and to the broker and indexer).
+    catalog_nice: int = Field(10, ge=0, le=19)  # 0: the process's priority
+    channels_last: bool = True  # the model's layout: faster convolutions on CPU (docs/benchmarks.md)
     query_batch_max: int = Field(16, ge=1)
-    query_batch_wait_ms: int = Field(5, ge=0)
+    query_batch_wait_ms: int = Field(0, ge=0)  # how long a query may wait for company; 0: none
     catalog_batch_max: int = Field(64, ge=1)
     catalog_batch_wait_ms: int = Field(100, ge=0)
     # Who may ask (docs/security.md): signed queries with per-client keys, and a token

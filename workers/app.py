@@ -9,9 +9,11 @@ per live model version.
   from the beginning of the compacted topic, and embedded into that version's vector
   topic. Several workers share each group's partitions.
 
-Both paths micro-batch (catalog: large batches, queries: small batches and a short
-wait), run the pure stages of :mod:`workers.stages` in one inference thread so the
-event loop keeps heartbeating, produce the results and wait for the broker's
+Both paths micro-batch (catalog: large batches after a wait to fill them; queries: whatever
+arrived while the previous batch was embedded, :mod:`workers.batching`), run the pure
+stages of :mod:`workers.stages` in their own inference thread (:mod:`workers.inference`:
+a query never waits behind a catalog batch, and each path has its torch thread count) so
+the event loop keeps heartbeating, produce the results and wait for the broker's
 acknowledgement before the batch's offsets are committed.
 """
 
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import faust
 import redis
@@ -41,7 +43,9 @@ from lookalike.rollout import RolloutState
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_vectors_topic
 from workers import stages
+from workers.batching import MicroBatches
 from workers.guard import QueryGuard
+from workers.inference import InferenceThread, use_layout
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
 
 log = logging.getLogger(__name__)
@@ -83,15 +87,19 @@ class ModelSet:
     def __init__(self, settings: WorkerSettings, serving: Embedder | None = None) -> None:
         """``serving``: a model already loaded, to serve from the start (embedding without a store)."""
         self.settings = settings
-        self._loaded: dict[str, Embedder] = {serving.version: serving} if serving else {}
+        self._loaded: dict[str, Embedder] = (
+            {serving.version: use_layout(serving, settings.channels_last)} if serving else {})
         self.state = RolloutState(serving=serving.version if serving else rollout.desired_version(settings))
+        self._loading = threading.Lock()  # both inference threads may ask for a version first
 
     def get(self, version: str) -> Embedder:
         """The embedder of ``version``, loaded on first use (blocking)."""
-        if version not in self._loaded:
-            s = self.settings
-            self._loaded[version] = Embedder.from_store(s.models_path, version, s.device, s.torch_threads)
-        return self._loaded[version]
+        with self._loading:
+            if version not in self._loaded:
+                s = self.settings  # threads 0: each inference thread sets its own count
+                embedder = Embedder.from_store(s.models_path, version, s.device, 0)
+                self._loaded[version] = use_layout(embedder, s.channels_last)
+            return self._loaded[version]
 
     @property
     def serving(self) -> str | None:
@@ -108,13 +116,13 @@ class ModelSet:
 
 
 class EmbeddingWorker:
-    """The models and the thread they run in; what the agents call for each batch."""
+    """The models and the threads they run in; what the agents call for each batch."""
 
     def __init__(self, settings: WorkerSettings, models: ModelSet) -> None:
         self.settings = settings
         self.models = models
-        # One inference thread: torch already uses every core inside one call.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.catalog_thread = InferenceThread("embed-catalog", settings.torch_threads, settings.catalog_nice)
+        self.query_thread = InferenceThread("embed-queries", settings.query_torch_threads or settings.torch_threads)
         self.reply_topics = ReplyTopics(settings)
         self.guard = QueryGuard(settings)
 
@@ -250,7 +258,7 @@ class CatalogConsumers:
         s = self.settings
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.worker.executor, self.worker.models.get, version)
+            await self.worker.catalog_thread.run(self.worker.models.get, version)
             topic = await loop.run_in_executor(None, ensure_vectors_topic, s, version)
         except (ModelArtifactError, OSError, KafkaException) as exc:
             log.error("catalog consumer for model %s cannot start: %s (retried on the next state change)", version, exc)
@@ -272,8 +280,8 @@ class CatalogConsumers:
                 events = records_to_events(batch)
                 dead_letters = self.worker.models.serving == version
                 started = time.perf_counter()
-                vectors, dead = await loop.run_in_executor(
-                    self.worker.executor, self.worker.catalog_batch, events, version, dead_letters)
+                vectors, dead = await self.worker.catalog_thread.run(
+                    self.worker.catalog_batch, events, version, dead_letters)
                 metrics.observe_batch("worker", "catalog", len(events), time.perf_counter() - started)
                 await produce_all(self.app, topic, [r for _, r in vectors], [p for p, _ in vectors])
                 await produce_all(self.app, s.deadletter_topic, dead)
@@ -297,7 +305,6 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
         consumer_max_fetch_size=max_message_bytes(settings),
     )
     queries_topic = app.topic(settings.queries_topic, key_type=bytes, value_type=bytes, allow_empty=True)
-    loop_executor = worker.executor
     catalog = CatalogConsumers(app, worker)
 
     @app.task
@@ -326,15 +333,33 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
 
     @app.agent(queries_topic, name="embed-queries")
     async def embed_queries(stream: faust.Stream) -> None:
-        within = max(settings.query_batch_wait_ms, 1) / 1000
-        async for events in stream.take_events(settings.query_batch_max, within=within):
-            loop = asyncio.get_running_loop()
-            started = time.perf_counter()
-            records, errors = await loop.run_in_executor(loop_executor, worker.query_batch, unpack(events))
-            metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
-            await produce_all(app, settings.query_vectors_topic, records)
-            for reply_to, record in errors:
-                await produce_all(app, reply_to, [record])
+        """Queries are read into micro-batches while the previous batch is embedded; a batch's
+        events are acked (so committed) only once the broker has its vectors and error replies."""
+        batches: MicroBatches[EventT] = MicroBatches(settings.query_batch_max, settings.query_batch_wait_ms / 1000)
+        events_in = stream.noack()
+
+        async def read() -> None:
+            async for event in events_in.events():
+                await batches.put(event)
+
+        async def answer() -> None:
+            while True:
+                events = await batches.get()
+                started = time.perf_counter()
+                records, errors = await worker.query_thread.run(worker.query_batch, unpack(events))
+                metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
+                await produce_all(app, settings.query_vectors_topic, records)
+                for reply_to, record in errors:
+                    await produce_all(app, reply_to, [record])
+                for event in events:
+                    await events_in.ack(event)
+
+        tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(answer())]
+        try:
+            await asyncio.gather(*tasks)  # a failure in either stops both, as it stops the agent
+        finally:
+            for task in tasks:
+                task.cancel()
 
     @app.task
     async def heartbeat() -> None:

@@ -48,3 +48,39 @@ def test_percentiles() -> None:
     p = percentiles(list(range(1, 101)))
     assert (p["n"], p["p50"], p["max"]) == (100, 50.5, 100.0)
     assert percentiles([]) == {"n": 0}
+
+
+def test_query_path_policies_are_presets_or_knobs_over_the_defaults(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.query_path import child_env, parse_policy
+
+    assert parse_policy("after") == ("after", {})
+    name, before = parse_policy("before")
+    assert name == "before" and before["shared"] == "1" and before["omp"] == "default"
+    assert parse_policy("t2:query_torch_threads=0,omp=ACTIVE") == ("t2", {"query_torch_threads": "0", "omp": "ACTIVE"})
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert child_env({})["OMP_WAIT_POLICY"] == "ACTIVE"  # as this process has it
+    assert "OMP_WAIT_POLICY" not in child_env({"omp": "default"})
+    assert child_env({"omp": "PASSIVE"})["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_query_path_ticker_batches_hold_a_lone_item_until_the_tick() -> None:
+    import asyncio
+    import time
+
+    from benchmarks.query_path import TickerBatches
+
+    async def scenario() -> tuple[list[int], float, bool]:
+        batches = TickerBatches(16, within_s=0.1)
+        await batches.put(1)
+        started = time.monotonic()
+        batch = await batches.get()
+        waited = time.monotonic() - started
+        late = asyncio.ensure_future(batches.put(2))  # arrives while the batch is processed
+        await asyncio.sleep(0.02)
+        held = not late.done()
+        batches.done()
+        await late
+        return batch, waited, held
+
+    batch, waited, held = asyncio.run(scenario())
+    assert batch == [1] and waited >= 0.09 and held

@@ -1,0 +1,98 @@
+"""The query path's micro-batches (workers.batching), without Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from workers.batching import MicroBatches
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_a_lone_item_leaves_at_once() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        batches: MicroBatches[int] = MicroBatches(16, wait_s=0)
+        await batches.put(1)
+        started = time.monotonic()
+        return await batches.get(), time.monotonic() - started
+
+    batch, waited = run(scenario())
+    assert batch == [1] and waited < 0.05
+
+
+def test_what_arrives_while_the_taker_is_busy_is_the_next_batch_oldest_first_and_capped() -> None:
+    async def scenario() -> list[list[int]]:
+        batches: MicroBatches[int] = MicroBatches(3)
+        for i in range(5):
+            await batches.put(i)
+        return [await batches.get(), await batches.get()]
+
+    assert run(scenario()) == [[0, 1, 2], [3, 4]]
+
+
+def test_get_waits_for_the_first_item() -> None:
+    async def scenario() -> list[int]:
+        batches: MicroBatches[str] = MicroBatches(4)
+        taker = asyncio.ensure_future(batches.get())
+        await asyncio.sleep(0.05)
+        assert not taker.done()
+        await batches.put("q")
+        return await taker
+
+    assert run(scenario()) == ["q"]
+
+
+def test_a_wait_collects_company_for_at_most_wait_s_after_the_first_item() -> None:
+    async def scenario() -> tuple[list[int], list[int], float]:
+        batches: MicroBatches[int] = MicroBatches(8, wait_s=0.2)
+        await batches.put(1)
+        taker = asyncio.ensure_future(batches.get())
+        await asyncio.sleep(0.02)
+        await batches.put(2)  # within the wait: same batch
+        first = await taker
+        await batches.put(3)
+        await asyncio.sleep(0.3)  # the wait is counted from its arrival: over already
+        started = time.monotonic()
+        second = await batches.get()
+        return first, second, time.monotonic() - started
+
+    first, second, waited = run(scenario())
+    assert first == [1, 2] and second == [3] and waited < 0.05
+
+
+def test_a_full_batch_does_not_wait() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        batches: MicroBatches[int] = MicroBatches(2, wait_s=5)
+        await batches.put(1)
+        await batches.put(2)
+        started = time.monotonic()
+        return await batches.get(), time.monotonic() - started
+
+    batch, waited = run(scenario())
+    assert batch == [1, 2] and waited < 0.05
+
+
+def test_put_holds_the_reader_back_while_max_pending_items_wait() -> None:
+    async def scenario() -> tuple[bool, bool, list[int]]:
+        batches: MicroBatches[int] = MicroBatches(2, max_pending=2)
+        await batches.put(1)
+        await batches.put(2)
+        third = asyncio.ensure_future(batches.put(3))
+        await asyncio.sleep(0.05)
+        held = not third.done()
+        first = await batches.get()
+        await asyncio.wait_for(third, 1)
+        return held, third.done(), first + await batches.get()
+
+    held, released, items = run(scenario())
+    assert held and released and items == [1, 2, 3]
+
+
+def test_max_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_size"):
+        MicroBatches(0)

@@ -1,0 +1,62 @@
+"""Micro-batches for the query path: a batch leaves as soon as the inference thread is free.
+
+faust's ``take_events(max, within)`` wakes on a fixed ticker: a lone query waits up to
+``within`` for the next tick, and queries that arrive while a batch is embedded are held
+back until it is done and a whole ``within`` has passed again. :class:`MicroBatches` has no
+ticker. The first item that arrives while nothing is pending is handed out at once (after
+at most ``wait_s`` for company, counted from its arrival), and whatever arrives while the
+taker is busy is the next batch, up to ``max_size``: an idle path costs nothing, a lone
+query never waits, and under load the batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class MicroBatches(Generic[T]):
+    """A FIFO of items that ``get`` hands out in batches; ``put`` waits while ``max_pending``
+    items are pending, which holds back the reader (and so the consumer's fetches)."""
+
+    def __init__(self, max_size: int, wait_s: float = 0.0, max_pending: int | None = None) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, not {max_size}")
+        self.max_size = max_size
+        self.wait_s = max(wait_s, 0.0)
+        self.max_pending = max(max_pending or 4 * max_size, max_size)
+        self._items: deque[tuple[float, T]] = deque()  # (arrival, item)
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: T) -> None:
+        while len(self._items) >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+        self._items.append((time.monotonic(), item))
+        self._arrived.set()
+
+    async def get(self) -> list[T]:
+        """The next batch: at least one item, at most ``max_size``, oldest first."""
+        while not self._items:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self.wait_s:
+            deadline = self._items[0][0] + self.wait_s
+            while len(self._items) < self.max_size and (left := deadline - time.monotonic()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+        batch = [self._items.popleft()[1] for _ in range(min(self.max_size, len(self._items)))]
+        self._room.set()
+        return batch
