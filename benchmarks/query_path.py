@@ -4,7 +4,7 @@
     python -m benchmarks.query_path --policy before --policy after --catalog --rounds 4
 
 What runs is the worker's own code (:class:`workers.app.EmbeddingWorker`: ``query_batch``
-and ``catalog_batch`` in its inference threads, :class:`workers.batching.MicroBatches`),
+and ``catalog_batch`` in its inference threads, :class:`lookalike.batching.MicroBatches`),
 fed with real JPEG bytes at a fixed rate (open loop) instead of Kafka; a produce
 acknowledgement is stood in for by a sleep (``--ack-ms``). Each policy runs in its own
 process (OpenMP reads its wait policy once, at start-up), policies alternate within each
@@ -92,9 +92,9 @@ class TickerBatches:
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
 
+    from lookalike.batching import MicroBatches
     from lookalike.embedder import Embedder
     from workers import app as worker_app
-    from workers.batching import MicroBatches
     from workers.stages import Source
 
     knobs = dict(config["knobs"])

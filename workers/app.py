@@ -10,7 +10,7 @@ per live model version.
   topic. Several workers share each group's partitions.
 
 Both paths micro-batch (catalog: large batches after a wait to fill them; queries: whatever
-arrived while the previous batch was embedded, :mod:`workers.batching`), run the pure
+arrived while the previous batch was embedded, :mod:`lookalike.batching`), run the pure
 stages of :mod:`workers.stages` in their own inference thread (:mod:`workers.inference`:
 a query never waits behind a catalog batch, and each path has its torch thread count) so
 the event loop keeps heartbeating, produce the results and wait for the broker's
@@ -35,6 +35,7 @@ from faust.types import EventT
 
 from lookalike import contracts as c
 from lookalike import metrics, rollout
+from lookalike.batching import MicroBatches
 from lookalike.clients import aiokafka_config, confluent_config, faust_app, max_message_bytes
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, InvalidMessage, ModelArtifactError
@@ -43,7 +44,6 @@ from lookalike.rollout import RolloutState
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_vectors_topic
 from workers import stages
-from workers.batching import MicroBatches
 from workers.guard import QueryGuard
 from workers.inference import InferenceThread, use_layout
 from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source

@@ -1,4 +1,4 @@
-"""The query path's micro-batches (workers.batching), without Kafka."""
+"""The query path's micro-batches (lookalike.batching), without Kafka."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from workers.batching import MicroBatches
+from lookalike.batching import MicroBatches
 
 
 def run(coro):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Micro-batches for the query path: a batch leaves as soon as the inference thread is free.
+"""Micro-batches for the query paths (worker and indexer): a batch leaves as soon as the taker is free.
 
 faust's ``take_events(max, within)`` wakes on a fixed ticker: a lone query waits up to
 ``within`` for the next tick, and queries that arrive while a batch is embedded are held
