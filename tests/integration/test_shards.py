@@ -4,7 +4,7 @@ a late shard gives a partial reply at the deadline.
 One worker embeds; first one unsharded indexer answers a fixed set of queries (images of
 catalog items, images of no item, "more like this" items, an unknown item); then it stops,
 two shards of the same catalog start (each reading half of the catalog's 2 partitions),
-and the same queries must get the same replies: the same items, scores and order, the
+and the same queries must get the same replies: the same items in the same order with the same scores (to 1e-5), the
 same errors, and the whole catalog position. Then one shard stops, and a query is answered
 after the deadline from the other shard's half alone, flagged ``partial``.
 """
@@ -48,10 +48,10 @@ def single(cluster: Cluster, tiny_model: tuple[Path, ModelCard],
 
 
 def comparable(reply: dict) -> dict:
-    """What must be the same whichever way the index is laid out."""
+    """What must be the same whichever way the index is laid out (scores: see same_scores)."""
     return {
         "status": reply["status"],
-        "results": [(r["item_id"], r["score"], r["metadata"]) for r in reply["results"]],
+        "results": [(r["item_id"], r["metadata"]) for r in reply["results"]],
         "error": (reply.get("error") or {}).get("code"),
         "model_version": reply["model_version"],
         "index_position": reply["index_position"],
@@ -109,6 +109,9 @@ def test_two_shards_answer_exactly_as_one_index(single: Pipeline) -> None:
     two = ask_all(pipeline, queries)
     for query, a, b in zip(queries, one, two, strict=True):
         assert comparable(b) == comparable(a), (query.get("item_id"), a, b)
+        # The query is embedded again for the second asking, maybe in a batch of another
+        # size, and the model's float sums then differ in the 7th digit.
+        assert [r["score"] for r in b["results"]] == pytest.approx([r["score"] for r in a["results"]], abs=1e-5)
         assert b["partial"] is False and b["shards"] == {"answered": [0, 1], "of": 2}
         assert "partial" not in a  # one index: no shard fields
     assert all("gather" in r["timings_ms"] for r in two if r["status"] == "ok")
