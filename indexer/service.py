@@ -48,7 +48,7 @@ from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
 from lookalike import metrics, rollout
 from lookalike.artifacts import ModelStore
-from lookalike.batching import MicroBatches
+from lookalike.batching import MicroBatches, consume_in_batches
 from lookalike.clients import aiokafka_config, confluent_config, faust_app, redis_client
 from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, ModelMismatch, UnknownItem
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
@@ -604,30 +604,14 @@ def create_app(settings: IndexerSettings) -> faust.App:
         # No ticker (lookalike/batching.py): a lone query is answered at once, and what arrives
         # while a batch is answered is the next batch. Events are acked (so committed) only
         # once the broker has every record the batch produced.
-        batches: MicroBatches[Any] = MicroBatches(64)
-        events_in = stream.noack()
+        async def answer(events: list[Any]) -> None:
+            metrics.observe_batch("indexer", "query", len(events))
+            outs = await asyncio.gather(*(handle(e) for e in events))
+            pending = [await app.producer.send(topic, key, value, None, None, headers or None)
+                       for records in outs for topic, key, value, headers in records]
+            await asyncio.gather(*pending)
 
-        async def read() -> None:
-            async for event in events_in.events():
-                await batches.put(event)
-
-        async def answer() -> None:
-            while True:
-                events = await batches.get()
-                metrics.observe_batch("indexer", "query", len(events))
-                outs = await asyncio.gather(*(handle(e) for e in events))
-                pending = [await app.producer.send(topic, key, value, None, None, headers or None)
-                           for records in outs for topic, key, value, headers in records]
-                await asyncio.gather(*pending)
-                for event in events:
-                    await events_in.ack(event)
-
-        tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(answer())]
-        try:
-            await asyncio.gather(*tasks)  # a failure in either stops both, as it stops the agent
-        finally:
-            for task in tasks:
-                task.cancel()
+        await consume_in_batches(stream, MicroBatches(64), answer)
 
     app.lookalike_indexer = indexer  # type: ignore[attr-defined]
     return app

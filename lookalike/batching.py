@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -60,3 +61,30 @@ class MicroBatches(Generic[T]):
         batch = [self._items.popleft()[1] for _ in range(min(self.max_size, len(self._items)))]
         self._room.set()
         return batch
+
+
+async def consume_in_batches(stream: Any, batches: MicroBatches[Any],
+                             handle: Callable[[list[Any]], Awaitable[None]]) -> None:
+    """Run a faust agent's stream through ``batches``: events are read while the previous
+    batch is handled, and a batch's events are acked (so committed) only once
+    ``handle(events)`` has returned, i.e. after its effects. A failure in either side stops
+    both, as it stops the agent."""
+    events_in = stream.noack()
+
+    async def read() -> None:
+        async for event in events_in.events():
+            await batches.put(event)
+
+    async def answer() -> None:
+        while True:
+            events = await batches.get()
+            await handle(events)
+            for event in events:
+                await events_in.ack(event)
+
+    tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(answer())]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

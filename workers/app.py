@@ -35,7 +35,7 @@ from faust.types import EventT
 
 from lookalike import contracts as c
 from lookalike import metrics, rollout
-from lookalike.batching import MicroBatches
+from lookalike.batching import MicroBatches, consume_in_batches
 from lookalike.clients import aiokafka_config, confluent_config, faust_app, max_message_bytes
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, InvalidMessage, ModelArtifactError
@@ -335,31 +335,16 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
     async def embed_queries(stream: faust.Stream) -> None:
         """Queries are read into micro-batches while the previous batch is embedded; a batch's
         events are acked (so committed) only once the broker has its vectors and error replies."""
-        batches: MicroBatches[EventT] = MicroBatches(settings.query_batch_max, settings.query_batch_wait_ms / 1000)
-        events_in = stream.noack()
+        async def embed(events: list[EventT]) -> None:
+            started = time.perf_counter()
+            records, errors = await worker.query_thread.run(worker.query_batch, unpack(events))
+            metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
+            await produce_all(app, settings.query_vectors_topic, records)
+            for reply_to, record in errors:
+                await produce_all(app, reply_to, [record])
 
-        async def read() -> None:
-            async for event in events_in.events():
-                await batches.put(event)
-
-        async def answer() -> None:
-            while True:
-                events = await batches.get()
-                started = time.perf_counter()
-                records, errors = await worker.query_thread.run(worker.query_batch, unpack(events))
-                metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
-                await produce_all(app, settings.query_vectors_topic, records)
-                for reply_to, record in errors:
-                    await produce_all(app, reply_to, [record])
-                for event in events:
-                    await events_in.ack(event)
-
-        tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(answer())]
-        try:
-            await asyncio.gather(*tasks)  # a failure in either stops both, as it stops the agent
-        finally:
-            for task in tasks:
-                task.cancel()
+        await consume_in_batches(
+            stream, MicroBatches(settings.query_batch_max, settings.query_batch_wait_ms / 1000), embed)
 
     @app.task
     async def heartbeat() -> None:
