@@ -148,7 +148,7 @@ class Gatherer:
         self.remember_s = remember_s
         self.pending: dict[bytes, Pending] = {}
         self.done: dict[bytes, float] = {}  # requests already answered -> when (late partials are dropped)
-        self._open: dict[int, dict[int, int]] = {}  # partition -> {offset of an open request's record: 1}
+        self._open: dict[int, set[int]] = {}  # partition -> offsets of open requests' records
         self._next: dict[int, int] = {}  # partition -> offset after the last record seen
         self.late = 0
         self.dropped = 0
@@ -159,7 +159,7 @@ class Gatherer:
         """One partial answer; returns the merged reply once every shard has answered."""
         self._next[partition] = max(offset + 1, self._next.get(partition, 0))
         try:
-            shard, phase, part = self._parse(key, value, headers)
+            shard, phase, part, wait_s, query_ts = self._parse(key, value, headers)
         except ValueError as exc:
             self.dropped += 1
             log.warning("partial answer %d@%d dropped: %s", partition, offset, exc)
@@ -174,20 +174,19 @@ class Gatherer:
             return None
         pending = self.pending.get(key)
         if pending is None:
-            pending = self.pending[key] = Pending(
-                key, headers[c.H_REPLY_TO].decode("utf-8", "replace"), int(headers[c.H_K]), now,
-                int(headers.get(c.H_GATHER_WAIT_MS, b"0")) / 1000,
-                int(headers[c.H_QUERY_TS]) if c.H_QUERY_TS in headers else None)
-        pending.wait_s = max(pending.wait_s, int(headers.get(c.H_GATHER_WAIT_MS, b"0")) / 1000)
+            pending = self.pending[key] = Pending(key, headers[c.H_REPLY_TO].decode("utf-8", "replace"),
+                                                  int(headers[c.H_K]), now, wait_s, query_ts)
+        pending.wait_s = max(pending.wait_s, wait_s)
         (pending.search if phase == SEARCH else pending.lookup)[shard] = part
         pending.offsets.append((partition, offset))
-        self._open.setdefault(partition, {})[offset] = 1
+        self._open.setdefault(partition, set()).add(offset)
         if len(pending.search) == self.shards or (len(pending.lookup) == self.shards and not pending.search):
             return self._finish(pending, now)
         return None
 
     def _parse(self, key: bytes | None, value: bytes | None,
-               headers: Mapping[str, bytes]) -> tuple[int, str, dict[str, Any]]:
+               headers: Mapping[str, bytes]) -> tuple[int, str, dict[str, Any], float, int | None]:
+        """-> (shard, phase, the partial reply, how long to wait for the rest in s, query timestamp)."""
         if not key or value is None:
             raise ValueError("no key or no value")
         try:
@@ -196,6 +195,8 @@ class Gatherer:
             phase = headers[c.H_SHARD_PHASE].decode("ascii")
             int(headers[c.H_K])
             headers[c.H_REPLY_TO].decode("utf-8")
+            wait_s = int(headers.get(c.H_GATHER_WAIT_MS, b"0")) / 1000
+            query_ts = int(headers[c.H_QUERY_TS]) if c.H_QUERY_TS in headers else None
             part = json.loads(value)
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed partial answer: {exc!r}") from exc
@@ -204,7 +205,7 @@ class Gatherer:
                              "every indexer of the group needs the same LOOKALIKE_INDEX_SHARDS")
         if phase not in (SEARCH, LOOKUP) or not 0 <= shard < of or not isinstance(part, dict):
             raise ValueError(f"malformed partial answer (shard {shard}/{of}, phase {phase!r})")
-        return shard, phase, part
+        return shard, phase, part, wait_s, query_ts
 
     # -- output ---------------------------------------------------------------------
     def expired(self, now: float) -> list[Gathered]:
@@ -221,7 +222,7 @@ class Gatherer:
         del self.pending[pending.key]
         self.done[pending.key] = now
         for partition, offset in pending.offsets:
-            self._open.get(partition, {}).pop(offset, None)
+            self._open.get(partition, set()).discard(offset)
         request_id = pending.key.decode("utf-8", "replace")
         if pending.search:
             reply = merge(pending.search, pending.k, self.shards, request_id)

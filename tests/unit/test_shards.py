@@ -120,7 +120,9 @@ def test_bad_partials_are_dropped_not_fatal() -> None:
     assert g.add(0, 2, b"r", good, {c.H_SHARD: b"0/2"}, None, 1.0) is None  # headers missing
     assert g.add(0, 3, None, good, part_headers(0), None, 1.0) is None
     assert g.add(0, 4, b"r", good, part_headers(0, phase="guess"), None, 1.0) is None
-    assert g.dropped == 5 and not g.pending and g.commit_offsets() == {0: 5}
+    assert g.add(0, 5, b"r", good, {**part_headers(0), c.H_GATHER_WAIT_MS: b"soon"}, None, 1.0) is None
+    assert g.add(0, 6, b"r", good, {**part_headers(0), c.H_QUERY_TS: b"\xff"}, None, 1.0) is None
+    assert g.dropped == 7 and not g.pending and g.commit_offsets() == {0: 7}
 
 
 def test_revoked_partitions_forget_their_requests() -> None:
