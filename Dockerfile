@@ -8,10 +8,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 RUN pip install torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
 COPY lookalike lookalike
+COPY control control
 COPY producers producers
 COPY workers workers
 COPY indexer indexer
 COPY training training
+COPY feedback feedback
+COPY benchmarks benchmarks
 RUN pip install . && apt-get purge -y build-essential && apt-get autoremove -y
 RUN useradd --create-home --uid 10001 lookalike && mkdir -p /models /var/lib/lookalike /secrets \
     && chown lookalike /models /var/lib/lookalike /secrets && chmod 0700 /secrets

@@ -40,4 +40,4 @@ status: venv
 	$(BIN)/lookalike status
 
 lint: venv
-	$(BIN)/ruff check lookalike producers workers indexer training feedback benchmarks tests
+	$(BIN)/ruff check control lookalike producers workers indexer training feedback benchmarks tests

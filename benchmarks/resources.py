@@ -72,9 +72,9 @@ class ResourceMonitor:
 
 def local_pids(extra: dict[str, int] | None = None) -> dict[str, int]:
     """The local stack's and services' processes (``lookalike stack up`` / ``services up``)."""
-    from lookalike.services import LocalServices
+    from control.services import LocalServices
+    from control.stack import LocalStack
     from lookalike.settings import StackSettings
-    from lookalike.stack import LocalStack
 
     stack_settings = StackSettings()
     stack, services = LocalStack(stack_settings), LocalServices(stack_settings)

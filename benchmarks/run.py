@@ -84,7 +84,7 @@ def catalog_vectors(settings: ClientSettings, timeout_s: float = 120) -> tuple[l
 
 def indexer_reach(settings: ClientSettings, group: str) -> dict[int, int]:
     """The highest catalog position any live indexer of the group reports (Redis status)."""
-    from lookalike.services import indexer_status
+    from lookalike.status import indexer_status
 
     reach: dict[int, int] = {}
     for status in indexer_status(settings, group):

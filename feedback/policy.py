@@ -10,8 +10,9 @@ Four reasons, each with its knob in :class:`lookalike.settings.FeedbackSettings`
 * ``query_drift``: ``1 - cos(mean query vector, mean catalog vector)`` over samples kept
   in Redis is above ``trigger_drift``, with enough queries.
 
-All due reasons go into one trigger. :func:`emit_decision` and :func:`trainer_decision`
-are the de-duplication rules on each side of the triggers topic.
+All due reasons go into one trigger. :func:`emit_decision` here and
+:func:`lookalike.ledger.trainer_decision` are the de-duplication rules on each side of the
+triggers topic.
 """
 
 from __future__ import annotations
@@ -139,16 +140,3 @@ def emit_decision(reasons: list[Reason], *, lease_held: bool, trigger_pending: b
     if trigger_pending:
         return "trigger_pending"
     return "emit"
-
-
-Take = Literal["train", "stale", "training_running"]
-
-
-def trainer_decision(trigger_generation: int, current_generation: int, *, lease_acquired: bool) -> Take:
-    """Whether the trainer trains for a trigger. A trigger raised before the last training
-    finished (an older generation) was answered by that training: absorbed."""
-    if trigger_generation < current_generation:
-        return "stale"
-    if not lease_acquired:
-        return "training_running"
-    return "train"

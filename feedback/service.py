@@ -37,8 +37,8 @@ from lookalike.clients import aiokafka_config, faust_app
 from lookalike.errors import InvalidMessage
 from lookalike.events import Trigger, make_trigger, parse_feedback
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
-from lookalike.services import indexer_status
 from lookalike.settings import FeedbackSettings
+from lookalike.status import indexer_status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -34,32 +34,17 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
-import redis
 
 from feedback import windows as w
 from lookalike import contracts as c
-from lookalike.clients import redis_client
 from lookalike.events import FeedbackEvent, parse_feedback
-from lookalike.settings import FeedbackSettings
+from lookalike.ledger import FeedbackLedger
 
 Outcome = Literal["applied", "pending", "duplicate", "late"]
 
 
-class FeedbackStore:
-    """The aggregator's reads and writes; every method is a few Redis round trips."""
-
-    def __init__(self, client: redis.Redis, settings: FeedbackSettings) -> None:
-        self.r = client
-        self.s = settings
-        self.prefix = f"lookalike:feedback:{settings.feedback_group}"
-        self.keep_s = int(settings.keep_hours * 3600)
-
-    @classmethod
-    def connect(cls, settings: FeedbackSettings) -> FeedbackStore:
-        return cls(redis_client(settings, socket_timeout=10), settings)
-
-    def key(self, *parts: object) -> str:
-        return ":".join([self.prefix, *(str(p) for p in parts)])
+class FeedbackStore(FeedbackLedger):
+    """The aggregator's reads and writes over the shared ledger; every method is a few Redis round trips."""
 
     # -- replies and queries ---------------------------------------------------------
     def record_reply(self, facts: w.ReplyFacts, timestamp_ms: int) -> list[tuple[FeedbackEvent, Outcome]]:
@@ -228,9 +213,6 @@ class FeedbackStore:
         self.r.hincrby(self.key("totals"), f"invalid:{code}", 1)
 
     # -- reading ---------------------------------------------------------------------
-    def totals(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(self.key("totals")).items()}
-
     def models(self) -> list[str]:
         """Model versions seen in replies, the latest to answer last."""
         return [m.decode() for m in self.r.zrange(self.key("models"), 0, -1)]
@@ -264,69 +246,3 @@ class FeedbackStore:
     def catalog_sample(self, model: str) -> np.ndarray:
         vectors = [np.frombuffer(v, "<f4") for v in self.r.hvals(self.key("catalog", model))]
         return np.stack(vectors) if vectors else np.empty((0, 0), np.float32)
-
-    def pairs(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Training pairs, newest first."""
-        return [json.loads(p) for p in self.r.lrange(self.key("pairs"), 0, -1 if limit is None else limit - 1)]
-
-    # -- training bookkeeping, shared with the trainer -------------------------------
-    def last_training(self) -> dict[str, Any]:
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("last-training")).items()}
-        out: dict[str, Any] = dict(raw)
-        for name in ("generation", "labelled", "catalog_items"):
-            if name in raw:
-                out[name] = int(raw[name])
-        if "at" in raw:
-            out["at"] = float(raw["at"])
-        out.setdefault("generation", 0)
-        return out
-
-    def note_catalog_baseline(self, catalog_items: int) -> None:
-        """Before any training is recorded, growth counts from the first catalog size seen."""
-        self.r.hsetnx(self.key("last-training"), "catalog_items", catalog_items)
-
-    def record_training(self, *, outcome: str, catalog_items: int | None, labelled: int | None = None,
-                        **extra: Any) -> int:
-        """A training finished (whatever its outcome): the next generation starts; returns it."""
-        labelled = self.totals().get("labelled", 0) if labelled is None else labelled
-        mapping: dict[str, Any] = {"labelled": labelled, "at": f"{time.time():.3f}", "outcome": outcome,
-                                   **{k: str(v) for k, v in extra.items()}}
-        if catalog_items is not None:
-            mapping["catalog_items"] = catalog_items
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.key("last-training"), mapping=mapping)
-        pipe.hincrby(self.key("last-training"), "generation", 1)
-        pipe.delete(self.key("trigger-pending"))
-        return int(pipe.execute()[1])
-
-    def lease_holder(self) -> str | None:
-        holder = self.r.get(self.key("trainer-lease"))
-        return holder.decode() if holder else None
-
-    def acquire_lease(self, owner: str, ttl_s: float) -> bool:
-        return bool(self.r.set(self.key("trainer-lease"), owner, nx=True, px=int(ttl_s * 1000)))
-
-    def renew_lease(self, owner: str, ttl_s: float) -> bool:
-        """Extend the lease if ``owner`` still holds it (a compare-and-set in Lua)."""
-        script = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-                  "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
-        return bool(self.r.eval(script, 1, self.key("trainer-lease"), owner, int(ttl_s * 1000)))
-
-    def release_lease(self, owner: str) -> None:
-        script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-        self.r.eval(script, 1, self.key("trainer-lease"), owner)
-
-    def trigger_pending(self) -> str | None:
-        pending = self.r.get(self.key("trigger-pending"))
-        return pending.decode() if pending else None
-
-    def claim_trigger(self, trigger_id: str, ttl_s: int) -> bool:
-        """Mark a trigger as out; False if another one already is (one trigger per training)."""
-        return bool(self.r.set(self.key("trigger-pending"), trigger_id, nx=True, ex=ttl_s))
-
-    def unclaim_trigger(self, trigger_id: str) -> None:
-        if self.trigger_pending() == trigger_id:
-            self.r.delete(self.key("trigger-pending"))
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.r.hincrby(self.key("totals"), name, n)

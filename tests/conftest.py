@@ -59,7 +59,7 @@ def cluster() -> Iterator[Cluster]:
             host, port = redis_.get_container_host_ip(), redis_.get_exposed_port(6379)
             yield Cluster(kafka.get_bootstrap_server(), f"redis://{host}:{port}/0", "testcontainers")
         return
-    from lookalike.stack import LocalStack
+    from control.stack import LocalStack
 
     stack = LocalStack()
     was_running = stack.kafka.running() and stack.redis.answers()

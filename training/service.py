@@ -4,7 +4,7 @@
 ``LOOKALIKE_TRIGGERS_TOPIC``:
 
 1. absorb it if a training already finished since it was raised (an older generation)
-   or if another trainer holds the lease (:func:`feedback.policy.trainer_decision`);
+   or if another trainer holds the lease (:func:`lookalike.ledger.trainer_decision`);
 2. take the lease in Redis (renewed while training, released after), so the
    aggregator absorbs further triggers meanwhile;
 3. retrain the champion's recipe (its card's training config: same data, same split)
@@ -34,15 +34,14 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, Producer
 
-from feedback.policy import trainer_decision
-from feedback.store import FeedbackStore
 from lookalike.artifacts import CHAMPION, ModelStore
 from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import InvalidMessage, LookalikeError
 from lookalike.events import Trigger, decision_event, parse_trigger
+from lookalike.ledger import FeedbackLedger, trainer_decision
 from lookalike.registry import Registry
-from lookalike.services import indexer_status
 from lookalike.settings import TrainerSettings
+from lookalike.status import indexer_status
 from training.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def config_from_card(raw: dict[str, Any], settings: TrainerSettings) -> TrainCon
 class LeaseKeeper:
     """Renews the trainer's lease every third of its TTL until stopped."""
 
-    def __init__(self, store: FeedbackStore, owner: str, ttl_s: float) -> None:
+    def __init__(self, store: FeedbackLedger, owner: str, ttl_s: float) -> None:
         self.store, self.owner, self.ttl_s = store, owner, ttl_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lease", daemon=True)
@@ -99,10 +98,10 @@ class Trainer:
     """What the service does with one trigger; :meth:`run` is the consumer loop around it."""
 
     def __init__(self, settings: TrainerSettings, models: ModelStore | None = None,
-                 store: FeedbackStore | None = None, producer: Producer | None = None) -> None:
+                 store: FeedbackLedger | None = None, producer: Producer | None = None) -> None:
         self.settings = settings
         self.models = models or ModelStore(settings.models_path)
-        self.store = store or FeedbackStore.connect(settings)
+        self.store = store or FeedbackLedger.connect(settings)
         self.producer = producer or Producer(producer_config(settings))
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 

@@ -16,8 +16,8 @@ import pytest
 
 from lookalike.artifacts import ModelCard
 from lookalike.errors import ReplyTimeout
-from lookalike.services import indexer_status, wait_for_index
 from lookalike.settings import ClientSettings
+from lookalike.status import indexer_status, wait_for_index
 from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
 from producers.query_client import QueryClient

@@ -126,7 +126,7 @@ def test_worker_killed_mid_batch_every_query_of_a_steady_stream_is_answered(
 
 
 def private_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from lookalike.stack.local import KafkaBroker
+    from control.stack.local import KafkaBroker
 
     settings = StackSettings(kafka_port=PRIVATE_KAFKA_PORT, controller_port=PRIVATE_CONTROLLER_PORT,
                              state_dir=tmp_path / "stack", kafka_heap="384m", start_timeout_s=120)
@@ -143,7 +143,7 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
     """A private broker is stopped and started again while the catalog feed publishes; the
     idempotent feed retries, the worker and the indexer reconnect, and the index ends up with
     exactly every item that was published."""
-    from lookalike.stack.local import java_binary
+    from control.stack.local import java_binary
 
     try:
         java_binary()

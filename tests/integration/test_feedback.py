@@ -258,7 +258,7 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     assert codes == ["bad_feedback", "bad_feedback", "bad_key"]
     assert all(dict(m.headers())[c.H_SOURCE_TOPIC].decode() == s.feedback_topic for m in dead)
 
-    out = subprocess.run([sys.executable, "-m", "lookalike.cli", "metrics", "--json"], env={**os.environ, **agg.env},
+    out = subprocess.run([sys.executable, "-m", "control.cli", "metrics", "--json"], env={**os.environ, **agg.env},
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -429,7 +429,7 @@ def test_cli_and_query_client_publish_feedback(cluster: Cluster, tmp_path: Path)
     env = env_for(cluster, f"test-{uuid.uuid4().hex[:10]}", tmp_path)
     settings: ClientSettings = settings_from(env, ClientSettings)
     ensure_topics(settings)
-    run = [sys.executable, "-m", "lookalike.cli", "feedback"]
+    run = [sys.executable, "-m", "control.cli", "feedback"]
     out = subprocess.run([*run, "click", "--request-id", "r9", "--item-id", "a", "b", "--user", "sess-1"],
                          env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

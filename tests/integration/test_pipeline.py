@@ -198,7 +198,7 @@ def test_cli_query_prints_the_reply_json_exactly(pipeline, tmp_path) -> None:  #
     path.write_bytes(image)
     with pipeline.client() as client:  # wait until it is searchable
         ask_until(client, image, lambda r: first_id(r) == item_id, timeout_s=10)
-    done = subprocess.run([sys.executable, "-m", "lookalike.cli", "query", str(path), "--json"], env=pipeline.env,
+    done = subprocess.run([sys.executable, "-m", "control.cli", "query", str(path), "--json"], env=pipeline.env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip()

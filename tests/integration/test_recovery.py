@@ -163,8 +163,8 @@ def test_corrupted_chunk_is_refused_and_recovery_is_still_exact(snapshotting: Pi
 def test_redis_away_30s_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
+    from control.stack.local import RedisServer
     from lookalike.settings import StackSettings
-    from lookalike.stack.local import RedisServer
 
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server to start and stop a private Redis")

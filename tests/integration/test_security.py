@@ -22,13 +22,13 @@ from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
+from control.stack.local import KafkaBroker, RedisServer
 from lookalike import auth
 from lookalike import contracts as c
 from lookalike.acls import bindings, grants
 from lookalike.clients import confluent_config, producer_config, redis_client
-from lookalike.services import indexer_status
 from lookalike.settings import ClientSettings, StackSettings
-from lookalike.stack.local import KafkaBroker, RedisServer
+from lookalike.status import indexer_status
 from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
 from tests.conftest import Cluster

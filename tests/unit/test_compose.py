@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lookalike.cli import build_parser
+from control.cli import build_parser
 from lookalike.settings import CommonSettings, IndexerSettings, StackSettings, WorkerSettings
 
 COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())

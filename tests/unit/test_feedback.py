@@ -14,7 +14,6 @@ from feedback.policy import (
     due_reasons,
     emit_decision,
     mean_cosine_drift,
-    trainer_decision,
 )
 from lookalike.errors import InvalidMessage
 from lookalike.events import (
@@ -26,6 +25,7 @@ from lookalike.events import (
     parse_feedback,
     parse_trigger,
 )
+from lookalike.ledger import trainer_decision
 from lookalike.settings import FeedbackSettings
 from lookalike.topics import topic_specs
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from pydantic import SecretStr
 
+from control.stack.local import KafkaBroker, RedisServer
 from lookalike import auth
 from lookalike import contracts as c
 from lookalike.artifacts import ModelCard
@@ -23,7 +24,6 @@ from lookalike.embedder import Embedder
 from lookalike.imaging import PreprocessSpec
 from lookalike.model import EmbeddingNet, ModelSpec
 from lookalike.settings import CommonSettings, StackSettings, WorkerSettings
-from lookalike.stack.local import KafkaBroker, RedisServer
 from tests.images import jpeg_bytes
 from tests.tls import make_tls
 from workers.stages import Source

@@ -15,8 +15,8 @@ from indexer.service import Indexer, VersionIndex
 from indexer.shards import Gatherer, merge, own_position
 from lookalike import contracts as c
 from lookalike.rollout import RolloutState
-from lookalike.services import whole_index
 from lookalike.settings import IndexerSettings
+from lookalike.status import whole_index
 
 DIM = 8
 

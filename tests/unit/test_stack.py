@@ -6,9 +6,9 @@ import sys
 import time
 from pathlib import Path
 
+from control.stack.local import KafkaBroker
+from control.stack.process import Daemon
 from lookalike.settings import StackSettings
-from lookalike.stack.local import KafkaBroker
-from lookalike.stack.process import Daemon
 
 
 def test_server_properties_follow_the_settings(tmp_path: Path) -> None:

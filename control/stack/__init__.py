@@ -1,5 +1,5 @@
 """The local Kafka + Redis stack for development, the demo and CI."""
 
-from lookalike.stack.local import KafkaBroker, LocalStack, RedisServer
+from control.stack.local import KafkaBroker, LocalStack, RedisServer
 
 __all__ = ["KafkaBroker", "LocalStack", "RedisServer"]

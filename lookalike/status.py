@@ -1,48 +1,21 @@
-"""Running Lookalike's own services (worker, indexer) as local daemons, and reading their status."""
+"""What the indexers publish about themselves in Redis, and how to read and wait on it.
+
+The indexer writes one hash per instance under ``lookalike:indexer:{group}:{instance}``;
+every reader (CLI, trainer, aggregator, tests, benchmarks) reads it through this module.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from lookalike.clients import redis_client
 from lookalike.errors import StackError
-from lookalike.settings import CommonSettings, IndexerSettings, StackSettings
-from lookalike.stack.process import Daemon
-
-SERVICES = {"worker": "workers", "indexer": "indexer"}
-
-
-@dataclass
-class LocalServices:
-    stack: StackSettings
-
-    def daemon(self, name: str) -> Daemon:
-        return Daemon(name, self.stack.state_dir, marker=f"-m {SERVICES[name]}")
-
-    def up(self, env: dict[str, str] | None = None) -> dict[str, int]:
-        """Start the services that are not running; returns their pids."""
-        pids = {}
-        for name, module in SERVICES.items():
-            daemon = self.daemon(name)
-            pid = daemon.pid()
-            if pid is None:
-                pid = daemon.start([sys.executable, "-m", module], env={**os.environ, **(env or {})})
-            pids[name] = pid
-        return pids
-
-    def down(self) -> None:
-        for name in SERVICES:
-            self.daemon(name).stop(timeout_s=30)
-
-    def status(self) -> dict[str, str]:
-        return {name: f"pid {self.daemon(name).pid()}  log {self.daemon(name).log_file}" for name in SERVICES}
+from lookalike.settings import CommonSettings, IndexerSettings
 
 
 def indexer_status(settings: CommonSettings | None = None, group: str | None = None) -> list[dict[str, Any]]:
@@ -79,7 +52,7 @@ def whole_index(statuses: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None = None,
-                   daemon: Daemon | None = None, group: str | None = None) -> dict[str, Any]:
+                   group: str | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Block until the indexers report at least ``count`` items and are caught up (with index
     shards: every shard caught up and ``count`` items in all)."""
     deadline = time.monotonic() + timeout_s
@@ -92,7 +65,7 @@ def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None
         whole = whole_index(last)
         if whole is not None and whole["items"] >= count:
             return whole
-        if daemon is not None and daemon.pid() is None:
-            raise StackError(f"the indexer is not running; last lines of {daemon.log_file}:\n{daemon.log_tail()}")
+        if check is not None:
+            check()  # e.g. the caller's 'is the indexer process still alive', raising if not
         time.sleep(0.5)
     raise StackError(f"the index did not reach {count} items within {timeout_s:.0f}s (last status: {last})")

@@ -19,16 +19,16 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
+from control.stack.process import Daemon, port_open
 from lookalike.errors import StackError
 from lookalike.settings import StackSettings
-from lookalike.stack.process import Daemon, port_open
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 
 
 def _resource(name: str) -> Path:
-    return Path(str(resources.files("lookalike.stack").joinpath(name)))
+    return Path(str(resources.files("control.stack").joinpath(name)))
 
 
 def _run(argv: list[str], what: str, timeout_s: float = 600) -> str:
@@ -312,7 +312,7 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lookalike.stack up|down|status`` (also ``lookalike stack ...``)."""
+    """``python -m control.stack up|down|status`` (also ``lookalike stack ...``)."""
     args = argv if argv is not None else sys.argv[1:]
     action = args[0] if args else "status"
     stack = LocalStack()

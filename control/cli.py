@@ -12,13 +12,13 @@ from lookalike.settings import default_data
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from lookalike.stack.local import main as stack_main
+    from control.stack.local import main as stack_main
 
     return stack_main([args.action])
 
 
 def _services(args: argparse.Namespace) -> int:
-    from lookalike.services import LocalServices
+    from control.services import LocalServices
     from lookalike.settings import StackSettings
 
     services = LocalServices(StackSettings())
@@ -93,8 +93,8 @@ def _query(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from lookalike import rollout
-    from lookalike.services import indexer_status
     from lookalike.settings import CommonSettings
+    from lookalike.status import indexer_status
 
     for status in indexer_status():
         print(json.dumps(status))
@@ -188,7 +188,7 @@ def _trainer(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lookalike.demo import run_demo
+    from control.demo import run_demo
 
     return run_demo(Path(args.data), limit=args.limit, queries=args.queries, gallery=Path(args.gallery),
                     epochs=args.epochs)

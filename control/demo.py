@@ -17,10 +17,11 @@ from typing import Any
 
 from PIL import Image
 
+from control.services import LocalServices, indexer_alive
+from control.stack import LocalStack
 from lookalike.catalog import CatalogItem, iter_catalog
-from lookalike.services import LocalServices, wait_for_index
 from lookalike.settings import ClientSettings, StackSettings
-from lookalike.stack import LocalStack
+from lookalike.status import wait_for_index
 from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
 from producers.gallery import image_loader, open_image, render_rows
@@ -73,7 +74,8 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
         feed.remove(item.item_id)
     feed.publish_items(catalog)
     feed.flush()
-    status = wait_for_index(len(catalog), timeout_s=900, settings=settings, daemon=services.daemon("indexer"))
+    indexer = services.daemon("indexer")
+    status = wait_for_index(len(catalog), timeout_s=900, settings=settings, check=lambda: indexer_alive(indexer))
     took = time.monotonic() - started
     print(f"   indexed {status['items']} items in {took:.1f}s ({len(catalog) / took:.0f} items/s), "
           f"model {status['model_version']}")

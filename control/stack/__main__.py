@@ -1,7 +1,7 @@
 import logging
 import sys
 
-from lookalike.stack.local import main
+from control.stack.local import main
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 sys.exit(main())

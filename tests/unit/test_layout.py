@@ -1,0 +1,61 @@
+"""The package layout as a contract: the core imports no service and no face, services meet
+only through the core (topics, typed Redis records), and the face may import everything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CORE = "lookalike"
+FACE = {"control", "benchmarks"}
+CLIENTS = {"producers"}
+SERVICES = {"workers", "indexer", "feedback", "training"}
+PACKAGES = {CORE, *FACE, *CLIENTS, *SERVICES}
+
+
+def imports_of(package: str, root: Path = REPO) -> dict[str, set[str]]:
+    """Top-level project packages each module of ``package`` imports, by file (lazy imports included)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((root / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in PACKAGES and top != package:
+                    found.setdefault(str(path.relative_to(root)), set()).add(name)
+    return found
+
+
+def offenders(package: str, allowed: set[str], root: Path = REPO) -> list[str]:
+    return [f"{path}: {name}" for path, names in imports_of(package, root).items()
+            for name in sorted(names) if name.split(".")[0] not in allowed]
+
+
+def test_the_core_imports_no_service_client_or_face() -> None:
+    assert offenders(CORE, set()) == []
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_a_service_imports_only_the_core(service: str) -> None:
+    assert offenders(service, {CORE}) == []
+
+
+def test_clients_import_only_the_core() -> None:
+    for package in CLIENTS:
+        assert offenders(package, {CORE}) == []
+
+
+def test_the_check_sees_a_violation(tmp_path: Path) -> None:
+    """The scan itself finds a lazy import of a service inside a function."""
+    (tmp_path / "lookalike").mkdir()
+    (tmp_path / "lookalike" / "bad.py").write_text("def f():\n    from workers.stages import decode\n")
+    assert offenders(CORE, set(), tmp_path) == ["lookalike/bad.py: workers.stages"]
