@@ -1,18 +1,20 @@
-"""The feedback aggregator: a faust app that joins feedback to replies and raises retraining triggers.
+"""The feedback aggregator: joins feedback to replies and raises retraining triggers.
 
-Agents (each its own consumer of the group ``LOOKALIKE_FEEDBACK_GROUP``):
+Loops on the consumer runtime (:mod:`lookalike.runtime`); one consumer of the group
+``LOOKALIKE_FEEDBACK_GROUP`` reads these three topics:
 
 * ``replies``: every ok reply -> the join lookup (model version, items in rank order);
 * ``query-vectors``: the "more like this" item of a query (training pairs) and a
   sample of query vectors (drift);
-* ``catalog-vectors``: a hash-chosen sample of catalog vectors (drift);
 * ``feedback``: validate, join, count; a record the contract refuses is counted, logged
-  and dead-lettered like the worker's, and the loop goes on.
+  and dead-lettered like the worker's, and the loop goes on;
+
+and one in ``{group}.catalog-vectors`` reads every model version's catalog-vector topic
+(by pattern, including ones created later) for a hash-chosen sample of catalog vectors (drift).
 
 A timer evaluates :mod:`feedback.policy` every ``LOOKALIKE_POLICY_INTERVAL_S`` and
-produces at most one trigger per training. Redis work runs in one thread so the event
-loop keeps heartbeating; when Redis is away the agents wait and retry (nothing is
-committed before its effect is in Redis).
+produces at most one trigger per training. Redis work runs in one thread; when Redis is
+away the loops wait and retry (nothing is committed before its effect is in Redis).
 """
 
 from __future__ import annotations
@@ -25,40 +27,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import faust
 import redis
-from aiokafka import AIOKafkaConsumer
 
 from feedback import windows as w
 from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons, emit_decision, mean_cosine_drift
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
-from lookalike.clients import aiokafka_config, faust_app
 from lookalike.errors import InvalidMessage
 from lookalike.events import Trigger, make_trigger, parse_feedback
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
+from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
 from lookalike.settings import FeedbackSettings
 from lookalike.status import indexer_status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
-
-
-def deadletter_record(key: bytes | None, value: bytes | None, headers: dict[str, bytes], error: InvalidMessage,
-                      topic: str, partition: int, offset: int) -> Record:
-    """The refused record as it came, with the reason and its origin (the worker's dead-letter headers)."""
-    kept = [(n, v) for n, v in headers.items() if not n.startswith(("error-", "source-"))]
-    return (key, value, [*kept,
-                         (c.H_ERROR_CODE, error.code.encode()),
-                         (c.H_ERROR_MESSAGE, str(error)[:1000].encode()),
-                         (c.H_SOURCE_TOPIC, topic.encode()),
-                         (c.H_SOURCE_PARTITION, str(partition).encode()),
-                         (c.H_SOURCE_OFFSET, str(offset).encode())])
 
 
 class Aggregator:
-    """The store, the policy, and what the agents call (in the Redis thread)."""
+    """The store, the policy, and what the loops call (in the Redis thread)."""
 
     def __init__(self, settings: FeedbackSettings, store: FeedbackStore | None = None) -> None:
         self.settings = settings
@@ -75,17 +62,16 @@ class Aggregator:
             return None
         return max(counts) if counts else None
 
-    def feedback_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], str, int, int]]
-                       ) -> list[Record]:
+    def feedback_batch(self, records: Sequence[Record]) -> list[Output]:
         """Validate and apply a batch; returns the dead letters."""
-        dead: list[Record] = []
-        for key, value, headers, topic, partition, offset in events:
+        dead: list[Output] = []
+        for record in records:
             try:
-                event = parse_feedback(key, value)
+                event = parse_feedback(record.key, record.value)
             except InvalidMessage as exc:
-                log.warning("feedback %s:%d@%d refused: %s", topic, partition, offset, exc)
+                log.warning("feedback %s refused: %s", record.where(), exc)
                 self.store.count_invalid(exc.code)
-                dead.append(deadletter_record(key, value, headers, exc, topic, partition, offset))
+                dead.append(dead_letter(self.settings.deadletter_topic, record, exc))
                 continue
             self.store.record_feedback(event)
         return dead
@@ -190,88 +176,77 @@ async def until_done(aggregator: Aggregator, fn: Callable[..., T], *args: Any) -
             delay = min(delay * 2, 10.0)
 
 
-def ms_of(event: Any) -> int:
-    ts = event.message.timestamp
-    return int(ts * 1000) if ts else int(time.time() * 1000)
+def ms_of(record: Record) -> int:
+    return record.timestamp_ms or int(time.time() * 1000)
 
 
-def create_app(settings: FeedbackSettings, aggregator: Aggregator | None = None) -> faust.App:
-    """The faust app with the four agents and the policy timer."""
-    agg = aggregator or Aggregator(settings)
-    app = faust_app(settings, settings.feedback_group)
+class FeedbackService:
+    """The aggregator's loops on the consumer runtime: feedback, replies and query vectors in
+    the group ``LOOKALIKE_FEEDBACK_GROUP``; every version's catalog vectors, found by
+    pattern, in ``{group}.catalog-vectors``; the policy timer; the heartbeat."""
 
-    def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, allow_empty=True)
+    def __init__(self, settings: FeedbackSettings, aggregator: Aggregator | None = None) -> None:
+        self.settings = settings
+        self.agg = aggregator or Aggregator(settings)
 
-    async def produce(topic_name: str, records: Sequence[Record]) -> None:
-        pending = [await app.producer.send(topic_name, k, v, None, None, h) for k, v, h in records]
-        if pending:
-            await asyncio.gather(*pending)
+    async def handle(self, records: list[Record]) -> list[Output]:
+        """One batch of the three joined topics; Redis work in the Redis thread, retried while it is away."""
+        s, agg = self.settings, self.agg
+        feedback = [r for r in records if r.topic == s.feedback_topic]
+        replies = [(r.value, ms_of(r)) for r in records if r.topic == s.replies_topic]
+        queries = [(r.key, r.value, r.headers, ms_of(r)) for r in records if r.topic == s.query_vectors_topic]
+        dead = await until_done(agg, agg.feedback_batch, feedback) if feedback else []
+        if replies:
+            await until_done(agg, agg.reply_batch, replies)
+        if queries:
+            await until_done(agg, agg.query_batch, queries)
+        return dead
 
-    @app.agent(topic(settings.feedback_topic), name="feedback")
-    async def feedback(stream: faust.Stream) -> None:
-        async for events in stream.take_events(256, within=0.05):
-            batch = [(e.key, e.value, c.headers_to_dict(e.headers), e.message.topic, e.message.partition,
-                      e.message.offset) for e in events]
-            dead = await until_done(agg, agg.feedback_batch, batch)
-            await produce(settings.deadletter_topic, dead)
+    def failed(self, record: Record, exc: Exception) -> list[Output]:
+        """A feedback record the stage failed on is dead-lettered; replies and query vectors
+        are others' records and are only counted (the runtime logs them)."""
+        return [dead_letter(self.settings.deadletter_topic, record, exc)] if record.topic == self.settings.feedback_topic else []
 
-    @app.agent(topic(settings.replies_topic), name="replies")
-    async def replies(stream: faust.Stream) -> None:
-        async for events in stream.take_events(256, within=0.05):
-            await until_done(agg, agg.reply_batch, [(e.value, ms_of(e)) for e in events])
+    async def handle_catalog(self, records: list[Record]) -> list[Output]:
+        await until_done(self.agg, self.agg.catalog_batch, [(r.key, r.value, r.headers) for r in records])
+        return []
 
-    @app.agent(topic(settings.query_vectors_topic), name="query-vectors")
-    async def query_vectors(stream: faust.Stream) -> None:
-        async for events in stream.take_events(256, within=0.05):
-            batch = [(e.key, e.value, c.headers_to_dict(e.headers), ms_of(e)) for e in events]
-            await until_done(agg, agg.query_batch, batch)
-
-    @app.task
-    async def catalog_vectors() -> None:
-        """Every model version's catalog-vector topic ({catalog_vectors_topic}.{version}, see
-        lookalike/rollout.py), found by pattern, including ones created later (aiokafka
-        re-checks the pattern on each metadata refresh). Offsets are committed after Redis has
-        the batch."""
-        consumer = AIOKafkaConsumer(
-            **aiokafka_config(settings), group_id=f"{settings.feedback_group}.catalog-vectors",
-            enable_auto_commit=False, auto_offset_reset="earliest", metadata_max_age_ms=5000,
-        )
-        await consumer.start()
-        try:
-            consumer.subscribe(pattern=f"^{re.escape(settings.catalog_vectors_topic)}\\..+$")
-            while True:
-                batch = await consumer.getmany(timeout_ms=200, max_records=256)
-                records = [r for rs in batch.values() for r in rs]
-                if not records:
-                    continue
-                await until_done(agg, agg.catalog_batch, [(r.key, r.value, c.headers_to_dict(r.headers)) for r in records])
-                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
-        finally:
-            await consumer.stop()
-
-    @app.timer(interval=settings.policy_interval_s)
-    async def policy() -> None:
-        try:
-            trigger = await until_done(agg, agg.maybe_trigger)
-        except Exception:  # a bug in one evaluation must not stop the next ones
-            log.exception("trigger policy evaluation failed")
-            return
-        if trigger is None:
-            return
-        key, value = trigger.encode()
-        try:
-            await produce(settings.triggers_topic, [(key, value, [])])
-        except Exception:
-            await until_done(agg, agg.store.unclaim_trigger, trigger.trigger_id)
-            raise
-        log.info("trigger %s: %s", trigger.trigger_id, "; ".join(r.message for r in trigger.reasons))
-
-    @app.task
-    async def heartbeat() -> None:
+    async def policy(self, sender: Sender) -> None:
+        """Evaluate the trigger policy every ``policy_interval_s``; produce at most one trigger."""
+        s, agg = self.settings, self.agg
         while True:
-            beat(heartbeat_path(settings, "feedback"))
+            await asyncio.sleep(s.policy_interval_s)
+            try:
+                trigger = await until_done(agg, agg.maybe_trigger)
+            except Exception:  # a bug in one evaluation must not stop the next ones
+                log.exception("trigger policy evaluation failed")
+                continue
+            if trigger is None:
+                continue
+            key, value = trigger.encode()
+            if await sender.send_all([Output(s.triggers_topic, key, value)]):
+                log.warning("trigger %s could not be sent; released for the next evaluation", trigger.trigger_id)
+                await until_done(agg, agg.store.unclaim_trigger, trigger.trigger_id)
+                continue
+            log.info("trigger %s: %s", trigger.trigger_id, "; ".join(r.message for r in trigger.reasons))
+
+    async def heartbeat(self) -> None:
+        while True:
+            beat(heartbeat_path(self.settings, "feedback"))
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
-    app.lookalike_aggregator = agg  # type: ignore[attr-defined]
-    return app
+    async def run(self) -> None:
+        s = self.settings
+        sender = Sender(s)
+        joined = Loop(name="feedback", service="feedback", sender=sender, handle=self.handle, on_error=self.failed,
+                      source=Source(s, group=s.feedback_group, name="feedback"),
+                      topics=[s.feedback_topic, s.replies_topic, s.query_vectors_topic],
+                      batch_max=256, batch_wait_s=0.05)
+        catalog = Loop(name="catalog-vectors", service="feedback", sender=sender, handle=self.handle_catalog,
+                       source=Source(s, group=f"{s.feedback_group}.catalog-vectors", name="catalog-vectors"),
+                       topics=[f"^{re.escape(s.catalog_vectors_topic)}\\..+$"], batch_max=256)
+        try:
+            await run_forever(joined.run(), catalog.run(), self.policy(sender), self.heartbeat(),
+                              names=("feedback", "catalog-vectors", "policy", "heartbeat"))
+        finally:
+            sender.close()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import faust
-
-from indexer.service import create_app
+from indexer.service import Indexer
 from lookalike import logs, metrics
+from lookalike.runtime import serve
 from lookalike.settings import IndexerSettings
 from lookalike.topics import ensure_topics_if_allowed
 
@@ -14,10 +13,9 @@ def main() -> None:
     settings = IndexerSettings()
     logs.configure(settings.log_format, "indexer")
     ensure_topics_if_allowed(settings)
-    app = create_app(settings)
-    metrics.instrument_indexer(settings, app.lookalike_indexer)  # type: ignore[attr-defined]
-    faust.Worker(app, loglevel="INFO",
-                 logging_config=logs.logging_config(settings.log_format, "indexer")).execute_from_commandline()
+    indexer = Indexer(settings)
+    metrics.instrument_indexer(settings, indexer)
+    serve(indexer.run)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """The indexer service: keeps one HNSW index per live model version current and answers
 queries from the index of the model that embedded them.
 
-* Per model version (:class:`VersionIndex`): a feed, an aiokafka consumer assigned to
+* Per model version (:class:`VersionIndex`): a feed, a runtime loop assigned to
   *every* partition of that version's catalog-vector topic (each indexer replica holds the
   whole catalog), applies upserts and tombstones in order and records the offsets it has
   applied; its snapshots live in Redis under the version's own namespace.
 * The rollout task (:mod:`lookalike.rollout`) decides which versions are live: the
   serving one, the one being built, and the previous one for a grace period after a
   switch. It creates and drops :class:`VersionIndex` objects to match.
-* The faust agent on the query-vector topic (partitions shared by the replicas of the
+* The query loop on the query-vector topic (partitions shared by the replicas of the
   consumer group) searches the index of the query's model version and produces each
-  reply to the query's reply-to topic.
+  reply to the query's reply-to topic. Each query is handled on its own (up to 64 at
+  once), so one that waits for its ``min-position`` waits alone.
 * With index shards (``LOOKALIKE_INDEX_SHARDS`` > 1, :mod:`indexer.shards`) the feeds read
   only this shard's partitions, the agent sends partial answers instead of replies, and a
   gatherer task merges every shard's partial answers into the replies.
@@ -36,23 +37,20 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
-import faust
 import redis
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from indexer import stages
 from indexer.index import Mutation, VectorIndex
-from indexer.shards import LOOKUP, SEARCH, own_position, partial_headers, run_gatherer
+from indexer.shards import LOOKUP, SEARCH, gather_loop, own_position, partial_headers
 from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import contracts as c
 from lookalike import metrics, rollout
 from lookalike.artifacts import ModelStore
-from lookalike.batching import MicroBatches, consume_in_batches
-from lookalike.clients import aiokafka_config, confluent_config, faust_app, redis_client
+from lookalike.clients import redis_client
 from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError, ModelMismatch, UnknownItem
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.rollout import RolloutController, RolloutState
+from lookalike.runtime import Loop, Output, Record, Sender, SendFailed, Source, run_forever
 from lookalike.settings import IndexerSettings
 from lookalike.topics import ensure_vectors_topic, vectors_topic
 
@@ -61,15 +59,6 @@ log = logging.getLogger(__name__)
 STATUS_KEY = "lookalike:indexer:{group}:{instance}"
 STATUS_TTL_S = 15
 Out = tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]  # a record to produce: topic, key, value, headers
-
-
-def topic_partitions(settings: IndexerSettings, topic: str) -> list[int]:
-    """The partition ids of a topic (blocking: run it in an executor)."""
-    meta = AdminClient(confluent_config(settings)).list_topics(topic, timeout=30)
-    found = meta.topics.get(topic)
-    if found is None or found.error is not None or not found.partitions:
-        raise ConfigError(f"topic {topic} does not exist: create it with `lookalike topics create`")
-    return sorted(found.partitions)
 
 
 class Pools:
@@ -104,13 +93,15 @@ class VersionIndex:
         self.task: asyncio.Task[None] | None = None
 
     # -- feed ---------------------------------------------------------------------
-    def apply_records(self, partition: int, records: list[Any]) -> None:
-        """Decode and apply one fetched batch of a partition (runs in the writer thread)."""
+    def apply_records(self, records: list[Record]) -> None:
+        """Decode and apply a batch of fetched records, in order (runs in the writer thread)."""
         mutations: list[Mutation] = []
         catalog_position: dict[int, int] = {}
+        position: dict[int, int] = {}
         for record in records:
+            position[record.partition] = record.offset + 1
             try:
-                event = stages.parse_vector_record(record.key, record.value, c.headers_to_dict(record.headers))
+                event = stages.parse_vector_record(record.key, record.value, record.headers)
             except InvalidMessage as exc:
                 self.skipped += 1
                 log.warning("vector %s@%d skipped: %s", record.partition, record.offset, exc)
@@ -125,7 +116,6 @@ class VersionIndex:
             if event.dim is not None and self.index is None:
                 self._create_index(event.dim)
             mutations.append(event.mutation)
-        position = {partition: records[-1].offset + 1}
         if self.index is not None:
             self.index.apply(mutations, position, catalog_position)
             self.applied_since_snapshot += len(mutations)
@@ -170,46 +160,44 @@ class VersionIndex:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.position_changed.wait(), timeout=min(left, 0.1))
 
-    async def run_feed(self) -> None:
+    async def run_feed(self, sender: Sender) -> None:
         """Restore the newest usable snapshot, then read this version's vector topic from the
-        offsets it covers (from the beginning without one), forever."""
+        offsets it covers (from the beginning without one), forever. Assigned partitions, no
+        group and no commits: the position lives in the index and its snapshots."""
         s = self.settings
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, ensure_vectors_topic, s, self.version)
-        partitions = [p for p in await loop.run_in_executor(None, topic_partitions, s, self.topic) if s.owns(p)]
         if s.snapshots:
             await loop.run_in_executor(self.pools.write, self.restore)
-        consumer = AIOKafkaConsumer(
-            **aiokafka_config(s), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(self.topic, p) for p in partitions]
-            consumer.assign(tps)
-            restored = self.position
-            for tp in tps:
-                if tp.partition in restored:
-                    consumer.seek(tp, restored[tp.partition])
-                else:
-                    await consumer.seek_to_beginning(tp)
-            start_ends = await consumer.end_offsets(tps)
-            log.info("feed %s: %d partitions (shard %d of %d), %d records to replay", self.topic, len(tps),
-                     s.index_shard, s.index_shards,
-                     sum(start_ends[tp] - restored.get(tp.partition, 0) for tp in tps))
-            while True:
-                batch = await consumer.getmany(timeout_ms=200, max_records=2000)
-                for tp, records in batch.items():
-                    await loop.run_in_executor(self.pools.write, self.apply_records, tp.partition, records)
-                if batch:
-                    self.position_changed.set()
-                if not self.caught_up.is_set():
-                    positions = {tp: await consumer.position(tp) for tp in tps}
-                    if all(positions[tp] >= start_ends[tp] for tp in tps):
-                        self.caught_up.set()
-                        log.info("feed %s caught up: %d items", self.topic, len(self))
-        finally:
-            await consumer.stop()
+        source = Source(s, group=f"{s.query_group}.feed", name=f"feed-{self.version}",
+                        **{"max.partition.fetch.bytes": 4 * 1024 * 1024})
+        partitions = [p for p in await source.partitions(self.topic) if s.owns(p)]
+        if not partitions:
+            await source.close()
+            raise ConfigError(f"topic {self.topic} does not exist: create it with `lookalike topics create`")
+        restored = self.position
+        await source.assign(self.topic, {p: restored.get(p) for p in partitions})
+        start_ends = await source.ends(self.topic, partitions)
+        log.info("feed %s: %d partitions (shard %d of %d), %d records to replay", self.topic, len(partitions),
+                 s.index_shard, s.index_shards, sum(start_ends[p] - restored.get(p, 0) for p in partitions))
+
+        async def apply(records: list[Record]) -> list[Output]:
+            await loop.run_in_executor(self.pools.write, self.apply_records, records)
+            self.position_changed.set()
+            return []
+
+        async def check_caught_up(_records: list[Record]) -> None:
+            """Caught up once every record up to the ends seen at start is read *and* applied."""
+            if self.caught_up.is_set() or feed.offsets.pending():
+                return
+            read = await source.positions(self.topic, partitions)
+            if all(read[p] >= start_ends[p] or self.position.get(p, 0) >= start_ends[p] for p in partitions):
+                self.caught_up.set()
+                log.info("feed %s caught up: %d items", self.topic, len(self))
+
+        feed = Loop(name=f"feed-{self.version}", service="indexer", source=source, sender=sender, handle=apply,
+                    commit=False, batch_max=2000, fetch_wait_s=0.2, after_fetch=check_caught_up)
+        await feed.run()
 
     # -- snapshots ----------------------------------------------------------------
     @cached_property
@@ -313,6 +301,7 @@ class Indexer:
         self.state: RolloutState | None = None
         self.started = asyncio.Event()  # the first state is known and its indexes exist
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
+        self.sender: Sender | None = None  # made when the loops start (run)
 
     # -- which versions live --------------------------------------------------------
     @property
@@ -361,7 +350,8 @@ class Indexer:
         for version in live:
             if version not in self.versions:
                 vi = VersionIndex(self.settings, version, self.pools)
-                vi.task = asyncio.create_task(vi.run_feed(), name=f"feed-{version}")
+                assert self.sender is not None, "reconcile runs inside run()"
+                vi.task = asyncio.create_task(vi.run_feed(self.sender), name=f"feed-{version}")
                 vi.task.add_done_callback(self._feed_done)
                 self.versions[version] = vi
                 log.info("index of model %s: started", version)
@@ -556,62 +546,64 @@ class Indexer:
             await asyncio.sleep(s.status_interval_s)
 
 
-def create_app(settings: IndexerSettings) -> faust.App:
-    """The faust app: the query agent plus the rollout, snapshot and status tasks."""
-    indexer = Indexer(settings)
-    app = faust_app(settings, settings.query_group)
-    query_vectors = app.topic(settings.query_vectors_topic, key_type=bytes, value_type=bytes, allow_empty=True)
+    # -- the loops ----------------------------------------------------------------
+    async def answer_records(self, records: list[Record]) -> list[Output]:
+        """Answer query vectors (one per call in practice: each waits alone for its version
+        and ``min-position``, never holding another query)."""
+        loop = asyncio.get_running_loop()
+        metrics.observe_batch("indexer", "query", len(records))
+        out: list[Output] = []
+        for record in records:
+            await self.ready_for(record.headers)
+            answered = await loop.run_in_executor(self.pools.search, self.answer, record.key, record.value,
+                                                  record.headers)
+            out += [Output(topic, key, value, headers or None, answers=record) for topic, key, value, headers in answered]
+        return out
 
-    @app.task
-    async def rollout_task() -> None:
-        await indexer.run_rollout()
+    def answer_failed(self, record: Record, exc: Exception) -> list[Output]:
+        """A query vector the stage failed on, or whose reply the broker refused (too large):
+        an error reply to the replies topic (its reply-to may be what was refused)."""
+        s = self.settings
+        if s.sharded and s.index_shard != 0:
+            return []  # shard 0 answers for all
+        code = getattr(exc, "code", None) or "internal"
+        request_id = record.key.decode("utf-8", "replace") if record.key else "(missing)"
+        reply = c.error_reply(request_id, code, f"{exc}"[:500])
+        metrics.observe_reply(reply)
+        reply_to = s.replies_topic
+        if not isinstance(exc, SendFailed):  # the reply-to itself is fine: use it when it parses
+            with contextlib.suppress(InvalidMessage, KeyError, UnicodeDecodeError):
+                reply_to = stages.parse_query_vector(record.key, record.value, record.headers, dim=None,
+                                                     default_reply_to=s.replies_topic).reply_to
+        return [Output(reply_to, record.key or b"", c.encode_reply(reply))]
 
-    if settings.snapshots:
-        @app.task
-        async def snapshots() -> None:
-            await indexer.run_snapshots()
+    def query_loop(self) -> Loop:
+        s = self.settings
+        assert self.sender is not None, "the loops start inside run()"
+        return Loop(name="answer-queries", service="indexer", source=Source(s, group=s.query_group, name="queries"),
+                    topics=[s.query_vectors_topic], sender=self.sender, handle=self.answer_records,
+                    on_error=self.answer_failed, batch_max=1, in_flight=64, fetch_wait_s=0.05)
 
-    @app.task
-    async def status() -> None:
-        await indexer.publish_status()
-
-    if settings.sharded:
-        @app.task
-        async def gather() -> None:
-            async def send(topic: str, key: bytes, value: bytes) -> Any:
-                return await app.producer.send(topic, key, value, None, None, None)
-
-            await run_gatherer(settings, send)
-
-    @app.task
-    async def heartbeat() -> None:
+    async def heartbeat(self) -> None:
         while True:
-            vi = indexer.serving
-            beat(heartbeat_path(settings, "indexer"), items=len(vi) if vi else 0,
+            vi = self.serving
+            beat(heartbeat_path(self.settings, "indexer"), items=len(vi) if vi else 0,
                  caught_up=vi is not None and vi.caught_up.is_set(),
-                 model_version=indexer.state.serving if indexer.state else None)
+                 model_version=self.state.serving if self.state else None)
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
-    @app.agent(query_vectors, name="answer-queries")
-    async def answer_queries(stream: faust.Stream) -> None:
-        loop = asyncio.get_running_loop()
-
-        async def handle(event: Any) -> list[Out]:
-            headers = c.headers_to_dict(event.headers)
-            await indexer.ready_for(headers)
-            return await loop.run_in_executor(indexer.pools.search, indexer.answer, event.key, event.value, headers)
-
-        # No ticker (lookalike/batching.py): a lone query is answered at once, and what arrives
-        # while a batch is answered is the next batch. Events are acked (so committed) only
-        # once the broker has every record the batch produced.
-        async def answer(events: list[Any]) -> None:
-            metrics.observe_batch("indexer", "query", len(events))
-            outs = await asyncio.gather(*(handle(e) for e in events))
-            pending = [await app.producer.send(topic, key, value, None, None, headers or None)
-                       for records in outs for topic, key, value, headers in records]
-            await asyncio.gather(*pending)
-
-        await consume_in_batches(stream, MicroBatches(64), answer)
-
-    app.lookalike_indexer = indexer  # type: ignore[attr-defined]
-    return app
+    async def run(self) -> None:
+        """The query loop plus the rollout, snapshot, status and heartbeat tasks (and the
+        gatherer with shards), until cancelled."""
+        s = self.settings
+        self.sender = Sender(s)
+        jobs = {"rollout": self.run_rollout(), "status": self.publish_status(), "heartbeat": self.heartbeat(),
+                "queries": self.query_loop().run()}
+        if s.snapshots:
+            jobs["snapshots"] = self.run_snapshots()
+        if s.sharded:
+            jobs["gather"] = gather_loop(s, self.sender).run()
+        try:
+            await run_forever(*jobs.values(), names=list(jobs))
+        finally:
+            self.sender.close()

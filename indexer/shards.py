@@ -27,8 +27,6 @@ request still open, so a gatherer that dies mid-request leaves it to the next on
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -36,12 +34,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
-
 from lookalike import contracts as c
 from lookalike import metrics
-from lookalike.clients import aiokafka_config
+from lookalike.runtime import Loop, Output, Record, Sender, Source
 from lookalike.settings import IndexerSettings
 
 log = logging.getLogger(__name__)
@@ -255,68 +250,45 @@ class Gatherer:
         return {p: min(self._open[p]) if self._open.get(p) else nxt for p, nxt in self._next.items()}
 
 
-class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, gatherer: Gatherer) -> None:
-        self.gatherer = gatherer
+class GatherStage:
+    """The gatherer as a stage of the consumer runtime: partial answers in, merged replies
+    out; a request's records stay held (uncommitted) until its reply is acknowledged."""
 
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self.gatherer.revoke(tp.partition for tp in revoked)
+    def __init__(self, settings: IndexerSettings) -> None:
+        self.settings = settings
+        self.gatherer = Gatherer(settings.index_shards, max_age_s=settings.gather_max_age_s)
 
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        pass
+    def _outputs(self, gathered: list[Gathered]) -> list[Output]:
+        out = []
+        for g in gathered:
+            metrics.observe_reply(g.reply)
+            if g.reply.get("partial"):
+                metrics.PARTIAL_REPLIES.inc()
+                log.warning("request %s answered by shards %s of %d (the rest were late)",
+                            g.key.decode("utf-8", "replace"), g.reply["shards"]["answered"],
+                            self.settings.index_shards, extra={"request_id": g.key.decode("utf-8", "replace")})
+            out.append(Output(g.reply_to, g.key, g.value))
+        return out
+
+    async def handle(self, records: list[Record]) -> list[Output]:
+        now = time.monotonic()
+        done = [g for r in records
+                if (g := self.gatherer.add(r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms, now))]
+        return self._outputs(done)
+
+    async def tick(self) -> list[Output]:
+        return self._outputs(self.gatherer.expired(time.monotonic()))
+
+    def held(self) -> dict[tuple[str, int], int]:
+        return {(self.settings.partials_topic, p): o for p, o in self.gatherer.commit_offsets().items()}
+
+    def revoke(self, partitions: Iterable[tuple[str, int]]) -> None:
+        self.gatherer.revoke(p for t, p in partitions if t == self.settings.partials_topic)
 
 
-async def run_gatherer(settings: IndexerSettings, send: Any) -> None:
-    """The gatherer of this instance, forever. ``send(topic, key, value)`` produces a reply
-    and returns an awaitable that completes when the broker has it."""
-    gatherer = Gatherer(settings.index_shards, max_age_s=settings.gather_max_age_s)
-    consumer = AIOKafkaConsumer(
-        **aiokafka_config(settings), group_id=settings.gather_group, enable_auto_commit=False,
-        auto_offset_reset="earliest", session_timeout_ms=int(settings.session_timeout_s * 1000),
-        heartbeat_interval_ms=int(settings.session_timeout_s * 250),
-    )
-    await consumer.start()
-    consumer.subscribe([settings.partials_topic], listener=_Revoke(gatherer))
-    committed: dict[int, int] = {}
-    last_commit = 0.0
-    try:
-        while True:
-            now = time.monotonic()
-            deadline = gatherer.next_deadline()
-            wait_ms = 100 if deadline is None else max(1, min(100, int((deadline - now) * 1000)))
-            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=500)
-            now = time.monotonic()
-            out: list[Gathered] = []
-            for tp, records in batch.items():
-                for r in records:
-                    done = gatherer.add(tp.partition, r.offset, r.key, r.value, c.headers_to_dict(r.headers),
-                                        r.timestamp, now)
-                    if done is not None:
-                        out.append(done)
-            out.extend(gatherer.expired(now))
-            if out:
-                acks = []
-                for g in out:
-                    metrics.observe_reply(g.reply)
-                    if g.reply.get("partial"):
-                        metrics.PARTIAL_REPLIES.inc()
-                        log.warning("request %s answered by shards %s of %d (the rest were late)",
-                                    g.key.decode("utf-8", "replace"), g.reply["shards"]["answered"],
-                                    settings.index_shards, extra={"request_id": g.key.decode("utf-8", "replace")})
-                    acks.append(await send(g.reply_to, g.key, g.value))
-                await asyncio.gather(*acks)  # effects before commits
-            offsets = gatherer.commit_offsets()
-            if offsets != committed and (out or time.monotonic() - last_commit > 1.0):
-                assigned = {tp.partition for tp in consumer.assignment()}
-                to_commit = {TopicPartition(settings.partials_topic, p): o for p, o in offsets.items()
-                             if p in assigned and committed.get(p) != o}
-                if to_commit:
-                    try:
-                        await consumer.commit(to_commit)
-                        committed.update({tp.partition: o for tp, o in to_commit.items()})
-                    except KafkaError as exc:  # a rebalance: the new owner starts from the last commit
-                        log.warning("gatherer commit failed (%s); its partitions' requests are redone", exc)
-                last_commit = time.monotonic()
-    finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
+def gather_loop(settings: IndexerSettings, sender: Sender) -> Loop:
+    """The gatherer of this instance, on the shared ``gather_group``."""
+    stage = GatherStage(settings)
+    return Loop(name="gather", service="indexer", source=Source(settings, group=settings.gather_group, name="gather"),
+                topics=[settings.partials_topic], sender=sender, handle=stage.handle, stage=stage,
+                batch_max=500, tick_s=0.01, fetch_wait_s=0.01)

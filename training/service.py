@@ -20,6 +20,7 @@ alias; the champion, and everything serving, stay as they were.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,19 +28,21 @@ import os
 import socket
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from lookalike.artifacts import CHAMPION, ModelStore
-from lookalike.clients import confluent_config, producer_config
+from lookalike.clients import producer_config
 from lookalike.errors import InvalidMessage, LookalikeError
 from lookalike.events import Trigger, decision_event, parse_trigger
 from lookalike.ledger import FeedbackLedger, trainer_decision
 from lookalike.registry import Registry
+from lookalike.runtime import Loop, Output, Record, Sender, Source, run_forever
 from lookalike.settings import TrainerSettings
 from lookalike.status import indexer_status
 from training.train import TrainConfig, train
@@ -104,6 +107,7 @@ class Trainer:
         self.store = store or FeedbackLedger.connect(settings)
         self.producer = producer or Producer(producer_config(settings))
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.training_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training")
 
     def catalog_items(self) -> int | None:
         with contextlib.suppress(Exception):
@@ -156,58 +160,62 @@ class Trainer:
         return decision_event(trigger.trigger_id, "promoted" if decision.accepted else "refused", decision.reason,
                               decision=asdict(decision), pairs=challenger.training.get("feedback_pairs", {}))
 
-    def _handled(self, trigger: Trigger) -> bool:
-        try:
-            self.handle(trigger)
-            return True
-        except redis.RedisError as exc:  # the lease and the bookkeeping live there: wait for it
-            log.warning("trigger %s: Redis is unavailable (%s); retrying", trigger.trigger_id, exc)
-            return False
+    async def handle_records(self, records: list[Record]) -> list[Output]:
+        """The runtime's stage: each trigger handled in a thread (a training takes minutes);
+        while Redis is away it waits and tries again, so nothing is committed before the
+        training and its bookkeeping are done."""
+        loop = asyncio.get_running_loop()
+        for record in records:
+            try:
+                trigger = parse_trigger(record.value)
+            except InvalidMessage as exc:
+                log.warning("trigger %s refused: %s", record.where(), exc)
+                self.store.count("trainer_invalid_triggers")
+                continue
+            while True:
+                try:
+                    await loop.run_in_executor(self.training_thread, self.handle, trigger)
+                    break
+                except redis.RedisError as exc:  # the lease and the bookkeeping live there: wait for it
+                    log.warning("trigger %s: Redis is unavailable (%s); retrying", trigger.trigger_id, exc)
+                    await asyncio.sleep(2.0)
+        return []
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Consume triggers until ``stop`` is set; commit each after it was handled."""
+        """Consume triggers until ``stop`` is set; each is committed after it was handled (a
+        trigger being handled when ``stop`` comes is not: the next trainer takes it again)."""
         stop = stop or threading.Event()
         s = self.settings
-        consumer = Consumer(confluent_config(s, **{
-            "group.id": s.trainer_group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "max.poll.interval.ms": min(s.max_training_s * 1000, 86_400_000),
-        }))
-        consumer.subscribe([s.triggers_topic])
         log.info("trainer %s: triggers from %s, models in %s", self.owner, s.triggers_topic, self.models.root)
-        try:
+
+        async def until_stopped() -> None:
             while not stop.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    log.warning("consumer: %s", msg.error())
-                    continue
-                try:
-                    trigger = parse_trigger(msg.value())
-                except InvalidMessage as exc:
-                    log.warning("trigger %s@%d refused: %s", msg.partition(), msg.offset(), exc)
-                    self.store.count("trainer_invalid_triggers")
-                else:
-                    while not self._handled(trigger) and not stop.wait(2.0):
-                        pass
-                    if stop.is_set():
-                        break  # not committed: the next trainer takes the trigger again
-                consumer.commit(message=msg, asynchronous=False)
-        finally:
-            consumer.close()
-            self.producer.flush(10)
+                await asyncio.sleep(0.2)
+
+        async def serve() -> None:
+            sender = Sender(s)
+            triggers = Loop(name="triggers", service="trainer", sender=sender, handle=self.handle_records,
+                            source=Source(s, group=s.trainer_group, name="triggers",
+                                          **{"max.poll.interval.ms": min(s.max_training_s * 1000, 86_400_000)}),
+                            topics=[s.triggers_topic], batch_max=1)
+            try:
+                await run_forever(triggers.run(), until_stopped(), names=("triggers", "stop"))
+            finally:
+                sender.close()
+                self.producer.flush(10)
+
+        asyncio.run(serve())
 
 
 def main() -> None:
     """``python -m training.service``."""
     import signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lookalike import logs
     from lookalike.topics import ensure_topics
 
     settings = TrainerSettings()
+    logs.configure(settings.log_format, "trainer")
     ensure_topics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,1 +1,1 @@
-"""Workers: a faust app that decodes, preprocesses and embeds catalog images and queries."""
+"""Workers: the service that decodes, preprocesses and embeds catalog images and queries."""

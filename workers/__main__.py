@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import faust
-
 from lookalike import logs, metrics
+from lookalike.runtime import serve
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_topics_if_allowed
-from workers.app import ModelSet, create_app
+from workers.app import ModelSet, Worker
 
 log = logging.getLogger("workers")
 
@@ -19,12 +18,11 @@ def main() -> None:
     logs.configure(settings.log_format, "worker")
     ensure_topics_if_allowed(settings)
     models = ModelSet(settings)
-    app = create_app(settings, models)
+    worker = Worker(settings, models)
     metrics.instrument_worker(settings, models)
     log.info("worker %s: catalog %s, queries %s, models from %s", settings.worker_group,
              settings.catalog_topic, settings.queries_topic, settings.models_path)
-    faust.Worker(app, loglevel="INFO",
-                 logging_config=logs.logging_config(settings.log_format, "worker")).execute_from_commandline()
+    serve(worker.run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""The embedding worker: a faust app with an agent for queries and one catalog consumer
-per live model version.
+"""The embedding worker: a loop for queries and one catalog loop per live model version,
+all on the consumer runtime (:mod:`lookalike.runtime`).
 
-* Queries (faust agent, consumer group ``worker_group``) are embedded by the *serving*
+* Queries (consumer group ``worker_group``) are embedded by the *serving*
   model of the rollout state (:mod:`lookalike.rollout`); the query-vector record names
   that version, and the indexer answers it from that version's index.
 * The catalog is read once per live model version (serving, and the target while a
@@ -12,9 +12,10 @@ per live model version.
 Both paths micro-batch (catalog: large batches after a wait to fill them; queries: whatever
 arrived while the previous batch was embedded, :mod:`lookalike.batching`), run the pure
 stages of :mod:`workers.stages` in their own inference thread (:mod:`workers.inference`:
-a query never waits behind a catalog batch, and each path has its torch thread count) so
-the event loop keeps heartbeating, produce the results and wait for the broker's
-acknowledgement before the batch's offsets are committed.
+a query never waits behind a catalog batch, and each path has its torch thread count);
+the runtime produces the results and commits a batch's offsets only once the broker has
+acknowledged them, and a record the stage fails on becomes an error reply (queries) or
+a dead letter (catalog).
 """
 
 from __future__ import annotations
@@ -25,36 +26,28 @@ import threading
 import time
 from collections.abc import Sequence
 
-import faust
 import redis
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
-from faust.types import EventT
 
-from lookalike import contracts as c
 from lookalike import metrics, rollout
-from lookalike.batching import MicroBatches, consume_in_batches
-from lookalike.clients import aiokafka_config, confluent_config, faust_app, max_message_bytes
+from lookalike.clients import confluent_config
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, InvalidMessage, ModelArtifactError
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.rollout import RolloutState
+from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_vectors_topic
 from workers import stages
 from workers.guard import QueryGuard
 from workers.inference import InferenceThread, use_layout
-from workers.stages import CatalogImage, CatalogRemoval, Query, Record, Rejected, Source
+from workers.stages import CatalogImage, CatalogRemoval, Query, Rejected
+from workers.stages import Record as OutRecord
+from workers.stages import Source as Origin
 
 log = logging.getLogger(__name__)
-
-
-def source_of(event: EventT) -> Source:
-    msg = event.message
-    ts = int(msg.timestamp * 1000) if msg.timestamp else None
-    return Source(msg.topic, msg.partition, msg.offset, ts)
+Event = tuple[bytes | None, bytes | None, dict[str, bytes], Origin]  # what the stages take
 
 
 class ReplyTopics:
@@ -126,7 +119,7 @@ class EmbeddingWorker:
         self.reply_topics = ReplyTopics(settings)
         self.guard = QueryGuard(settings)
 
-    def catalog_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]],
+    def catalog_batch(self, events: Sequence[Event],
                       version: str, dead_letters: bool = True):
         """-> ([(partition, vector record)], dead-letter records). Runs in the inference thread.
 
@@ -138,8 +131,8 @@ class EmbeddingWorker:
         """
         embedder = self.models.get(version)
         images: list[CatalogImage] = []
-        out: list[tuple[int, Record]] = []
-        dead: list[Record] = []
+        out: list[tuple[int, OutRecord]] = []
+        dead: list[OutRecord] = []
         for key, value, headers, source in events:
             try:
                 parsed = stages.parse_catalog(key, value, headers, source, self.settings)
@@ -159,7 +152,7 @@ class EmbeddingWorker:
             out.extend((img.source.partition, record) for img, record in zip(images, records, strict=True))
         return out, dead
 
-    def query_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]):
+    def query_batch(self, events: Sequence[Event]):
         """-> (query-vector records, [(reply topic, error reply record)]). Runs in the inference thread."""
         version = self.models.serving
         try:
@@ -168,7 +161,7 @@ class EmbeddingWorker:
             log.error("model %s cannot be loaded: %s", version, exc)
             embedder = None
         queries: list[Query] = []
-        errors: list[tuple[str, Record]] = []
+        errors: list[tuple[str, OutRecord]] = []
         for key, value, headers, source in events:
             try:
                 self.guard.admit(key, value, headers)  # signature and rate limit, before decoding anything
@@ -194,129 +187,121 @@ class EmbeddingWorker:
         return (stages.embed_queries(embedder, queries) if queries else []), errors
 
 
-async def produce_all(app: faust.App, topic: str, records: Sequence[Record],
-                      partitions: Sequence[int | None] | None = None) -> None:
-    """Send records and wait until the broker has them all (effects before commits)."""
-    pending = [
-        await app.producer.send(topic, key, value, partition, None, headers)
-        for (key, value, headers), partition in zip(records, partitions or [None] * len(records), strict=True)
-    ]
-    if pending:
-        await asyncio.gather(*pending)
+def events_of(records: Sequence[Record]) -> list[Event]:
+    return [(r.key, r.value, r.headers, Origin(r.topic, r.partition, r.offset, r.timestamp_ms)) for r in records]
 
 
-def unpack(events: Sequence[EventT]) -> list[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]:
-    return [(e.key, e.value, c.headers_to_dict(e.headers), source_of(e)) for e in events]
+def outputs(topic: str, records: Sequence[OutRecord], partitions: Sequence[int | None] | None = None) -> list[Output]:
+    return [Output(topic, key, value, headers, partition)
+            for (key, value, headers), partition in zip(records, partitions or [None] * len(records), strict=True)]
 
 
-def records_to_events(batch: dict) -> list[tuple[bytes | None, bytes | None, dict[str, bytes], Source]]:
-    """aiokafka's fetched records (by partition) -> the stages' input, in partition order."""
-    out = []
-    for tp, records in sorted(batch.items(), key=lambda kv: kv[0].partition):
-        for r in records:
-            out.append((r.key, r.value, c.headers_to_dict(r.headers), Source(tp.topic, tp.partition, r.offset, r.timestamp)))
-    return out
+class Worker:
+    """The query loop, the catalog loops (one per live model version), the rollout follower
+    and the heartbeat."""
 
+    def __init__(self, settings: WorkerSettings, models: ModelSet) -> None:
+        self.settings = settings
+        self.models = models
+        self.embedding = EmbeddingWorker(settings, models)
+        self.sender = Sender(settings)
+        self.catalog_tasks: dict[str, asyncio.Task[None]] = {}
 
-class CatalogConsumers:
-    """One catalog consumer group per live model version, started and stopped to match the
-    rollout state; effects (vectors, dead letters acknowledged by the broker) before commits."""
+    # -- queries --------------------------------------------------------------------
+    async def embed_queries(self, records: list[Record]) -> list[Output]:
+        started = time.perf_counter()
+        vectors, errors = await self.embedding.query_thread.run(self.embedding.query_batch, events_of(records))
+        metrics.observe_batch("worker", "query", len(records), time.perf_counter() - started)
+        out = outputs(self.settings.query_vectors_topic, vectors)
+        out += [Output(reply_to, key, value, headers) for reply_to, (key, value, headers) in errors]
+        return out
 
-    def __init__(self, app: faust.App, worker: EmbeddingWorker) -> None:
-        self.app = app
-        self.worker = worker
-        self.settings = worker.settings
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+    def query_failed(self, record: Record, exc: Exception) -> list[Output]:
+        """A query the stage failed on (a bug, or its reply refused by the broker) still gets
+        an error reply, at its reply-to if that one is valid."""
+        error = exc if isinstance(exc, InvalidMessage) else InvalidMessage(
+            f"{type(exc).__name__}: {exc}"[:500], code=getattr(exc, "code", None) or "internal")
+        rejected = Rejected(record.key, record.value, record.headers, error,
+                            Origin(record.topic, record.partition, record.offset, record.timestamp_ms))
+        reply_to = stages.reply_destination(record.headers, self.settings)
+        reply_to = reply_to if self.embedding.reply_topics.exists(reply_to) else self.settings.replies_topic
+        key, value, headers = stages.error_reply_record(rejected, self.models.serving)
+        return [Output(reply_to, key, value, headers)]
 
+    def query_loop(self) -> Loop:
+        s = self.settings
+        return Loop(name="embed-queries", service="worker", sender=self.sender,
+                    source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
+                    handle=self.embed_queries,
+                    on_error=self.query_failed, batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000)
+
+    # -- catalog --------------------------------------------------------------------
     def group(self, version: str) -> str:
         return f"{self.settings.worker_group}.catalog.{version}"
 
-    def reconcile(self, versions: Sequence[str]) -> None:
-        for version in versions:
-            task = self.tasks.get(version)
-            if task is None or task.done():
-                self.tasks[version] = asyncio.create_task(self.run(version), name=f"catalog-{version}")
-                self.tasks[version].add_done_callback(self._done)
-                log.info("catalog consumer for model %s: started (group %s)", version, self.group(version))
-        for version in [v for v in self.tasks if v not in versions]:
-            self.tasks.pop(version).cancel()
-            log.info("catalog consumer for model %s: stopped", version)
-
-    async def stop(self) -> None:
-        tasks = list(self.tasks.values())
-        self.tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    @staticmethod
-    def _done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s stopped: %r; restarted on the next rollout tick", task.get_name(), task.exception())
-
-    async def run(self, version: str) -> None:
+    async def catalog_loop(self, version: str) -> None:
+        """Embed the catalog into ``version``'s vector topic (effects before commits)."""
         s = self.settings
         loop = asyncio.get_running_loop()
         try:
-            await self.worker.catalog_thread.run(self.worker.models.get, version)
+            await self.embedding.catalog_thread.run(self.models.get, version)
             topic = await loop.run_in_executor(None, ensure_vectors_topic, s, version)
         except (ModelArtifactError, OSError, KafkaException) as exc:
             log.error("catalog consumer for model %s cannot start: %s (retried on the next state change)", version, exc)
             await asyncio.sleep(5)
             return
-        consumer = AIOKafkaConsumer(
-            s.catalog_topic, **aiokafka_config(s), group_id=self.group(version), enable_auto_commit=False,
-            auto_offset_reset="earliest", max_partition_fetch_bytes=max_message_bytes(s),
-            fetch_max_bytes=max(max_message_bytes(s), 50 * 1024 * 1024),
-            session_timeout_ms=int(s.session_timeout_s * 1000), heartbeat_interval_ms=int(s.session_timeout_s * 250),
-        )
-        await consumer.start()
-        try:
-            wait_ms = max(s.catalog_batch_wait_ms, 1)
-            while True:
-                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=s.catalog_batch_max)
-                if not batch:
-                    continue
-                events = records_to_events(batch)
-                dead_letters = self.worker.models.serving == version
-                started = time.perf_counter()
-                vectors, dead = await self.worker.catalog_thread.run(
-                    self.worker.catalog_batch, events, version, dead_letters)
-                metrics.observe_batch("worker", "catalog", len(events), time.perf_counter() - started)
-                await produce_all(self.app, topic, [r for _, r in vectors], [p for p, _ in vectors])
-                await produce_all(self.app, s.deadletter_topic, dead)
-                try:
-                    await consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
-                except KafkaError as exc:  # partitions moved to another worker: it redoes the batch
-                    log.warning("commit for model %s failed (%s); the batch will be redone", version, exc)
-                log.debug("catalog batch for %s: %d events, %d vectors, %d dead letters", version, len(events),
-                          len(vectors), len(dead))
-        finally:
-            await consumer.stop()
 
+        async def embed(records: list[Record]) -> list[Output]:
+            dead_letters = self.models.serving == version
+            started = time.perf_counter()
+            vectors, dead = await self.embedding.catalog_thread.run(
+                self.embedding.catalog_batch, events_of(records), version, dead_letters)
+            metrics.observe_batch("worker", "catalog", len(records), time.perf_counter() - started)
+            return (outputs(topic, [r for _, r in vectors], [p for p, _ in vectors])
+                    + outputs(s.deadletter_topic, dead))
 
-def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
-    """The faust app: the query agent, the catalog consumers and the rollout-state poller."""
-    worker = EmbeddingWorker(settings, models)
-    app = faust_app(
-        settings,
-        settings.worker_group,
-        producer_max_request_size=max_message_bytes(settings),
-        consumer_max_fetch_size=max_message_bytes(settings),
-    )
-    queries_topic = app.topic(settings.queries_topic, key_type=bytes, value_type=bytes, allow_empty=True)
-    catalog = CatalogConsumers(app, worker)
+        def failed(record: Record, exc: Exception) -> list[Output]:
+            return [dead_letter(s.deadletter_topic, record, exc)] if self.models.serving == version else []
 
-    @app.task
-    async def follow_rollout() -> None:
+        await Loop(name=f"catalog-{version}", service="worker", sender=self.sender, handle=embed, on_error=failed,
+                   source=Source(s, group=self.group(version), name=f"catalog-{version}"), topics=[s.catalog_topic],
+                   batch_max=s.catalog_batch_max, batch_wait_s=max(s.catalog_batch_wait_ms, 1) / 1000).run()
+
+    def reconcile(self, versions: Sequence[str]) -> None:
+        for version in versions:
+            task = self.catalog_tasks.get(version)
+            if task is None or task.done():
+                task = asyncio.create_task(self.catalog_loop(version), name=f"catalog-{version}")
+                task.add_done_callback(self._catalog_done)
+                self.catalog_tasks[version] = task
+                log.info("catalog consumer for model %s: started (group %s)", version, self.group(version))
+        for version in [v for v in self.catalog_tasks if v not in versions]:
+            self.catalog_tasks.pop(version).cancel()
+            log.info("catalog consumer for model %s: stopped", version)
+
+    @staticmethod
+    def _catalog_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped: %r; restarted on the next rollout tick", task.get_name(), task.exception())
+
+    async def stop_catalog(self) -> None:
+        tasks = list(self.catalog_tasks.values())
+        self.catalog_tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- rollout and liveness -------------------------------------------------------
+    async def follow_rollout(self) -> None:
         """Read the rollout state; embed queries with the serving model and the catalog with
         every live one. When Redis is away, the last state known stays."""
+        s, models = self.settings, self.models
         loop = asyncio.get_running_loop()
-        client = rollout.redis_client(settings)
+        client = rollout.redis_client(s)
         try:
             while True:
                 try:
-                    state = await loop.run_in_executor(None, rollout.read_state, client, settings)
+                    state = await loop.run_in_executor(None, rollout.read_state, client, s)
                 except (redis.RedisError, OSError) as exc:
                     log.debug("rollout state unavailable: %s", exc)
                     state = None
@@ -324,34 +309,22 @@ def create_app(settings: WorkerSettings, models: ModelSet) -> faust.App:
                     log.info("rollout state: serving %s, building %s", state.serving, state.target)
                     models.state = state
                 elif state is None and models.state.serving is None:  # no state and no champion at start: look again
-                    models.state = RolloutState(serving=rollout.desired_version(settings))
-                catalog.reconcile(models.state.embedding())
+                    models.state = RolloutState(serving=rollout.desired_version(s))
+                self.reconcile(models.state.embedding())
                 models.forget([*models.state.embedding()])
-                await asyncio.sleep(settings.rollout_poll_s)
+                await asyncio.sleep(s.rollout_poll_s)
         finally:  # the worker stops: its catalog consumers leave their groups, so others take over at once
-            await catalog.stop()
+            await self.stop_catalog()
 
-    @app.agent(queries_topic, name="embed-queries")
-    async def embed_queries(stream: faust.Stream) -> None:
-        """Queries are read into micro-batches while the previous batch is embedded; a batch's
-        events are acked (so committed) only once the broker has its vectors and error replies."""
-        async def embed(events: list[EventT]) -> None:
-            started = time.perf_counter()
-            records, errors = await worker.query_thread.run(worker.query_batch, unpack(events))
-            metrics.observe_batch("worker", "query", len(events), time.perf_counter() - started)
-            await produce_all(app, settings.query_vectors_topic, records)
-            for reply_to, record in errors:
-                await produce_all(app, reply_to, [record])
-
-        await consume_in_batches(
-            stream, MicroBatches(settings.query_batch_max, settings.query_batch_wait_ms / 1000), embed)
-
-    @app.task
-    async def heartbeat() -> None:
+    async def heartbeat(self) -> None:
         while True:
-            beat(heartbeat_path(settings, "worker"), model_version=models.serving,
-                 catalog_models=sorted(catalog.tasks))
+            beat(heartbeat_path(self.settings, "worker"), model_version=self.models.serving,
+                 catalog_models=sorted(self.catalog_tasks))
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
-    app.lookalike_worker = worker  # type: ignore[attr-defined]
-    return app
+    async def run(self) -> None:
+        try:
+            await run_forever(self.query_loop().run(), self.follow_rollout(), self.heartbeat(),
+                              names=("queries", "rollout", "heartbeat"))
+        finally:
+            self.sender.close()

@@ -2,8 +2,8 @@
 
 ``parse_catalog`` / ``parse_query`` validate one message and decode its image;
 ``embed_catalog`` / ``embed_queries`` run a batch through the model; the ``*_record``
-functions build the outgoing records. The faust app (``workers.app``) only polls,
-batches, calls these, produces and lets faust commit.
+functions build the outgoing records. The loops (``workers.app``, on
+:mod:`lookalike.runtime`) only poll, batch, call these, produce and commit.
 """
 
 from __future__ import annotations

@@ -46,17 +46,16 @@ def wait_for(predicate, timeout_s: float, what: str, pipeline: Pipeline):  # typ
 
 
 def query_assignments(pipeline: Pipeline, name: str) -> list[str]:
-    """The assignments this worker logged in the queries group (faust's), each with what it
-    logged up to its next assignment. (Its catalog consumer groups log theirs too.)"""
+    """The assignments this worker logged in the queries group, in order (its catalog
+    consumer groups log theirs too: lookalike/runtime.py, ``Source.subscribe``)."""
     group = pipeline.env["LOOKALIKE_WORKER_GROUP"]
-    chunks = pipeline.log_text(name).split("Setting newly assigned partitions")[1:]
-    return [chunk for chunk in chunks if re.match(rf"[^\[]*?\+ for group {re.escape(group)}\s", chunk, re.S)]
+    return re.findall(rf"queries: assigned in group {re.escape(group)}: (.*)$", pipeline.log_text(name), re.M)
 
 
 def holds_query_partitions(pipeline: Pipeline, name: str) -> bool:
-    """Did the last queries-group assignment logged by this worker give it a partition, and is it ready?"""
+    """Did the last queries-group assignment logged by this worker give it a partition?"""
     chunks = query_assignments(pipeline, name)
-    return bool(chunks) and f"| {pipeline.settings.queries_topic} " in chunks[-1] and "Worker ready" in chunks[-1]
+    return bool(chunks) and f"{pipeline.settings.queries_topic}[" in chunks[-1]
 
 
 def publish_known_items(pipeline: Pipeline, count: int, first_seed: int) -> list[tuple[bytes, str]]:
@@ -103,8 +102,8 @@ def test_worker_killed_mid_batch_every_query_of_a_steady_stream_is_answered(
             chunks = query_assignments(pipeline, "worker-2")
             last = chunks[-1] if chunks else ""
             handed_over = len(chunks) > assignments_before
-            return time.monotonic() if handed_over and "Worker ready" in last and (
-                f"| {pipeline.settings.queries_topic} | {{0-1}}" in last) else None
+            topic = pipeline.settings.queries_topic
+            return time.monotonic() if handed_over and f"{topic}[0]" in last and f"{topic}[1]" in last else None
 
         took_over = wait_for(survivor_holds_both, 60, "the survivor taking the dead worker's partition", pipeline)
         report = stream.join()

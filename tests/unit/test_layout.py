@@ -59,3 +59,32 @@ def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     (tmp_path / "lookalike").mkdir()
     (tmp_path / "lookalike" / "bad.py").write_text("def f():\n    from workers.stages import decode\n")
     assert offenders(CORE, set(), tmp_path) == ["lookalike/bad.py: workers.stages"]
+
+
+CONSUMER_FACTORIES = {"Consumer", "DeserializingConsumer", "AIOKafkaConsumer", "AIOConsumer", "App", "faust_app"}
+
+
+def consumers_built(package: str, root: Path = REPO) -> list[str]:
+    """Calls in ``package`` that construct a Kafka consumer (or a faust app, which owns one)."""
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                if name in CONSUMER_FACTORIES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {name}(...)")
+    return found
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_services_consume_only_through_the_runtime(service: str) -> None:
+    """Every service's loop runs on lookalike.runtime; none builds a consumer of its own."""
+    assert consumers_built(service) == []
+
+
+def test_the_consumer_check_sees_one(tmp_path: Path) -> None:
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "workers" / "loop.py").write_text(
+        "from confluent_kafka import Consumer\n\ndef f(config):\n    return Consumer(config)\n")
+    assert consumers_built("workers", tmp_path) == ["workers/loop.py:4: Consumer(...)"]
