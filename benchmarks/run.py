@@ -88,8 +88,8 @@ def indexer_reach(settings: ClientSettings, group: str) -> dict[int, int]:
 
     reach: dict[int, int] = {}
     for status in indexer_status(settings, group):
-        for p, o in json.loads(status.get("catalog_position") or "{}").items():
-            reach[int(p)] = max(o, reach.get(int(p), 0))
+        for p, o in status.catalog_position.items():
+            reach[p] = max(o, reach.get(p, 0))
     return reach
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from lookalike.settings import default_data
@@ -96,13 +97,31 @@ def _status(args: argparse.Namespace) -> int:
     from lookalike.settings import CommonSettings
     from lookalike.status import indexer_status
 
-    for status in indexer_status():
-        print(json.dumps(status))
+    statuses = indexer_status()
     settings = CommonSettings()
     client = rollout.redis_client(settings)
     state = rollout.read_state(client, settings)
-    print(json.dumps({"rollout": state.to_redis() if state else None,
-                      "events": rollout.read_events(client, settings, count=5)}))
+    events = rollout.read_events(client, settings, count=5)
+    if args.json:
+        print(json.dumps({"indexers": [s.model_dump(mode="json") for s in statuses],
+                          "rollout": state.to_redis() if state else None, "events": events}, indent=2))
+        return 0
+    if not statuses:
+        print("no indexer is reporting (is `lookalike services up` running?)")
+    rows = [("instance", "shard", "model", "items", "caught up", "catalog position", "snapshot", "age")]
+    for s in statuses:
+        position = " ".join(f"{p}:{o}" for p, o in sorted(s.catalog_position.items())) or "-"
+        snapshot = f"{s.snapshot_items} items, {time.time() - s.snapshot_at:.0f}s ago" if s.snapshot else "none"
+        rows.append((s.instance, s.shard, s.model_version or "-", str(s.items), "yes" if s.caught_up else "no",
+                     position, snapshot, f"{time.time() - s.updated_at:.1f}s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if state is not None:
+        building = f", building {state.target}" if state.target else ""
+        print(f"\nrollout: serving {state.serving}{building}; previous {state.previous or '-'}")
+    for event in events:
+        print(f"  {event}")
     return 0
 
 
@@ -275,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_query)
 
-    p = sub.add_parser("status", help="what the indexers report")
+    p = sub.add_parser("status", help="what the indexers report, and the rollout state")
+    p.add_argument("--json", action="store_true", help="the typed status records as JSON")
     p.set_defaults(func=_status)
 
     p = sub.add_parser("health", help="exit 0 when the service's heartbeat is fresh (container healthchecks)")

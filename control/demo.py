@@ -77,8 +77,8 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     indexer = services.daemon("indexer")
     status = wait_for_index(len(catalog), timeout_s=900, settings=settings, check=lambda: indexer_alive(indexer))
     took = time.monotonic() - started
-    print(f"   indexed {status['items']} items in {took:.1f}s ({len(catalog) / took:.0f} items/s), "
-          f"model {status['model_version']}")
+    print(f"   indexed {status.items} items in {took:.1f}s ({len(catalog) / took:.0f} items/s), "
+          f"model {status.model_version}")
 
     print(f"== queries: {len(held_out)} shopper photos of products the index has never seen")
     rows: list[tuple[Image.Image | None, dict[str, Any]]] = []

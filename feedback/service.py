@@ -57,7 +57,7 @@ class Aggregator:
     def catalog_items(self) -> int | None:
         """The catalog's size: the largest item count a live indexer reports."""
         try:
-            counts = [s["items"] for s in indexer_status(self.settings, self.settings.indexer_group)]
+            counts = [s.items for s in indexer_status(self.settings, self.settings.indexer_group)]
         except redis.RedisError:
             return None
         return max(counts) if counts else None

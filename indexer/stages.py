@@ -12,7 +12,7 @@ import numpy as np
 
 from indexer.index import Delete, Mutation, Upsert, VectorIndex
 from lookalike import contracts as c
-from lookalike.errors import InvalidMessage, ModelMismatch
+from lookalike.errors import ErrorCode, InvalidMessage, ModelMismatch
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def parse_vector_record(key: bytes | None, value: bytes | None, headers: Mapping
     try:
         dim = int(headers.get(c.H_VECTOR_DIM, b"").decode("ascii"))
     except ValueError as exc:
-        raise InvalidMessage("vector-dim header is missing or not an integer", code="bad_header") from exc
+        raise InvalidMessage("vector-dim header is missing or not an integer", code=ErrorCode.BAD_HEADER) from exc
     vector = c.decode_vector(value, dim)
     metadata = c.decode_metadata(headers.get(c.H_METADATA))
     return VectorEvent(Upsert(item_id, vector, metadata), model_version, dim, source)
@@ -70,12 +70,12 @@ def parse_query_vector(
         ts = int(headers[c.H_QUERY_TS].decode("ascii")) if c.H_QUERY_TS in headers else None
         timings = json.loads(headers.get(c.H_TIMINGS, b"{}").decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidMessage(f"malformed query-vector headers: {exc}", code="bad_header") from exc
+        raise InvalidMessage(f"malformed query-vector headers: {exc}", code=ErrorCode.BAD_HEADER) from exc
     item_id = headers[c.H_ITEM_ID].decode("utf-8", "replace") if c.H_ITEM_ID in headers else None
     vector = None
     if item_id is None:
         if value is None or dim is None:
-            raise InvalidMessage("query vector is missing", code="bad_vector")
+            raise InvalidMessage("query vector is missing", code=ErrorCode.BAD_VECTOR)
         vector = c.decode_vector(value, dim)
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
     min_position = c.parse_position(headers[c.H_MIN_POSITION]) if c.H_MIN_POSITION in headers else None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.errors import BadHeader, BadKey, InvalidMessage, MessageTooLarge
+from lookalike.errors import BadHeader, BadKey, ErrorCode, InvalidMessage, MessageTooLarge
 
 # Header names. Kafka headers are (str, bytes) pairs; values are UTF-8 text.
 H_METADATA = "metadata"
@@ -224,7 +224,7 @@ def encode_vector(vector: np.ndarray) -> bytes:
 def decode_vector(raw: bytes, dim: int) -> np.ndarray:
     """Inverse of :func:`encode_vector`; checks the length against ``dim``."""
     if len(raw) != dim * 4:
-        raise InvalidMessage(f"vector is {len(raw)} bytes, expected {dim * 4} for dim {dim}", code="bad_vector")
+        raise InvalidMessage(f"vector is {len(raw)} bytes, expected {dim * 4} for dim {dim}", code=ErrorCode.BAD_VECTOR)
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 

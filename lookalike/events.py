@@ -19,7 +19,7 @@ from typing import Any, Literal
 import jsonschema
 
 from lookalike import contracts as c
-from lookalike.errors import InvalidMessage
+from lookalike.errors import ErrorCode, InvalidMessage
 
 FeedbackKind = Literal["impression", "click", "add_to_cart", "purchase", "dismiss"]
 FEEDBACK_EVENTS: tuple[FeedbackKind, ...] = ("impression", "click", "add_to_cart", "purchase", "dismiss")
@@ -27,7 +27,7 @@ TRIGGER_REASONS = ("feedback_volume", "metric_drop", "catalog_growth", "query_dr
 MAX_FEEDBACK_BYTES = 16 * 1024
 
 # Error codes of refused feedback (dead-letter header ``error-code``).
-BAD_FEEDBACK = "bad_feedback"  # not UTF-8 JSON, or not what the schema allows
+BAD_FEEDBACK = ErrorCode.BAD_FEEDBACK
 # a missing or malformed key is ``bad_key``, as everywhere; too large is ``too_large``
 
 
@@ -89,7 +89,7 @@ def parse_feedback(key: bytes | None, value: bytes | None) -> FeedbackEvent:
     if value is None:
         raise InvalidMessage("feedback value is missing (null)", code=BAD_FEEDBACK)
     if len(value) > MAX_FEEDBACK_BYTES:
-        raise InvalidMessage(f"feedback is {len(value)} bytes, the limit is {MAX_FEEDBACK_BYTES}", code="too_large")
+        raise InvalidMessage(f"feedback is {len(value)} bytes, the limit is {MAX_FEEDBACK_BYTES}", code=ErrorCode.TOO_LARGE)
     try:
         doc = json.loads(value.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

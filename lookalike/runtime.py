@@ -44,6 +44,7 @@ from lookalike import contracts as c
 from lookalike import metrics
 from lookalike.batching import MicroBatches
 from lookalike.clients import confluent_config, max_message_bytes, producer_config
+from lookalike.errors import ErrorCode, code_of
 from lookalike.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ class SendFailed(Exception):
         self.output = output
         self.error = error
         self.permanent = permanent
-        self.code = "too_large" if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE \
-            else "send_failed"
+        too_large = isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+        self.code = ErrorCode.TOO_LARGE if too_large else ErrorCode.INTERNAL
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,8 +367,8 @@ def nothing_on_error(record: Record, exc: Exception) -> list[Output]:
 def dead_letter(topic: str, record: Record, exc: Exception) -> Output:
     """``record`` as it came, with why it was refused and where it came from (the dead-letter
     contract of docs/contracts.md). A ``too_large`` one keeps neither value nor headers."""
-    code = getattr(exc, "code", None) or "internal"
-    if code == "too_large":
+    code = code_of(exc)
+    if code == ErrorCode.TOO_LARGE:
         headers = [(c.H_ORIGINAL_VALUE_BYTES, str(len(record.value or b"")).encode())]
         value = None
     else:
@@ -487,7 +488,7 @@ class Loop:
 
     def _isolate(self, record: Record, exc: Exception) -> list[Output]:
         self.isolated += 1
-        code = getattr(exc, "code", None) or "internal"
+        code = code_of(exc)
         metrics.observe_error(self.service, code)
         log.error("%s: record %s failed (%s: %s); answered and skipped", self.name, record.where(),
                   type(exc).__name__, exc, exc_info=not hasattr(exc, "code"),

@@ -1,69 +1,144 @@
-"""What the indexers publish about themselves in Redis, and how to read and wait on it.
+"""What the indexers publish about themselves in Redis, as one typed record, and how to
+read and wait on it.
 
-The indexer writes one hash per instance under ``lookalike:indexer:{group}:{instance}``;
-every reader (CLI, trainer, aggregator, tests, benchmarks) reads it through this module.
+Each indexer instance writes an :class:`IndexerStatus` as a hash under
+``lookalike:indexer:{group}:{instance}`` (``STATUS_KEY``), refreshed every few seconds and
+expiring when the instance stops. The hash layout is the wire form (strings, JSON for the
+maps); every reader (CLI, trainer, aggregator, rollout, tests, benchmarks) gets the model.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
+from pydantic import BaseModel, ConfigDict, Field
 
 from lookalike.clients import redis_client
 from lookalike.errors import StackError
 from lookalike.settings import CommonSettings, IndexerSettings
 
+STATUS_KEY = "lookalike:indexer:{group}:{instance}"
+STATUS_TTL_S = 15
+JSON_FIELDS = ("position", "catalog_position", "versions", "ready_versions")  # stored as JSON text
 
-def indexer_status(settings: CommonSettings | None = None, group: str | None = None) -> list[dict[str, Any]]:
+
+def status_key(group: str, instance: str) -> str:
+    """The key of one instance's status (``instance="*"``: the pattern of the group's)."""
+    return STATUS_KEY.format(group=group, instance=instance)
+
+
+class VersionFacts(BaseModel):
+    """One live model version's index on an instance."""
+
+    model_config = ConfigDict(frozen=True)
+
+    items: int = 0
+    index_version: str = ""
+    caught_up: bool = False
+    catalog_position: dict[int, int] = Field(default_factory=dict)
+    snapshot_items: int = 0
+
+
+class IndexerStatus(BaseModel):
+    """An indexer instance's figures: the serving index's at the top level, every live
+    version's under ``versions``, and which versions it has caught up on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance: str
+    shard: str = "0/1"  # "i/N"
+    items: int = 0
+    model_version: str = ""
+    target_version: str = ""
+    index_version: str = ""
+    position: dict[int, int] = Field(default_factory=dict)  # vector-topic offsets applied
+    catalog_position: dict[int, int] = Field(default_factory=dict)  # catalog offsets reflected
+    snapshot: str = ""
+    snapshot_at: float = 0.0
+    snapshot_items: int = 0
+    caught_up: bool = False
+    skipped: int = 0
+    versions: dict[str, VersionFacts] = Field(default_factory=dict)
+    ready_versions: list[str] = Field(default_factory=list)
+    updated_at: float = 0.0
+    items_digest: str | None = None  # with LOOKALIKE_STATUS_DIGEST (tests)
+
+    def to_redis(self) -> dict[str, str]:
+        """The hash as stored: numbers as text, ``caught_up`` as "1"/"0", maps as JSON."""
+        doc = self.model_dump(mode="json", exclude_none=True)
+        out = {}
+        for name, value in doc.items():
+            if name in JSON_FIELDS:
+                out[name] = json.dumps(value, sort_keys=True)
+            elif isinstance(value, bool):
+                out[name] = "1" if value else "0"
+            elif isinstance(value, float):
+                out[name] = f"{value:.3f}"
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[str, str]) -> IndexerStatus:
+        doc: dict[str, Any] = dict(raw)
+        for name in JSON_FIELDS:
+            if name in doc:
+                doc[name] = json.loads(doc[name] or "null") or None
+                if doc[name] is None:
+                    del doc[name]
+        if "caught_up" in doc:
+            doc["caught_up"] = doc["caught_up"] == "1"
+        return cls.model_validate(doc)
+
+    @property
+    def shards(self) -> int:
+        return int(self.shard.partition("/")[2] or 1)
+
+
+def indexer_status(settings: CommonSettings | None = None, group: str | None = None) -> list[IndexerStatus]:
     """What each live indexer instance last published in Redis."""
     settings = settings or IndexerSettings()
     group = group or IndexerSettings().indexer_group
     client = redis_client(settings, socket_timeout=2, decode_responses=True)
     out = []
-    for key in sorted(client.scan_iter(f"lookalike:indexer:{group}:*")):
+    for key in sorted(client.scan_iter(status_key(group, "*"))):
         raw = client.hgetall(key)
         if raw:
-            raw["items"] = int(raw.get("items", 0))
-            raw["position"] = json.loads(raw.get("position") or "{}")
-            out.append(raw)
+            out.append(IndexerStatus.from_redis(raw))
     return out
 
 
-def whole_index(statuses: list[dict[str, Any]]) -> dict[str, Any] | None:
+def whole_index(statuses: list[IndexerStatus]) -> IndexerStatus | None:
     """The largest caught-up index among the statuses; with index shards, the sum of one
     caught-up instance per shard (None until every shard has one)."""
-    best: dict[str, dict[str, Any]] = {}
+    best: dict[str, IndexerStatus] = {}
     for status in statuses:
-        shard = status.get("shard") or "0/1"
-        if status.get("caught_up") == "1" and status["items"] >= best.get(shard, {"items": -1})["items"]:
-            best[shard] = status
+        if status.caught_up and (status.shard not in best or status.items >= best[status.shard].items):
+            best[status.shard] = status
     if not best:
         return None
-    shards = int(next(iter(best)).partition("/")[2] or 1)
-    if len(best) < shards:
+    if len(best) < next(iter(best.values())).shards:
         return None
-    whole = dict(best[min(best)])
-    whole["items"] = sum(s["items"] for s in best.values())
-    return whole
+    return best[min(best)].model_copy(update={"items": sum(s.items for s in best.values())})
 
 
 def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None = None,
-                   group: str | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
+                   group: str | None = None, check: Callable[[], None] | None = None) -> IndexerStatus:
     """Block until the indexers report at least ``count`` items and are caught up (with index
     shards: every shard caught up and ``count`` items in all)."""
     deadline = time.monotonic() + timeout_s
-    last: list[dict[str, Any]] = []
+    last: list[IndexerStatus] = []
     while time.monotonic() < deadline:
         try:
             last = indexer_status(settings, group)
         except redis.RedisError:
             last = []
         whole = whole_index(last)
-        if whole is not None and whole["items"] >= count:
+        if whole is not None and whole.items >= count:
             return whole
         if check is not None:
             check()  # e.g. the caller's 'is the indexer process still alive', raising if not

@@ -115,3 +115,24 @@ def ensure_vectors_topic(settings: CommonSettings, version: str, timeout_s: floa
             f"{len(catalog.partitions)}: add partitions to it"
         )
     return spec.name
+
+
+def naming_env(prefix: str) -> dict[str, str]:
+    """Every topic, reply prefix and consumer-group name any service reads, as
+    ``LOOKALIKE_*`` variables under ``prefix``: a test (or a second pipeline on one cluster)
+    gets a set of its own. The list is the settings classes' own fields, so a topic added
+    to the settings is covered without anyone remembering it here."""
+    from lookalike import settings as s
+
+    fields: dict[str, object] = {}
+    for cls in (s.CommonSettings, s.WorkerSettings, s.IndexerSettings, s.ClientSettings, s.FeedbackSettings,
+                s.TrainerSettings):
+        fields.update({name: f.default for name, f in cls.model_fields.items()})
+    env = {}
+    for name, default in sorted(fields.items()):
+        if name.endswith("_topic"):
+            env[name] = f"{prefix}.{str(default).removeprefix('lookalike.')}"
+        elif name.endswith("_group"):
+            env[name] = f"{prefix}-{str(default).removeprefix('lookalike-')}"
+    env["reply_topic_prefix"] = f"{prefix}."
+    return {f"LOOKALIKE_{name.upper()}": value for name, value in env.items()}

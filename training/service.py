@@ -111,7 +111,7 @@ class Trainer:
 
     def catalog_items(self) -> int | None:
         with contextlib.suppress(Exception):
-            counts = [s["items"] for s in indexer_status(self.settings, self.settings.indexer_group)]
+            counts = [s.items for s in indexer_status(self.settings, self.settings.indexer_group)]
             return max(counts) if counts else None
         return None
 

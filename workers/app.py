@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient
 from lookalike import metrics, rollout
 from lookalike.clients import confluent_config
 from lookalike.embedder import Embedder
-from lookalike.errors import BadHeader, InvalidMessage, ModelArtifactError
+from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelArtifactError, code_of
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.rollout import RolloutState
 from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
@@ -180,7 +180,7 @@ class EmbeddingWorker:
                 errors.append((reply_to, stages.error_reply_record(rejected, version)))
         if queries and embedder is None:
             for query in queries:
-                exc = InvalidMessage(f"no model to embed with (serving: {version}): train or fetch one", code="not_ready")
+                exc = InvalidMessage(f"no model to embed with (serving: {version}): train or fetch one", code=ErrorCode.NOT_READY)
                 rejected = Rejected(query.request_key, None, {}, exc, query.source)
                 errors.append((query.options.reply_to, stages.error_reply_record(rejected, None)))
             return [], errors
@@ -219,8 +219,8 @@ class Worker:
     def query_failed(self, record: Record, exc: Exception) -> list[Output]:
         """A query the stage failed on (a bug, or its reply refused by the broker) still gets
         an error reply, at its reply-to if that one is valid."""
-        error = exc if isinstance(exc, InvalidMessage) else InvalidMessage(
-            f"{type(exc).__name__}: {exc}"[:500], code=getattr(exc, "code", None) or "internal")
+        error = exc if isinstance(exc, InvalidMessage) else InvalidMessage(f"{type(exc).__name__}: {exc}"[:500],
+                                                                           code=code_of(exc))
         rejected = Rejected(record.key, record.value, record.headers, error,
                             Origin(record.topic, record.partition, record.offset, record.timestamp_ms))
         reply_to = stages.reply_destination(record.headers, self.settings)

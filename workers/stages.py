@@ -19,7 +19,7 @@ from PIL import Image
 
 from lookalike import contracts as c
 from lookalike.embedder import Embedder
-from lookalike.errors import InvalidMessage
+from lookalike.errors import ErrorCode, InvalidMessage
 from lookalike.imaging import decode_image
 from lookalike.settings import CommonSettings
 
@@ -84,7 +84,7 @@ def refusing_unexpected(parse):  # type: ignore[no-untyped-def]
             raise
         except Exception as exc:
             log.exception("unexpected failure while validating a message")
-            raise InvalidMessage(f"{type(exc).__name__}: {exc}", code="internal") from exc
+            raise InvalidMessage(f"{type(exc).__name__}: {exc}", code=ErrorCode.INTERNAL) from exc
 
     return guarded
 
@@ -129,7 +129,7 @@ def parse_query(
     image = None
     if options.item_id is None:
         if value is None:
-            raise InvalidMessage("query has no image and no item-id header", code="bad_image")
+            raise InvalidMessage("query has no image and no item-id header", code=ErrorCode.BAD_IMAGE)
         image = decode_image(value, max_bytes=settings.max_query_image_bytes, max_pixels=settings.max_image_pixels)
     timings = {"decode": (time.perf_counter() - started) * 1000}
     if source.timestamp_ms is not None:

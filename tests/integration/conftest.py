@@ -18,7 +18,7 @@ from lookalike.artifacts import ModelCard
 from lookalike.errors import ReplyTimeout
 from lookalike.settings import ClientSettings
 from lookalike.status import indexer_status, wait_for_index
-from lookalike.topics import ensure_topics
+from lookalike.topics import ensure_topics, naming_env
 from producers.catalog_feed import CatalogFeed
 from producers.query_client import QueryClient
 from tests.conftest import Cluster
@@ -71,7 +71,7 @@ class Pipeline:
         """What the running indexer process (not an earlier, killed one) last published."""
         pid = self.procs[name].pid
         for status in indexer_status(self.settings, self.env["LOOKALIKE_INDEXER_GROUP"]):
-            if status["instance"].endswith(f"-{pid}"):
+            if status.instance.endswith(f"-{pid}"):
                 return status
         return None
 
@@ -94,21 +94,9 @@ def wait_status(pipeline: Pipeline, predicate, timeout_s: float, what: str,  # t
 
 
 def topic_env(prefix: str) -> dict[str, str]:
+    """This test's own topics and groups (every one the services read: lookalike.topics.naming_env)."""
     return {
-        "LOOKALIKE_CATALOG_TOPIC": f"{prefix}.catalog",
-        "LOOKALIKE_QUERIES_TOPIC": f"{prefix}.queries",
-        "LOOKALIKE_REPLIES_TOPIC": f"{prefix}.replies",
-        "LOOKALIKE_DEADLETTER_TOPIC": f"{prefix}.deadletter",
-        "LOOKALIKE_CATALOG_VECTORS_TOPIC": f"{prefix}.catalog.vectors",
-        "LOOKALIKE_QUERY_VECTORS_TOPIC": f"{prefix}.queries.vectors",
-        "LOOKALIKE_REPLY_TOPIC_PREFIX": f"{prefix}.",
-        "LOOKALIKE_WORKER_GROUP": f"{prefix}-worker",
-        "LOOKALIKE_INDEXER_GROUP": f"{prefix}-indexer",
-        "LOOKALIKE_FEEDBACK_TOPIC": f"{prefix}.feedback",
-        "LOOKALIKE_TRIGGERS_TOPIC": f"{prefix}.triggers",
-        "LOOKALIKE_MODELS_TOPIC": f"{prefix}.models",
-        "LOOKALIKE_FEEDBACK_GROUP": f"{prefix}-feedback",
-        "LOOKALIKE_TRAINER_GROUP": f"{prefix}-trainer",
+        **naming_env(prefix),
         "LOOKALIKE_PARTITIONS": "2",
         # Tests run side by side on one host: no metrics endpoints unless a test asks for one.
         "LOOKALIKE_WORKER_METRICS_PORT": "0",

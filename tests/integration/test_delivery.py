@@ -190,10 +190,10 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
         while time.monotonic() < deadline:
             assert all(p.poll() is None for p in pipeline.procs.values()), pipeline.logs_tail()
             status = pipeline.status()
-            if status and status.get("items_digest") == digest(expected):
+            if status and status.items_digest == digest(expected):
                 break
             time.sleep(0.5)
-        assert status and status.get("items_digest") == digest(expected), (
+        assert status and status.items_digest == digest(expected), (
             f"index holds {status and status['items']} items, expected {len(expected)}\n{pipeline.logs_tail()}")
         with pipeline.client() as client:
             for item_id in random.Random(5).sample(sorted(items), 10):

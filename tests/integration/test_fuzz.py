@@ -566,10 +566,10 @@ def test_fuzzed_hostile_messages_never_crash_the_services(fuzzing: Fuzzing) -> N
     status = None
     while time.monotonic() < deadline:
         status = fuzz.pipeline.status()
-        if status and status.get("items_digest") == digest:
+        if status and status.items_digest == digest:
             break
         time.sleep(0.3)
-    assert status and status.get("items_digest") == digest, (len(expected_ids), status)
+    assert status and status.items_digest == digest, (len(expected_ids), status)
 
     t = fuzz.tally
     crashes = sum(proc.poll() is not None for proc in fuzz.pipeline.procs.values())  # services that exited

@@ -41,7 +41,7 @@ def small_image(seed: int) -> bytes:
 def snapshot_store(pipeline: Pipeline, cluster_redis: str, version: str | None = None) -> SnapshotStore:
     """The snapshots of the serving model's index (or of ``version``'s)."""
     client = redis.Redis.from_url(cluster_redis)
-    version = version or pipeline.status()["model_version"]
+    version = version or pipeline.status().model_version
     return SnapshotStore(client, f"lookalike:snapshots:{pipeline.env['LOOKALIKE_INDEXER_GROUP']}:{version}")
 
 
@@ -115,10 +115,10 @@ def test_kill_9_at_random_moments_recovers_the_exact_catalog(snapshotting: Pipel
         publisher.join()
 
     status = wait_status(
-        pipeline, lambda s: s["caught_up"] == "1" and s.get("items_digest") == digest(set(latest)), 120,
+        pipeline, lambda s: s.caught_up and s.items_digest == digest(set(latest)), 120,
         "the restarted indexer serving exactly the catalog",
     )
-    assert status["items"] == len(latest)
+    assert status.items == len(latest)
     assert kills["random"] == 3
     assert kills["mid_snapshot"] >= 1, "no kill landed during a snapshot write"
     log = pipeline.log_text("indexer")
@@ -145,7 +145,7 @@ def test_corrupted_chunk_is_refused_and_recovery_is_still_exact(snapshotting: Pi
         feed.publish(f"k{i}", small_image(50_000 + i), {})
         latest.add(f"k{i}")
     feed.flush()
-    wait_status(pipeline, lambda s: s["snapshot_items"] == str(len(latest)) and s.get("items_digest") == digest(latest),
+    wait_status(pipeline, lambda s: s.snapshot_items == len(latest) and s.items_digest == digest(latest),
                 60, "a snapshot of every item")
     store = snapshot_store(pipeline, cluster.redis_url)
     for snapshot_id in store.history():  # every snapshot is broken: recovery must replay the catalog
@@ -154,7 +154,7 @@ def test_corrupted_chunk_is_refused_and_recovery_is_still_exact(snapshotting: Pi
             store.read(snapshot_id)
     pipeline.kill("indexer")
     pipeline.start("indexer")
-    wait_status(pipeline, lambda s: s["caught_up"] == "1" and s.get("items_digest") == digest(latest), 60,
+    wait_status(pipeline, lambda s: s.caught_up and s.items_digest == digest(latest), 60,
                 "recovery from the catalog")
     log = pipeline.log_text("indexer")
     assert "fails its checksum" in log and "full replay" in log
@@ -177,7 +177,7 @@ def test_redis_away_30s_queries_go_on_and_snapshots_resume(cluster: Cluster, tin
         for i in range(50):
             feed.publish(f"r{i}", small_image(70_000 + i), {})
         feed.flush()
-        before = wait_status(pipeline, lambda s: s["snapshot_items"] == "51", 60, "a snapshot of 51 items")["snapshot"]
+        before = wait_status(pipeline, lambda s: s.snapshot_items == 51, 60, "a snapshot of 51 items").snapshot
 
         private.down()  # Redis away for 30 s, a steady stream of queries all along
         away_since = time.monotonic()
@@ -204,11 +204,11 @@ def test_redis_away_30s_queries_go_on_and_snapshots_resume(cluster: Cluster, tin
         assert "cannot publish status to Redis" in pipeline.log_text("indexer")
 
         private.up()  # back, empty (no persistence): the next snapshot lands there
-        status = wait_status(pipeline, lambda s: s["snapshot"] != before and s["snapshot_items"] == "71", 60,
+        status = wait_status(pipeline, lambda s: s.snapshot != before and s.snapshot_items == 71, 60,
                              "snapshots resuming")
         pipeline.kill("indexer")
         pipeline.start("indexer")
-        wait_status(pipeline, lambda s: s["caught_up"] == "1" and s["items"] == 71, 60, "recovery after Redis returned")
+        wait_status(pipeline, lambda s: s.caught_up and s.items == 71, 60, "recovery after Redis returned")
         assert f"restored snapshot {status['snapshot']}" in pipeline.log_text("indexer")
     finally:
         stop_pipeline(pipeline)
@@ -223,16 +223,16 @@ def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline, cluster: C
     for i in range(20):
         feed.publish(f"m{i}", small_image(90_000 + i), {})
     feed.flush()
-    wait_status(pipeline, lambda s: s["snapshot_items"] == "21", 60, "a snapshot of every item")
-    version = pipeline.status()["model_version"]
+    wait_status(pipeline, lambda s: s.snapshot_items == 21, 60, "a snapshot of every item")
+    version = pipeline.status().model_version
     pipeline.kill("indexer")
     store = snapshot_store(pipeline, cluster.redis_url, version)
     genuine = store.read(store.current())
     facts = {k: v for k, v in genuine.manifest.items() if k not in ("format", "id", "created_at", "index", "items")}
     forged = store.write(genuine.index_bytes, genuine.items_bytes, {**facts, "model_version": "20990101T000000Z-00000000"})
     pipeline.start("indexer")
-    status = wait_status(pipeline, lambda s: s["caught_up"] == "1" and s["items"] == 21, 60, "recovery")
+    status = wait_status(pipeline, lambda s: s.caught_up and s.items == 21, 60, "recovery")
     log = pipeline.log_text("indexer")
     assert f"snapshot {forged['id']} refused" in log and f"this index is for {version}" in log
     assert f"restored snapshot {genuine.manifest['id']}" in log
-    assert status["model_version"] == version
+    assert status.model_version == version

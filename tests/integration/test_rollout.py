@@ -9,7 +9,6 @@ index of the model that embedded it.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -116,7 +115,7 @@ def test_gate_then_blue_green_switch_and_rollback(running: Pipeline, models) -> 
     feed.flush()
     with running.client() as client:
         assert client.ask(images["item-000"], min_position=feed.positions, timeout_s=20)["status"] == "ok"
-    wait_status(running, lambda s: s["model_version"] == first.version and s["items"] == 41, 30, "the first index")
+    wait_status(running, lambda s: s.model_version == first.version and s.items == 41, 30, "the first index")
 
     stream = QueryStream(running, list(images.values()))
     stream.start()
@@ -128,13 +127,13 @@ def test_gate_then_blue_green_switch_and_rollback(running: Pipeline, models) -> 
         time.sleep(2)
         state = rollout.read_state(redis_client, running.settings)
         assert state is not None and state.serving == first.version and state.target is None
-        assert set(json.loads(running.status()["versions"])) == {first.version}
+        assert set(running.status().versions) == {first.version}
 
         # A better one is promoted: the catalog is re-embedded into its own index, then one switch.
         accepted = registry.propose(better.version)
         assert accepted.accepted, accepted.reason
-        status = wait_status(running, lambda s: s["model_version"] == better.version, 90, "the switch to the better model")
-        assert status["items"] == 41 and status["target_version"] == ""
+        status = wait_status(running, lambda s: s.model_version == better.version, 90, "the switch to the better model")
+        assert status.items == 41 and status.target_version == ""
         stream.wait_for_version(better.version, 30)
         with running.client() as client:
             for item_id in list(images)[:10]:
@@ -144,7 +143,7 @@ def test_gate_then_blue_green_switch_and_rollback(running: Pipeline, models) -> 
 
         # Rollback goes back the same way (the first model's topic and offsets are still there).
         registry.rollback()
-        wait_status(running, lambda s: s["model_version"] == first.version, 90, "the switch back")
+        wait_status(running, lambda s: s.model_version == first.version, 90, "the switch back")
         stream.wait_for_version(first.version, 30)
         # An item published after the rollback is served by the restored index.
         feed.publish("item-late", jpeg_bytes(seed=1000, size=(32, 32)), {"title": "late"})
@@ -234,8 +233,8 @@ def test_feedback_triggers_training_promotion_and_a_live_switch(
         assert decision["accepted"], decision
         challenger = decision["challenger"]
         assert decision["challenger_value"] >= decision["champion_value"] + decision["margin"]
-        status = wait_status(running, lambda s: s["model_version"] == challenger, 90, "the switch to the retrained model")
-        assert status["items"] == len(items) + 1  # and the warm-up item
+        status = wait_status(running, lambda s: s.model_version == challenger, 90, "the switch to the retrained model")
+        assert status.items == len(items) + 1  # and the warm-up item
         stream.wait_for_version(challenger, 30)
         assert store.card(challenger).training["feedback_pairs"]["used"] > 0  # it learned from the clicks
     finally:

@@ -58,7 +58,7 @@ def assignment(pipeline: Pipeline) -> dict[str, set[tuple[str, int]]]:
     admin = AdminClient(confluent_config(pipeline.settings))
     queries_group = pipeline.env["LOOKALIKE_WORKER_GROUP"]
     status = pipeline.status()
-    if not status or not status["model_version"]:
+    if not status or not status.model_version:
         return {}
     catalog_group = f"{queries_group}.catalog.{status['model_version']}"
     out: dict[str, set[tuple[str, int]]] = {}

@@ -271,7 +271,7 @@ def test_redis_needs_the_password_and_tls(secured: Secured) -> None:
     group = secured.pipeline.env["LOOKALIKE_INDEXER_GROUP"]
     # The indexer publishes its status and snapshots into the password-protected Redis.
     statuses = indexer_status(settings, group)
-    assert statuses and statuses[0]["caught_up"] == "1"
+    assert statuses and statuses[0].caught_up
     current = f"lookalike:snapshots:{group}:{statuses[0]['model_version']}:current"  # the serving model's snapshots
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not redis_client(settings).get(current):

@@ -11,7 +11,6 @@ after the deadline from the other shard's half alone, flagged ``partial``.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 import uuid
@@ -66,7 +65,7 @@ def ask_all(pipeline: Pipeline, queries: list[dict]) -> list[dict]:
 
 def start_shard(pipeline: Pipeline, shard: int) -> None:
     pipeline.start(f"shard-{shard}")
-    wait_status(pipeline, lambda s: s["caught_up"] == "1" and s.get("shard") == f"{shard}/2", 90,
+    wait_status(pipeline, lambda s: s.caught_up and s.shard == f"{shard}/2", 90,
                 f"shard {shard} caught up", name=f"shard-{shard}")
 
 
@@ -100,10 +99,10 @@ def test_two_shards_answer_exactly_as_one_index(single: Pipeline) -> None:
     start_shard(pipeline, 0)
     start_shard(pipeline, 1)
     halves = [pipeline.status(f"shard-{n}") for n in (0, 1)]
-    assert all(h is not None and 0 < h["items"] < ITEMS for h in halves), halves
+    assert all(h is not None and 0 < h.items < ITEMS for h in halves), halves
     whole = one[-1]["results"]
-    assert sum(h["items"] for h in halves) == len(whole) == ITEMS + 1  # type: ignore[index]  # + warm-up item
-    owned = [set(json.loads(h["catalog_position"])) for h in halves]  # type: ignore[index]
+    assert sum(h.items for h in halves) == len(whole) == ITEMS + 1  # type: ignore[index]  # + warm-up item
+    owned = [{str(p) for p in h.catalog_position} for h in halves]  # type: ignore[union-attr]
     assert owned == [{"0"}, {"1"}]
 
     two = ask_all(pipeline, queries)
@@ -120,7 +119,7 @@ def test_two_shards_answer_exactly_as_one_index(single: Pipeline) -> None:
     proc = pipeline.procs.pop("shard-1")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
-    shard0_items = halves[0]["items"]  # type: ignore[index]
+    shard0_items = halves[0].items  # type: ignore[index]
     with pipeline.client() as client:
         started = time.monotonic()
         late = client.ask(items[ids[20]], k=ITEMS + 5, timeout_s=30)

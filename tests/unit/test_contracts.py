@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import jsonschema
 import numpy as np
 import pytest
@@ -143,3 +145,25 @@ def test_topic_names() -> None:
     assert not c.valid_topic_name("..")
     assert not c.valid_topic_name("a" * 250)
     assert not c.valid_topic_name("é")
+
+
+def test_the_reply_schema_lists_exactly_the_error_codes() -> None:
+    """One list of codes: ErrorCode. The schema (what clients validate against) and the
+    contract document name the same ones."""
+    from lookalike.errors import NO_REPLY_CODES, ErrorCode
+
+    schema = c.schema("reply")
+    error = next(branch for branch in schema["properties"]["error"]["oneOf"] if branch["type"] == "object")
+    enum = error["properties"]["code"]["enum"]
+    assert sorted(enum) == sorted(code.value for code in ErrorCode if code not in NO_REPLY_CODES)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "contracts.md").read_text()
+    assert [code.value for code in ErrorCode if f"`{code.value}`" not in doc] == []
+
+
+def test_an_unknown_error_code_is_refused_where_it_is_raised() -> None:
+    from lookalike.errors import ErrorCode, InvalidMessage, code_of
+
+    with pytest.raises(ValueError):
+        InvalidMessage("x", code="no_such_code")
+    assert code_of(RecursionError("deep")) == ErrorCode.INTERNAL
+    assert code_of(InvalidMessage("x", code="not_ready")) == ErrorCode.NOT_READY

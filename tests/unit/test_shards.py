@@ -11,12 +11,13 @@ import pytest
 from pydantic import ValidationError
 
 from indexer.index import Upsert, VectorIndex
-from indexer.service import Indexer, VersionIndex
+from indexer.service import Indexer
 from indexer.shards import Gatherer, merge, own_position
+from indexer.versions import VersionIndex
 from lookalike import contracts as c
 from lookalike.rollout import RolloutState
 from lookalike.settings import IndexerSettings
-from lookalike.status import whole_index
+from lookalike.status import IndexerStatus, VersionFacts, whole_index
 
 DIM = 8
 
@@ -181,10 +182,21 @@ def test_what_a_shard_sends_for_each_kind_of_query() -> None:
 
 
 def test_whole_index_adds_up_one_caught_up_instance_per_shard() -> None:
-    def st(shard: str, items: int, caught_up: str = "1") -> dict:
-        return {"shard": shard, "items": items, "caught_up": caught_up, "instance": f"h-{shard}-{items}"}
+    def st(shard: str, items: int, caught_up: bool = True) -> IndexerStatus:
+        return IndexerStatus(shard=shard, items=items, caught_up=caught_up, instance=f"h-{shard}-{items}")
 
     assert whole_index([st("0/2", 10)]) is None  # shard 1 not there yet
-    assert whole_index([st("0/2", 10), st("1/2", 7, "0")]) is None
-    assert whole_index([st("0/2", 10), st("0/2", 12), st("1/2", 7)])["items"] == 19  # type: ignore[index]
-    assert whole_index([{"items": 5, "caught_up": "1"}])["items"] == 5  # type: ignore[index]
+    assert whole_index([st("0/2", 10), st("1/2", 7, False)]) is None
+    assert whole_index([st("0/2", 10), st("0/2", 12), st("1/2", 7)]).items == 19  # type: ignore[union-attr]
+    assert whole_index([IndexerStatus(instance="h", items=5, caught_up=True)]).items == 5  # type: ignore[union-attr]
+
+
+def test_the_status_record_round_trips_through_its_redis_form() -> None:
+    status = IndexerStatus(instance="h-1", shard="1/2", items=7, model_version="m", position={0: 5, 1: 3},
+                           catalog_position={1: 9}, caught_up=True, snapshot_at=12.5, ready_versions=["m"],
+                           versions={"m": VersionFacts(items=7, caught_up=True, catalog_position={1: 9})},
+                           updated_at=100.0)
+    raw = status.to_redis()
+    assert raw["caught_up"] == "1" and raw["items"] == "7" and json.loads(raw["position"]) == {"0": 5, "1": 3}
+    assert "items_digest" not in raw  # only written when asked for
+    assert IndexerStatus.from_redis(raw) == status
