@@ -61,7 +61,7 @@ def grants(service: Service, settings: CommonSettings, *, group: str | None = No
             Grant("topic", s.query_vectors_topic, "literal", "WRITE", "query vectors"),
             Grant("topic", s.deadletter_topic, "literal", "WRITE", "refused catalog records"),
             *replies("error replies to refused queries (reply-to topics)"),
-            Grant("group", group or "lookalike-worker", "prefixed", "READ", "its consumer group (faust app id)"),
+            Grant("group", group or "lookalike-worker", "prefixed", "READ", "its consumer groups"),
         ]
     if service == "indexer":
         return [
@@ -76,7 +76,7 @@ def grants(service: Service, settings: CommonSettings, *, group: str | None = No
             Grant("topic", s.partials_topic, "literal", "READ", "index shards: partial answers to merge"),
             Grant("topic", s.partials_topic, "literal", "WRITE", "index shards: this shard's partial answers"),
             *replies("replies (reply-to topics)"),
-            Grant("group", group or "lookalike-indexer", "prefixed", "READ", "its consumer group (faust app id)"),
+            Grant("group", group or "lookalike-indexer", "prefixed", "READ", "its consumer groups"),
         ]
     if service == "query-client":
         return [

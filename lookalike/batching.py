@@ -1,6 +1,7 @@
-"""Micro-batches for the query paths (worker and indexer): a batch leaves as soon as the taker is free.
+"""Micro-batches for the consumer runtime's loops: a batch leaves as soon as a handler is free.
 
-faust's ``take_events(max, within)`` wakes on a fixed ticker: a lone query waits up to
+A ticker-driven take (faust's ``take_events(max, within)``, which the services used before
+the runtime) wakes on a fixed ticker: a lone query waits up to
 ``within`` for the next tick, and queries that arrive while a batch is embedded are held
 back until it is done and a whole ``within`` has passed again. :class:`MicroBatches` has no
 ticker. The first item that arrives while nothing is pending is handed out at once (after
@@ -14,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -61,30 +61,3 @@ class MicroBatches(Generic[T]):
         batch = [self._items.popleft()[1] for _ in range(min(self.max_size, len(self._items)))]
         self._room.set()
         return batch
-
-
-async def consume_in_batches(stream: Any, batches: MicroBatches[Any],
-                             handle: Callable[[list[Any]], Awaitable[None]]) -> None:
-    """Run a faust agent's stream through ``batches``: events are read while the previous
-    batch is handled, and a batch's events are acked (so committed) only once
-    ``handle(events)`` has returned, i.e. after its effects. A failure in either side stops
-    both, as it stops the agent."""
-    events_in = stream.noack()
-
-    async def read() -> None:
-        async for event in events_in.events():
-            await batches.put(event)
-
-    async def answer() -> None:
-        while True:
-            events = await batches.get()
-            await handle(events)
-            for event in events:
-                await events_in.ack(event)
-
-    tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(answer())]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -63,7 +63,7 @@ Headers = Sequence[tuple[str, bytes | None]]
 
 
 def headers_to_dict(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes] | None) -> dict[str, bytes]:
-    """Normalise client header lists (or faust's mapping) to a dict; the last value wins."""
+    """Normalise client header lists (or a mapping) to a dict; the last value wins."""
     if not headers:
         return {}
     pairs = headers.items() if isinstance(headers, Mapping) else headers

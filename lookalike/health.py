@@ -1,6 +1,6 @@
 """Liveness for containers and daemons: services touch a heartbeat file, `lookalike health` checks it.
 
-A faust worker whose event loop is stuck stops touching the file, so the check catches
+A service whose event loop is stuck stops touching the file, so the check catches
 hangs as well as crashes; it is what docker compose's healthchecks run.
 """
 

@@ -42,22 +42,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def logging_config(log_format: str, service: str, level: str = "INFO") -> dict[str, Any] | None:
-    """A ``logging.config.dictConfig`` for faust's worker (it resets logging when it starts);
-    None for the text format, which keeps faust's own."""
-    if log_format != "json":
-        return None
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter, "service": service}},
-        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
-        "root": {"level": level, "handlers": ["default"]},
-    }
-
-
 def configure(log_format: str, service: str, level: int = logging.INFO) -> None:
-    """Logging before faust starts (and for anything that is not faust)."""
+    """Logging for a service process, set once at its start."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(service) if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -74,7 +74,7 @@ class CommonSettings(BaseSettings):
     reply_topic_prefix: str = "lookalike.replies"
 
     # How soon the group notices a member that died without leaving (kill -9, lost host) and
-    # hands its partitions to the others; faust's default is 60 s.
+    # hands its partitions to the others (Kafka's default is 45 s).
     session_timeout_s: float = Field(10.0, ge=6.0)
     home: Path = Field(default_factory=default_home)
     model_dir: Path | None = None
@@ -170,7 +170,7 @@ class IndexerSettings(CommonSettings):
 
     @property
     def query_group(self) -> str:
-        """The consumer group (faust app id) of this instance's query feed, and its snapshot
+        """The consumer group of this instance's query feed, and its snapshot
         namespace: each shard reads every query, so each shard has its own group."""
         return f"{self.indexer_group}.shard-{self.index_shard}" if self.sharded else self.indexer_group
 
@@ -195,7 +195,7 @@ class ClientSettings(CommonSettings):
 class FeedbackSettings(CommonSettings):
     """The feedback aggregator (``python -m feedback``): windows, the reply join, the trigger policy.
 
-    ``feedback_group`` is the faust app id and the Redis namespace the aggregator, the
+    ``feedback_group`` is the consumer group and the Redis namespace the aggregator, the
     trainer and ``lookalike metrics`` share. A trigger knob set to 0 turns that reason off.
     """
 

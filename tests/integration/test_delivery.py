@@ -20,6 +20,7 @@ from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, warm_up
 from tests.integration.steady import SteadyStream
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +34,6 @@ def small_image(seed: int) -> bytes:
 
 def digest(ids: set[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
-
-
-def wait_for(predicate, timeout_s: float, what: str, pipeline: Pipeline):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout_s}s\n{pipeline.logs_tail()}")
 
 
 def query_assignments(pipeline: Pipeline, name: str) -> list[str]:

@@ -38,22 +38,12 @@ from lookalike.topics import ensure_topics, ensure_vectors_topic, vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
 from tests.integration.conftest import topic_env
+from tests.waiting import wait_for
 from training.data import Split
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CATALOG_ITEMS = 50
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, logs: Path | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    tail = logs.read_text(errors="replace")[-4000:] if logs and logs.exists() else ""
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{tail}")
 
 
 def env_for(cluster: Cluster, prefix: str, workdir: Path, **extra: str) -> dict[str, str]:
@@ -192,7 +182,7 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
             agg.reply(request, model, items)
     agg.flush()
     wait_for(lambda: store.totals().get("replies") == 5 and store.r.hget(store.key("req", "r1"), "query_item")
-             and store.r.hget(store.key("req", "r5"), "query_item"), 60, "replies and query items", agg.log)
+             and store.r.hget(store.key("req", "r5"), "query_item"), 60, "replies and query items", logs=agg.log)
 
     fb = FeedbackProducer(s)
     now = int(time.time() * 1000)
@@ -212,10 +202,10 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     agg.flush()
     # r6's 6 impressions and 2 actions wait for its reply
     wait_for(lambda: store.totals().get("pending", 0) >= 8 and store.totals().get("invalid") == 3, 60,
-             "r6 feedback pending and invalid feedback counted", agg.log)
+             "r6 feedback pending and invalid feedback counted", logs=agg.log)
     agg.reply("r6", "mB", shown["r6"][1])
     agg.flush()
-    wait_for(lambda: store.totals().get("events") == 45, 60, "every valid event joined", agg.log)
+    wait_for(lambda: store.totals().get("events") == 45, 60, "every valid event joined", logs=agg.log)
     time.sleep(1.0)  # anything counted twice would show now
     assert agg.alive(), agg.log.read_text()[-3000:]
 
@@ -245,7 +235,7 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     assert samples.shape == (1, 8) and np.allclose(samples[0], image_vector)
 
     # drift: the one image query against the catalog sample (k2 was removed by its tombstone)
-    wait_for(lambda: len(store.catalog_sample("mB")) == 2, 30, "the catalog sample", agg.log)
+    wait_for(lambda: len(store.catalog_sample("mB")) == 2, 30, "the catalog sample", logs=agg.log)
     inputs = AggregatorService(s, store).policy_inputs(int(time.time() * 1000))
     mean = (catalog_vectors["k0"] + catalog_vectors["k1"]) / 2
     expected = 1 - float(image_vector @ mean) / (np.linalg.norm(image_vector) * np.linalg.norm(mean))
@@ -276,14 +266,14 @@ def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_facto
     for n in range(4):
         fb.emit("click", request_id="t1", item_id=f"i{n}", user_id="u", timestamp_ms=None)
     fb.flush()
-    wait_for(lambda: store.totals().get("labelled") == 4, 60, "4 clicks counted", agg.log)
+    wait_for(lambda: store.totals().get("labelled") == 4, 60, "4 clicks counted", logs=agg.log)
     # catalog growth alone is due already: the trigger carries it; now cross the feedback threshold too
     fb.emit("dismiss", request_id="t1", item_id="i4", user_id="u")
     fb.emit("click", request_id="t1", item_id="i4", user_id="u")
     fb.flush()
-    wait_for(lambda: store.totals().get("labelled") == 6, 60, "6 feedback events counted", agg.log)
+    wait_for(lambda: store.totals().get("labelled") == 6, 60, "6 feedback events counted", logs=agg.log)
     wait_for(lambda: store.totals().get("absorbed:trigger_pending", 0) >= 4, 60,
-             "several more evaluations with a trigger due", agg.log)
+             "several more evaluations with a trigger due", logs=agg.log)
     triggers = read_all(s, s.triggers_topic)
     assert len(triggers) == 1, [m.value() for m in triggers]
     doc = json.loads(triggers[0].value())
@@ -296,11 +286,11 @@ def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_facto
     # A trainer holding its lease: a training ends, the next due trigger is absorbed while it runs.
     assert store.acquire_lease("a-trainer", 30)
     store.record_training(outcome="refused", catalog_items=20, labelled=0)  # feedback 6 >= 5 again, growth again
-    wait_for(lambda: store.totals().get("absorbed:training_running", 0) >= 3, 60, "absorbed while training", agg.log)
+    wait_for(lambda: store.totals().get("absorbed:training_running", 0) >= 3, 60, "absorbed while training", logs=agg.log)
     assert len(read_all(s, s.triggers_topic, idle_s=1.0)) == 1
     store.release_lease("a-trainer")
     second = wait_for(lambda: [m for m in read_all(s, s.triggers_topic, idle_s=0.5) if m.key() != triggers[0].key()],
-                      60, "a trigger once the lease is released", agg.log)
+                      60, "a trigger once the lease is released", logs=agg.log)
     assert len(second) == 1 and json.loads(second[0].value())["generation"] == 1
     assert agg.alive()
 

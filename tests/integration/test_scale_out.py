@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from lookalike.clients import confluent_config
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import REPO, Pipeline, start_pipeline, stop_pipeline, warm_up
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def assignment(pipeline: Pipeline) -> dict[str, set[tuple[str, int]]]:
     """member -> the (topic, partition)s it holds, over the workers' two groups: queries (the
-    faust app's group) and the serving model version's catalog group (lookalike/rollout.py).
+    runtime's queries group) and the serving model version's catalog group (lookalike/rollout.py).
     Members are told apart by their client host and id prefix, the same in both groups."""
     admin = AdminClient(confluent_config(pipeline.settings))
     queries_group = pipeline.env["LOOKALIKE_WORKER_GROUP"]
@@ -68,18 +68,6 @@ def assignment(pipeline: Pipeline) -> dict[str, set[tuple[str, int]]]:
             held = {(tp.topic, tp.partition) for tp in (m.assignment.topic_partitions if m.assignment else [])}
             out.setdefault(f"{group}/{m.member_id}", set()).update(held)
     return out
-
-
-def wait_for(predicate, timeout_s: float, what: str, pipeline: Pipeline):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        assert pipeline.alive(), "a service died:\n" + pipeline.logs_tail()
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout_s}s (last: {last})\n{pipeline.logs_tail()}")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +112,7 @@ def test_two_workers_share_partitions_and_answer_correctly(two_workers) -> None:
                 return None
         return members
 
-    wait_for(shared, 60, "two members sharing every partition of catalog and of queries", pipeline)
+    wait_for(shared, 60, "two members sharing every partition of catalog and of queries", pipeline, alive=True)
 
     feed = pipeline.feed()
     images = {f"scale-{uuid.uuid4().hex[:6]}-{i}": jpeg_bytes(seed=5000 + i) for i in range(ITEMS)}
@@ -147,7 +135,7 @@ def test_two_workers_share_partitions_and_answer_correctly(two_workers) -> None:
         assert json.loads(scrape(port, "/healthz"))["status"] == "ok"
     # The state gauges are refreshed every few seconds.
     indexer = wait_for(lambda: (lambda t: t if metric(t, "lookalike_index_items") >= ITEMS + 1 else None)(
-        scrape(indexer_port)), 15, "the index size gauge to show every item", pipeline)
+        scrape(indexer_port)), 15, "the index size gauge to show every item", pipeline, alive=True)
     assert metric(indexer, "lookalike_stage_seconds_count", service="indexer", stage="total") >= ITEMS
     assert json.loads(scrape(indexer_port, "/healthz"))["caught_up"] is True
     # JSON logs carry request ids; the worker logs are JSON objects line by line.
@@ -164,7 +152,7 @@ def test_a_worker_leaves_and_the_other_takes_over(two_workers) -> None:  # type:
         members = [tps for tps in assignment(pipeline).values() if tps]
         return len(members) == 2 and all(len(tps) == 4 for tps in members)  # one member per group, all 4 each
 
-    wait_for(one_left, 60, "the remaining worker holding every partition", pipeline)
+    wait_for(one_left, 60, "the remaining worker holding every partition", pipeline, alive=True)
     feed = pipeline.feed()
     images = {f"after-{uuid.uuid4().hex[:6]}-{i}": jpeg_bytes(seed=7000 + i) for i in range(8)}
     for item_id, image in images.items():

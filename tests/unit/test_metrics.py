@@ -75,5 +75,3 @@ def test_json_log_lines_carry_request_ids() -> None:
     doc = json.loads(formatter.format(record))
     assert doc["message"] == "query abc refused"
     assert (doc["service"], doc["request_id"], doc["code"], doc["level"]) == ("worker", "abc", "bad_image", "INFO")
-    assert logs.logging_config("text", "worker") is None
-    assert logs.logging_config("json", "worker")["formatters"]["json"]["service"] == "worker"

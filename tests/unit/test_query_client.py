@@ -66,13 +66,25 @@ def test_the_deadline_raises_a_clear_timeout_error() -> None:
     assert b"req-1" not in client.book.pending
 
 
-def test_every_producer_is_idempotent_with_acks_all() -> None:
-    from lookalike.clients import faust_app, producer_config
+def test_every_producer_is_idempotent_with_acks_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lookalike import runtime
+    from lookalike.clients import producer_config
 
     settings = ClientSettings(_env_file=None)
     config = producer_config(settings)
     assert config["enable.idempotence"] is True and config["acks"] == "all"
-    app = faust_app(settings, "test-app")  # the worker's and the indexer's producer (aiokafka under faust)
-    extra = app.producer._settings_extra()
-    assert extra["enable_idempotence"] is True and extra["acks"] == "all"
-    assert app.conf.producer_acks == -1
+    seen: list[dict] = []
+
+    class Capture:
+        def __init__(self, config: dict) -> None:
+            seen.append(config)
+
+        def poll(self, timeout: float) -> int:
+            return 0
+
+        def flush(self, timeout: float) -> int:
+            return 0
+
+    monkeypatch.setattr(runtime, "Producer", Capture)
+    runtime.Sender(settings).close()  # every service's producer (the consumer runtime's)
+    assert seen and seen[0]["enable.idempotence"] is True and seen[0]["acks"] == "all"
