@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     snap_start = time.perf_counter()
     index_bytes, items_bytes, facts = index.export()
     exported = time.perf_counter()
-    manifest = store.write(index_bytes, items_bytes, facts)
+    manifest = store.write(index_bytes, items_bytes, facts, model_version="bench")
     snap_end = time.perf_counter()
     time.sleep(1)
     load.stop.set()
@@ -101,21 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     del index_bytes, items_bytes
 
     read_start = time.perf_counter()
-    snap = store.read(manifest["id"])
+    snap = store.read(manifest.id)
     read_end = time.perf_counter()
-    restored = VectorIndex.restore(snap.index_bytes, snap.items_bytes, snap.manifest)
+    restored = VectorIndex.restore(snap.index_bytes, snap.items_bytes, snap.manifest.facts())
     restore_end = time.perf_counter()
     probes = unit_vectors(rng, 50, args.dim)
     same = np.mean([[h.item_id for h in restored.search(q, 5)] == [h.item_id for h in index.search(q, 5)]
                     for q in probes])
     redis_peak = client.info("memory").get("used_memory_peak", 0)
-    store.delete(manifest["id"])
+    store.delete(manifest.id)
     client.delete(store._key("current"), store._key("history"))
 
-    size_mb = (manifest["index"]["bytes"] + manifest["items"]["bytes"]) / 1e6
+    size_mb = (manifest.index.bytes + manifest.items.bytes) / 1e6
     result = {
         "items": args.items, "dim": args.dim, "build_s": round(build_s, 1), "snapshot_mb": round(size_mb, 1),
-        "chunks": len(manifest["index"]["chunks"]) + len(manifest["items"]["chunks"]),
+        "chunks": len(manifest.index.chunks) + len(manifest.items.chunks),
         "snapshot_writer_pause_s": round(exported - snap_start, 2),
         "snapshot_redis_write_s": round(snap_end - exported, 2),
         "snapshot_total_s": round(snap_end - snap_start, 2),

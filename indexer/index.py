@@ -21,6 +21,7 @@ import hnswlib
 import numpy as np
 
 from lookalike.errors import UnknownItem
+from lookalike.snapshots import IndexFacts
 
 
 class ReadWriteLock:
@@ -260,7 +261,7 @@ class VectorIndex:
             return hits[:k]
 
     # -- serialisation (no pickle) ---------------------------------------------------
-    def export(self) -> tuple[bytes, bytes, dict[str, Any]]:
+    def export(self) -> tuple[bytes, bytes, IndexFacts]:
         """(hnswlib index bytes, items JSON bytes, facts) of one consistent state.
 
         Runs under the *read* lock: searches go on, only the writer waits.
@@ -276,26 +277,23 @@ class VectorIndex:
                 "next_label": self._next_label,
                 "free_slots": self._free_slots,
             }
-            facts = {
-                "dim": self.dim, "space": "cosine", "m": self.m, "ef_construction": self.ef_construction,
-                "ef_search": self.ef_search, "item_count": len(self._labels),
-                "capacity": self._index.get_max_elements(), "position": {str(p): o for p, o in self._position.items()},
-                "catalog_position": {str(p): o for p, o in self._catalog_position.items()},
-            }
+            facts = IndexFacts(dim=self.dim, m=self.m, ef_construction=self.ef_construction, ef_search=self.ef_search,
+                               item_count=len(self._labels), capacity=self._index.get_max_elements(),
+                               position=dict(self._position), catalog_position=dict(self._catalog_position))
         return index_bytes, json.dumps(items, separators=(",", ":")).encode(), facts
 
     @classmethod
-    def restore(cls, index_bytes: bytes, items_bytes: bytes, facts: Mapping[str, Any],
+    def restore(cls, index_bytes: bytes, items_bytes: bytes, facts: IndexFacts,
                 ef_search: int | None = None) -> VectorIndex:
         """Rebuild from :meth:`export` output. ef is set again (hnswlib does not save it):
         ``ef_search`` when given (the setting of the restoring indexer), else the snapshot's."""
-        index = cls(int(facts["dim"]), m=int(facts["m"]), ef_construction=int(facts["ef_construction"]),
-                    ef_search=ef_search or int(facts["ef_search"]), capacity=16)
+        index = cls(facts.dim, m=facts.m, ef_construction=facts.ef_construction,
+                    ef_search=ef_search or facts.ef_search, capacity=16)
         with tempfile.TemporaryDirectory(prefix="lookalike-index-") as tmp:
             path = Path(tmp) / "index.bin"
             path.write_bytes(index_bytes)
             index._index = hnswlib.Index(space="cosine", dim=index.dim)
-            index._index.load_index(str(path), max_elements=int(facts["capacity"]), allow_replace_deleted=True)
+            index._index.load_index(str(path), max_elements=facts.capacity, allow_replace_deleted=True)
         index._index.set_ef(index.ef_search)
         items = json.loads(items_bytes)
         index._item_of = {int(label): item_id for label, item_id in items["items"].items()}
@@ -303,8 +301,8 @@ class VectorIndex:
         index._metadata = {int(label): meta for label, meta in items["metadata"].items()}
         index._next_label = int(items["next_label"])
         index._free_slots = int(items["free_slots"])
-        index._position = {int(p): int(o) for p, o in facts["position"].items()}
-        index._catalog_position = {int(p): int(o) for p, o in facts.get("catalog_position", {}).items()}
-        if len(index._labels) != int(facts["item_count"]) or index._index.dim != index.dim:
+        index._position = dict(facts.position)
+        index._catalog_position = dict(facts.catalog_position)
+        if len(index._labels) != facts.item_count or index._index.dim != index.dim:
             raise ValueError("snapshot items do not match the index they came with")
         return index

@@ -24,14 +24,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from lookalike.errors import LookalikeError
+from lookalike.snapshots import FORMAT, IndexFacts, SnapshotManifest, SnapshotPart
 
 log = logging.getLogger(__name__)
-FORMAT = 1
 
 
 class SnapshotError(LookalikeError):
@@ -40,7 +40,7 @@ class SnapshotError(LookalikeError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    manifest: dict[str, Any]
+    manifest: SnapshotManifest
     index_bytes: bytes
     items_bytes: bytes
 
@@ -60,17 +60,20 @@ class SnapshotStore:
     def _key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
 
-    def write(self, index_bytes: bytes, items_bytes: bytes, facts: dict[str, Any]) -> dict[str, Any]:
+    def write(self, index_bytes: bytes, items_bytes: bytes, facts: IndexFacts, *, model_version: str,
+              index_version: str | None = None) -> SnapshotManifest:
         """Store a snapshot and make it current; returns its manifest."""
         snapshot_id = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"
-        manifest: dict[str, Any] = {"format": FORMAT, "id": snapshot_id, "created_at": time.time(), **facts}
+        parts = {}
         for part, data in (("index", index_bytes), ("items", items_bytes)):
             digests = []
             for i, chunk in enumerate(chunks(data, self.chunk_bytes)):
                 self.client.set(self._key(snapshot_id, part, str(i)), chunk)
                 digests.append(hashlib.sha256(chunk).hexdigest())
-            manifest[part] = {"bytes": len(data), "chunks": digests}
-        self.client.set(self._key(snapshot_id, "manifest"), json.dumps(manifest))
+            parts[part] = SnapshotPart(bytes=len(data), chunks=digests)
+        manifest = SnapshotManifest(**facts.model_dump(), id=snapshot_id, created_at=time.time(),
+                                    model_version=model_version, index_version=index_version, **parts)
+        self.client.set(self._key(snapshot_id, "manifest"), manifest.model_dump_json())
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self._key("current"), snapshot_id).lpush(self._key("history"), snapshot_id).execute()
         self.prune()
@@ -94,15 +97,21 @@ class SnapshotStore:
         if raw is None:
             raise SnapshotError(f"snapshot {snapshot_id}: no manifest (incomplete or pruned)")
         try:
-            manifest = json.loads(raw)
+            doc = json.loads(raw)
         except ValueError as exc:
             raise SnapshotError(f"snapshot {snapshot_id}: manifest is not JSON") from exc
-        if manifest.get("format") != FORMAT:
-            raise SnapshotError(f"snapshot {snapshot_id}: format {manifest.get('format')!r}, expected {FORMAT}")
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise SnapshotError(f"snapshot {snapshot_id}: format {found!r}, expected {FORMAT}")
+        try:
+            manifest = SnapshotManifest.model_validate(doc)
+        except ValidationError as exc:
+            raise SnapshotError(f"snapshot {snapshot_id}: manifest does not describe a snapshot: {exc}") from exc
         parts = {}
         for part in ("index", "items"):
             pieces = []
-            for i, digest in enumerate(manifest[part]["chunks"]):
+            stored = getattr(manifest, part)
+            for i, digest in enumerate(stored.chunks):
                 chunk = self.client.get(self._key(snapshot_id, part, str(i)))
                 if chunk is None:
                     raise SnapshotError(f"snapshot {snapshot_id}: {part} chunk {i} is missing")
@@ -110,9 +119,9 @@ class SnapshotStore:
                     raise SnapshotError(f"snapshot {snapshot_id}: {part} chunk {i} fails its checksum")
                 pieces.append(chunk)
             parts[part] = b"".join(pieces)
-            if len(parts[part]) != manifest[part]["bytes"]:
+            if len(parts[part]) != stored.bytes:
                 raise SnapshotError(f"snapshot {snapshot_id}: {part} is {len(parts[part])} bytes, manifest says "
-                                    f"{manifest[part]['bytes']}")
+                                    f"{stored.bytes}")
         return Snapshot(manifest, parts["index"], parts["items"])
 
     def delete(self, snapshot_id: str) -> None:

@@ -10,7 +10,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Any
 
 import redis
 
@@ -24,6 +23,7 @@ from lookalike.clients import redis_client
 from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError
 from lookalike.runtime import Loop, Output, Record, Sender, Source
 from lookalike.settings import IndexerSettings
+from lookalike.snapshots import SnapshotManifest, snapshot_namespace
 from lookalike.status import VersionFacts
 from lookalike.topics import ensure_vectors_topic, vectors_topic
 
@@ -174,7 +174,7 @@ class VersionIndex:
         """One client (and connection pool) for every snapshot read, write and check."""
         s = self.settings
         client = redis_client(s, socket_timeout=30)
-        return SnapshotStore(client, snapshot_namespace(s, self.version),
+        return SnapshotStore(client, snapshot_namespace(s.query_group, self.version),
                              chunk_bytes=s.snapshot_chunk_bytes, keep=s.snapshot_keep)
 
     def expected_dim(self) -> int | None:
@@ -197,17 +197,18 @@ class VersionIndex:
         for snapshot_id in candidates:
             try:
                 snap = store.read(snapshot_id)
-                facts = snap.manifest
-                if facts.get("model_version") != self.version or (dim is not None and facts.get("dim") != dim):
-                    raise SnapshotError(f"snapshot {snapshot_id} holds model {facts.get('model_version')} "
-                                        f"(dim {facts.get('dim')}), this index is for {self.version} (dim {dim})")
-                index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, facts, ef_search=self.settings.hnsw_ef_search)
+                manifest = snap.manifest
+                if manifest.model_version != self.version or (dim is not None and manifest.dim != dim):
+                    raise SnapshotError(f"snapshot {snapshot_id} holds model {manifest.model_version} "
+                                        f"(dim {manifest.dim}), this index is for {self.version} (dim {dim})")
+                index = VectorIndex.restore(snap.index_bytes, snap.items_bytes, manifest.facts(),
+                                            ef_search=self.settings.hnsw_ef_search)
             except Exception as exc:  # whatever is wrong with a snapshot, the next one or a replay is right
                 log.warning("snapshot %s refused: %s", snapshot_id, exc)
                 continue
             self.index = index
-            self.index_version = facts.get("index_version")
-            self.last_snapshot_id, self.last_snapshot_at = snapshot_id, float(facts["created_at"])
+            self.index_version = manifest.index_version
+            self.last_snapshot_id, self.last_snapshot_at = snapshot_id, manifest.created_at
             self.last_snapshot_items = len(index)
             log.info("restored snapshot %s: %d items of model %s at %s", snapshot_id, len(index),
                      self.version, index.position)
@@ -221,7 +222,7 @@ class VersionIndex:
         except (redis.RedisError, OSError) as exc:
             log.warning("cannot clean unfinished snapshots: %s", exc)
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> SnapshotManifest | None:
         """Write a snapshot of the current state (runs in the snapshot thread)."""
         if self.index is None:
             return None
@@ -229,13 +230,13 @@ class VersionIndex:
         applied = self.applied_since_snapshot
         index_bytes, items_bytes, facts = self.index.export()
         exported = time.perf_counter()
-        facts.update(model_version=self.version, index_version=self.index_version)
-        manifest = self.snapshots.write(index_bytes, items_bytes, facts)
+        manifest = self.snapshots.write(index_bytes, items_bytes, facts, model_version=self.version,
+                                        index_version=self.index_version)
         self.applied_since_snapshot -= applied
-        self.last_snapshot_id, self.last_snapshot_at = manifest["id"], manifest["created_at"]
-        self.last_snapshot_items = int(facts["item_count"])
-        log.info("snapshot %s of %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest["id"],
-                 self.version, facts["item_count"], (len(index_bytes) + len(items_bytes)) / 1e6,
+        self.last_snapshot_id, self.last_snapshot_at = manifest.id, manifest.created_at
+        self.last_snapshot_items = facts.item_count
+        log.info("snapshot %s of %s: %d items, %.1f MB, writer paused %.0f ms, written in %.0f ms", manifest.id,
+                 self.version, facts.item_count, (len(index_bytes) + len(items_bytes)) / 1e6,
                  (exported - started) * 1000, (time.perf_counter() - exported) * 1000)
         return manifest
 
@@ -248,8 +249,3 @@ class VersionIndex:
     def facts(self) -> VersionFacts:
         return VersionFacts(items=len(self), index_version=self.index_version or "", caught_up=self.caught_up.is_set(),
                             catalog_position=self.catalog_position, snapshot_items=self.last_snapshot_items)
-
-
-def snapshot_namespace(settings: IndexerSettings, version: str) -> str:
-    """Each shard snapshots its own slice: the namespace is per query group (one per shard)."""
-    return f"lookalike:snapshots:{settings.query_group}:{version}"

@@ -33,9 +33,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 
 import redis
+from pydantic import BaseModel, ConfigDict
 
 from lookalike import clients
 from lookalike.artifacts import ModelStore
@@ -47,8 +47,12 @@ log = logging.getLogger(__name__)
 EVENTS_KEPT = 200
 
 
-@dataclass(frozen=True)
-class RolloutState:
+class RolloutState(BaseModel):
+    """Which model version serves, which one is being built, and the previous one (kept for
+    the grace period after a switch). Stored as one Redis hash (:meth:`to_redis`)."""
+
+    model_config = ConfigDict(frozen=True)
+
     serving: str | None = None
     target: str | None = None  # being built; None when no rollout runs
     previous: str | None = None  # serving before the last switch (kept for the grace period)
@@ -72,7 +76,7 @@ class RolloutState:
         return [v for v in (self.serving, self.target) if v]
 
     def to_redis(self) -> dict[str, str]:
-        return {k: ("" if v is None else str(v)) for k, v in asdict(self).items()}
+        return {k: ("" if v is None else str(v)) for k, v in self.model_dump().items()}
 
     @classmethod
     def from_redis(cls, raw: dict[str, str]) -> RolloutState:
@@ -160,14 +164,14 @@ class RolloutController:
             return new, {"event": "init", "serving": desired, "at": now}
         if desired == state.serving:
             if state.target:  # the champion went back before the switch: abandon the build
-                return replace(state, target=None, started_at=0.0), {"event": "abandon", "target": state.target,
+                return state.model_copy(update={"target": None, "started_at": 0.0}), {"event": "abandon", "target": state.target,
                                                      "serving": state.serving, "at": now}
             return None, {}
         if desired != state.target:
             event = {"event": "start", "serving": state.serving, "target": desired, "at": now}
             if state.target:
                 event["replaces_target"] = state.target
-            return replace(state, target=desired, started_at=now), event
+            return state.model_copy(update={"target": desired, "started_at": now}), event
         if ready(desired):
             new = RolloutState(serving=desired, previous=state.serving, switched_at=now)
             return new, {"event": "switch", "serving": desired, "previous": state.serving,

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from indexer.snapshot import SnapshotError, SnapshotStore
+from lookalike.snapshots import snapshot_namespace
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, wait_status, warm_up
@@ -42,7 +43,7 @@ def snapshot_store(pipeline: Pipeline, cluster_redis: str, version: str | None =
     """The snapshots of the serving model's index (or of ``version``'s)."""
     client = redis.Redis.from_url(cluster_redis)
     version = version or pipeline.status().model_version
-    return SnapshotStore(client, f"lookalike:snapshots:{pipeline.env['LOOKALIKE_INDEXER_GROUP']}:{version}")
+    return SnapshotStore(client, snapshot_namespace(pipeline.env["LOOKALIKE_INDEXER_GROUP"], version))
 
 
 @pytest.fixture
@@ -228,11 +229,11 @@ def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline, cluster: C
     pipeline.kill("indexer")
     store = snapshot_store(pipeline, cluster.redis_url, version)
     genuine = store.read(store.current())
-    facts = {k: v for k, v in genuine.manifest.items() if k not in ("format", "id", "created_at", "index", "items")}
-    forged = store.write(genuine.index_bytes, genuine.items_bytes, {**facts, "model_version": "20990101T000000Z-00000000"})
+    forged = store.write(genuine.index_bytes, genuine.items_bytes, genuine.manifest.facts(),
+                         model_version="20990101T000000Z-00000000")
     pipeline.start("indexer")
     status = wait_status(pipeline, lambda s: s.caught_up and s.items == 21, 60, "recovery")
     log = pipeline.log_text("indexer")
-    assert f"snapshot {forged['id']} refused" in log and f"this index is for {version}" in log
-    assert f"restored snapshot {genuine.manifest['id']}" in log
+    assert f"snapshot {forged.id} refused" in log and f"this index is for {version}" in log
+    assert f"restored snapshot {genuine.manifest.id}" in log
     assert status.model_version == version

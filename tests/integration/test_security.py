@@ -28,6 +28,7 @@ from lookalike import contracts as c
 from lookalike.acls import bindings, grants
 from lookalike.clients import confluent_config, producer_config, redis_client
 from lookalike.settings import ClientSettings, StackSettings
+from lookalike.snapshots import snapshot_namespace
 from lookalike.status import indexer_status
 from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
@@ -272,7 +273,7 @@ def test_redis_needs_the_password_and_tls(secured: Secured) -> None:
     # The indexer publishes its status and snapshots into the password-protected Redis.
     statuses = indexer_status(settings, group)
     assert statuses and statuses[0].caught_up
-    current = f"lookalike:snapshots:{group}:{statuses[0]['model_version']}:current"  # the serving model's snapshots
+    current = f"{snapshot_namespace(group, statuses[0].model_version)}:current"  # the serving model's snapshots
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not redis_client(settings).get(current):
         time.sleep(0.5)
