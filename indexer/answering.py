@@ -139,7 +139,9 @@ class Answering:
         reply = c.error_reply(request_id, code, f"{exc}"[:500])
         metrics.observe_reply(reply)
         reply_to = s.replies_topic
-        if not isinstance(exc, SendFailed):  # the reply-to itself is fine: use it when it parses
+        if isinstance(exc, SendFailed) and exc.code == ErrorCode.TOO_LARGE:
+            reply_to = exc.output.topic  # the topic took no record that large; the client waits there
+        elif not isinstance(exc, SendFailed):  # the reply-to itself is fine: use it when it parses
             with contextlib.suppress(InvalidMessage, KeyError, UnicodeDecodeError):
                 reply_to = stages.parse_query_vector(record.key, record.value, record.headers, dim=None,
                                                      default_reply_to=s.replies_topic).reply_to

@@ -273,12 +273,18 @@ class Source:
         return {tp.partition: tp.offset for tp in await self._call(
             self._consumer.position, [TopicPartition(topic, p) for p in partitions])}
 
-    async def partitions(self, topic: str) -> list[int]:
-        meta = await self._call(lambda: self._consumer.list_topics(topic, timeout=30))
-        found = meta.topics.get(topic)
-        if found is None or found.error is not None or not found.partitions:
-            return []
-        return sorted(found.partitions)
+    async def partitions(self, topic: str, wait_s: float = 15.0) -> list[int]:
+        """The topic's partition ids; [] if it does not exist. A topic created a moment ago may
+        not be in every broker's metadata yet: it is looked up again for ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            meta = await self._call(lambda: self._consumer.list_topics(topic, timeout=10))
+            found = meta.topics.get(topic)
+            if found is not None and found.error is None and found.partitions:
+                return sorted(found.partitions)
+            if time.monotonic() >= deadline:
+                return []
+            await asyncio.sleep(0.5)
 
     async def seek(self, offsets: Mapping[tuple[str, int], int]) -> None:
         def go() -> None:
@@ -417,8 +423,13 @@ class Loop:
         reads it again)."""
         tps = [(tp.topic, tp.partition) for tp in partitions]
         if self.commit:
-            due = {tp: o for tp, o in self.offsets.due(self.stage.held() if self.stage else None).items() if tp in tps}
-            self.source.commit_now(due)
+            try:  # runs in the consumer's thread, beside the stage: a stage's state may be mid-change
+                held = self.stage.held() if self.stage else None
+            except RuntimeError:
+                held = None
+                log.warning("%s: partitions revoked while the stage changed; their new owner redoes more", self.name)
+            else:
+                self.source.commit_now({tp: o for tp, o in self.offsets.due(held).items() if tp in tps})
         self.offsets.forget(tps)
         if self.stage is not None:
             self.stage.revoke(tps)

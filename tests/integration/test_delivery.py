@@ -185,7 +185,7 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
                 break
             time.sleep(0.5)
         assert status and status.items_digest == digest(expected), (
-            f"index holds {status and status['items']} items, expected {len(expected)}\n{pipeline.logs_tail()}")
+            f"index holds {status and status.items} items, expected {len(expected)}\n{pipeline.logs_tail()}")
         with pipeline.client() as client:
             for item_id in random.Random(5).sample(sorted(items), 10):
                 reply = client.ask(small_image(items[item_id]), timeout_s=20)
@@ -194,4 +194,4 @@ def test_broker_restart_during_catalog_publishing_loses_no_catalog_event(
         stop_pipeline(pipeline)
         broker.down()
     print(f"\nbroker restart ({restart_s:.1f}s down and up) during publishing: {len(items)} published, "
-          f"{int(status['items']) - 1} indexed, 0 lost")
+          f"{status.items - 1} indexed, 0 lost")

@@ -210,7 +210,7 @@ def test_redis_away_30s_queries_go_on_and_snapshots_resume(cluster: Cluster, tin
         pipeline.kill("indexer")
         pipeline.start("indexer")
         wait_status(pipeline, lambda s: s.caught_up and s.items == 71, 60, "recovery after Redis returned")
-        assert f"restored snapshot {status['snapshot']}" in pipeline.log_text("indexer")
+        assert f"restored snapshot {status.snapshot}" in pipeline.log_text("indexer")
     finally:
         stop_pipeline(pipeline)
         private.down()

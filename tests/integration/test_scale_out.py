@@ -60,7 +60,7 @@ def assignment(pipeline: Pipeline) -> dict[str, set[tuple[str, int]]]:
     status = pipeline.status()
     if not status or not status.model_version:
         return {}
-    catalog_group = f"{queries_group}.catalog.{status['model_version']}"
+    catalog_group = f"{queries_group}.catalog.{status.model_version}"
     out: dict[str, set[tuple[str, int]]] = {}
     for group in (queries_group, catalog_group):
         description = admin.describe_consumer_groups([group])[group].result(timeout=10)
