@@ -447,7 +447,7 @@ class Loop:
         if self.stage is not None:
             tasks.append(asyncio.create_task(self._ticks(), name=f"{self.name}-tick"))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # a failure of the loop itself (not of a record): raise it
         finally:
@@ -551,13 +551,14 @@ class Loop:
 
 
 async def run_forever(*coroutines: Awaitable[None], names: Sequence[str] = ()) -> None:
-    """Run a service's loops and tasks together; the first to fail stops them all (the
-    process then exits non-zero and its supervisor restarts it)."""
+    """Run a service's loops and tasks together until the first of them ends: one that fails
+    stops them all (the process then exits non-zero and its supervisor restarts it), and
+    one that returns (a stop signal's watcher) ends them cleanly."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     for task, name in zip(tasks, names, strict=False):
         task.set_name(name)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
     finally:

@@ -175,3 +175,27 @@ def test_nothing_is_committed_while_an_effect_is_pending() -> None:
         assert source.last_commit() == {("in", 0): 2, ("in", 1): 1}
 
     asyncio.run(scenario())
+
+
+def test_run_forever_ends_everything_when_one_task_returns_or_fails() -> None:
+    from lookalike.runtime import run_forever
+
+    async def forever(cancelled: list[str], name: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cancelled.append(name)
+
+    async def stop_soon() -> None:
+        await asyncio.sleep(0.05)
+
+    async def fail_soon() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the loop itself broke")
+
+    cancelled: list[str] = []
+    asyncio.run(asyncio.wait_for(run_forever(forever(cancelled, "a"), stop_soon()), 5))
+    assert cancelled == ["a"]
+    with pytest.raises(RuntimeError, match="broke"):
+        asyncio.run(asyncio.wait_for(run_forever(forever(cancelled, "b"), fail_soon()), 5))
+    assert cancelled == ["a", "b"]
