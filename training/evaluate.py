@@ -1,19 +1,28 @@
 """``lookalike evaluate``: a stored model's retrieval report on its frozen golden split.
 
-Two query sets, the test split searched exactly (cosine) among the training split
-(the catalog) and judged by ``articleType``, and the index's recall:
+Up to three views, each a set of held-out queries searched exactly (cosine) among the
+training split (the catalog) and judged by ``articleType``:
 
-* ``catalog``: test images as the catalog stores them;
-* ``invariance``: the same test images as a shopper would send them: stretched back
-  to a 3:4 portrait at another size (120x160) and re-encoded as JPEG (quality 80);
-* ``hnsw``: recall@5 of the index the indexer builds (hnswlib, cosine, M=16,
-  ef_construction=200, ef=64) against exact search, for both query sets.
+* ``random``: a stratified random share of the ids (the only view of splits made before
+  the split by period). Neighbouring ids are one brand's shoot, so a near-twin of most of
+  these queries is in the catalog: it measures recall of siblings;
+* ``period``: the newest ids, held out from training (next season's products; their
+  siblings are held out with them). The promotion gate's figure is this view's P@5 on
+  shopper photos (``period_precision_at_5``);
+* ``unseen_brand``: those of the newest ids whose brand (first word of the display name)
+  has no training item.
+
+Each view's queries are sent twice: as the catalog stores them (``catalog``), and as a
+shopper would send them (``invariance``): stretched back to a 3:4 portrait at another
+size (120x160) and re-encoded as JPEG (quality 80). ``hnsw``: recall@5 of the index the
+indexer builds (hnswlib, cosine, M=16, ef_construction=200, ef=64) against exact search.
 
 For each: top-1 (the nearest item has the query's type), precision@5 and mAP@5,
-overall and for the 15 largest classes. ``AP@k`` is the sum of precision@i over the
-ranks i <= k that hold an item of the query's type, divided by min(k, number of such
-items in the catalog), so a query scores 1 only if its first min(k, n) results are
-all right.
+overall and for the view's 15 largest classes. ``AP@k`` is the sum of precision@i over
+the ranks i <= k that hold an item of the query's type, divided by min(k, number of
+such items in the catalog), so a query scores 1 only if its first min(k, n) results
+are all right. The top-level ``catalog``, ``invariance`` and ``hnsw`` keys are the
+random view's, as in reports before the views.
 """
 
 from __future__ import annotations
