@@ -58,10 +58,11 @@ SMALL = TrainConfig(
     threads=2,
     device="cpu",
 )
-# Measured with SMALL (seed 0) on fashion-9k, 1,855 held-out queries: trained
-# period_precision_at_5 TRAINED_MEASURED, untrained UNTRAINED_MEASURED (see docs/training.md).
-# The floor sits between them, with room for another machine's arithmetic.
-PERIOD_P5_FLOOR = 0.55
+# Measured with SMALL (seed 0, one thread) on fashion-9k, 1,855 held-out queries:
+# period_precision_at_5 0.635 trained (4 epochs), 0.390 untrained; unseen brands 0.720
+# against 0.420. The floor sits about halfway, so a run that learns fails it only if it
+# learns far less than this one did, and an untrained network cannot pass it.
+PERIOD_P5_FLOOR = 0.52
 
 
 def split_of(store: ModelStore, card: ModelCard) -> Split:
