@@ -651,7 +651,7 @@ def train(
     if feedback_pairs is not None:
         from training.pairs import PairTerm, pair_set
 
-        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids)
+        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids + data.split.period_ids)
         pair_stats = pairs.stats
         log.info("feedback pairs: %s", pair_stats)
         if len(pairs):
