@@ -95,8 +95,12 @@ class Embedder:
             if self.amp_dtype is None:
                 return self.model.embed(x)
             with torch.autocast("cuda", dtype=self.amp_dtype):
-                out = self.model.penultimate(x)
-            return torch.nn.functional.normalize(out.float(), dim=1)
+                views = torch.cat([x, x.flip(3)]) if self.model.spec.flip_average else x
+                out = self.model.penultimate(views).float()  # normalised in float32: fp16 sums of squares overflow
+            unit = torch.nn.functional.normalize(out, dim=1)
+            if self.model.spec.flip_average:  # the mean of the image's and its mirror image's directions
+                unit = torch.nn.functional.normalize(unit[: len(x)] + unit[len(x) :], dim=1)
+            return unit
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> float32 (B, D), unit length."""

@@ -34,6 +34,9 @@ class ModelSpec:
     embedding_dim: int = 256
     num_classes: int = 48
     dropout: float = 0.3
+    # embed(): the mean of the image's and its mirror image's unit vectors (twice the work).
+    # Cards written before this field load with False, as they were served.
+    flip_average: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,8 +113,16 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.arch == "res-cnn":
             # cosines in [-1, 1] to each class proxy: (B, D) @ (D, num_classes)
-            return self.embed(x) @ F.normalize(self.proxies, dim=1).T
+            return self.unit_embedding(x) @ F.normalize(self.proxies, dim=1).T
         return self.classifier(self.dropout(F.relu(self.penultimate(x))))  # (B, num_classes)
 
+    def unit_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """One view's unit vector (B, D): what training shapes."""
+        return F.normalize(self.penultimate(x), dim=1)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.penultimate(x), dim=1)  # (B, D), unit length
+        """The vectors the index stores and searches: (B, 3, S, S) -> (B, D), unit length."""
+        if not self.spec.flip_average:
+            return self.unit_embedding(x)
+        both = self.unit_embedding(torch.cat([x, x.flip(3)]))  # (2B, D): the images, then their mirror images
+        return F.normalize(both[: len(x)] + both[len(x) :], dim=1)

@@ -235,7 +235,7 @@ class TrainerSettings(FeedbackSettings):
     pair_weight: float = Field(1.0, ge=0)  # weight of the feedback-pair loss term
     pair_margin: float = Field(0.2, ge=-1, le=1)  # a dismissed item is pushed below this cosine
     pair_batch: int = Field(32, ge=1)
-    gate_metric: str = "precision_at_5"
+    gate_metric: str = "period_precision_at_5"  # out-of-period P@5; legacy random-split cards: precision_at_5
     gate_margin: float = 0.005
     lease_ttl_s: float = Field(60.0, ge=1)  # renewed every third of it while training
     max_training_s: int = Field(6 * 3600, ge=60)

@@ -76,6 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.flip,
         help="random horizontal flips while training (default %(default)s)",
     )
+    parser.add_argument(
+        "--split",
+        choices=["period", "random"],
+        default=defaults.split,
+        help="period: hold out the newest product ids (and a random share of the older); random: the old "
+        "stratified random split (default %(default)s)",
+    )
+    parser.add_argument("--period-fraction", type=float, default=defaults.period_fraction,
+                        help="newest share of the ids held out (%(default)s)")
+    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
+                        help="random held-out share (of the older ids with --split period; %(default)s)")
+    parser.add_argument(
+        "--shoot-augment",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.shoot_augment,
+        help="imitate other shoots: framing, zoom, aspect, light, colour, grey, blur, erasing (default %(default)s)",
+    )
+    parser.add_argument(
+        "--aux-labels",
+        type=lambda text: tuple(name for name in text.split(",") if name),
+        default=defaults.aux_labels,
+        help="extra styles.csv labels learnt by training-only heads, comma-separated, e.g. subCategory,baseColour "
+        "('' for none; default %(default)s)",
+    )
+    parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="their loss weight (%(default)s)")
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                        help="keep an exponential moving average of the weights (0: off; default %(default)s)")
+    parser.add_argument(
+        "--flip-average",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.flip_average,
+        help="embed each image and its mirror image and average them, in serving too (default %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default=defaults.device, help="auto: CUDA when available"
@@ -108,6 +141,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cosface_scale=args.scale,
         sampler=args.sampler,
         patience=args.patience,
+        split=args.split,
+        period_fraction=args.period_fraction,
+        test_fraction=args.test_fraction,
+        shoot_augment=args.shoot_augment,
+        aux_labels=args.aux_labels,
+        aux_weight=args.aux_weight,
+        ema_decay=args.ema_decay,
+        flip_average=args.flip_average,
         resize=args.resize,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -127,11 +168,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def describe(card: ModelCard) -> str:
     """One line for people: version and retrieval figures."""
     m = card.metrics
-    return (
+    line = (
         f"model {card.version}: top-1 {m.get('top1_accuracy', float('nan')):.3f}, "
         f"P@5 {m.get('precision_at_5', float('nan')):.3f}, "
         f"classifier accuracy {m.get('test_accuracy', float('nan')):.3f}"
     )
+    if "period_precision_at_5" in m:
+        line += (f"; out-of-period P@5 {m['period_precision_at_5']:.3f} (the gate's), "
+                 f"unseen brands {m.get('unseen_brand_precision_at_5', float('nan')):.3f}")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

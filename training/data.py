@@ -16,10 +16,10 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,7 +31,8 @@ from lookalike.settings import default_home
 
 log = logging.getLogger(__name__)
 
-SPLIT_FORMAT = 1
+SPLIT_FORMAT = 1  # a random split (``scheme`` "random"): train and test ids
+PERIOD_SPLIT_FORMAT = 2  # a split by product id: also the newest ids and the unseen brands among them
 CACHE_FORMAT = 1
 # Catalog files are ours, not untrusted queries: generous limits, still bounded.
 # Pillow itself refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179M) as bombs.
@@ -70,7 +71,15 @@ def keep_largest_classes(items: Sequence[CatalogItem], n: int, label: str = "art
 
 @dataclass(frozen=True)
 class Split:
-    """Which items train and which test. Ids are sorted, so equal splits are equal JSON."""
+    """Which items train and which are held out. Ids are sorted, so equal splits are equal JSON.
+
+    ``scheme`` "random" (format 1, the original golden split): ``test_ids`` are a
+    stratified random share of all items. ``scheme`` "period" (format 2): the newest
+    ``period_fraction`` of the product ids are held out as ``period_ids`` (next season's
+    products); ``unseen_brand_ids`` are those of them whose brand has no training item;
+    ``test_ids`` are a stratified random share of the *older* ids (the old random view,
+    kept to show the difference); ``train_ids`` are the rest of the older ids.
+    """
 
     train_ids: tuple[str, ...]
     test_ids: tuple[str, ...]
@@ -78,9 +87,14 @@ class Split:
     label: str = "articleType"
     seed: int = 1234
     test_fraction: float = 0.2
+    scheme: Literal["random", "period"] = "random"
+    period_ids: tuple[str, ...] = ()
+    unseen_brand_ids: tuple[str, ...] = ()
+    period_fraction: float = 0.0
+    first_period_id: str | None = None  # the oldest held-out id
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        raw: dict[str, Any] = {
             "format": SPLIT_FORMAT,
             "label": self.label,
             "seed": self.seed,
@@ -89,11 +103,23 @@ class Split:
             "train_ids": list(self.train_ids),
             "test_ids": list(self.test_ids),
         }
+        if self.scheme == "random":  # exactly the format-1 JSON: stored splits keep their checksums
+            return raw
+        return raw | {
+            "format": PERIOD_SPLIT_FORMAT,
+            "scheme": self.scheme,
+            "period_fraction": self.period_fraction,
+            "first_period_id": self.first_period_id,
+            "period_ids": list(self.period_ids),
+            "unseen_brand_ids": list(self.unseen_brand_ids),
+        }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Split:
-        if raw.get("format") != SPLIT_FORMAT:
-            raise ValueError(f"split format {raw.get('format')!r} is not {SPLIT_FORMAT}")
+        fmt = raw.get("format")
+        if fmt not in (SPLIT_FORMAT, PERIOD_SPLIT_FORMAT):
+            raise ValueError(f"split format {fmt!r} is not {SPLIT_FORMAT} or {PERIOD_SPLIT_FORMAT}")
+        period = fmt == PERIOD_SPLIT_FORMAT
         return cls(
             train_ids=tuple(str(i) for i in raw["train_ids"]),
             test_ids=tuple(str(i) for i in raw["test_ids"]),
@@ -101,6 +127,11 @@ class Split:
             label=str(raw["label"]),
             seed=int(raw["seed"]),
             test_fraction=float(raw["test_fraction"]),
+            scheme="period" if period else "random",
+            period_ids=tuple(str(i) for i in raw.get("period_ids", ())),
+            unseen_brand_ids=tuple(str(i) for i in raw.get("unseen_brand_ids", ())),
+            period_fraction=float(raw.get("period_fraction", 0.0)),
+            first_period_id=raw.get("first_period_id"),
         )
 
     def canonical_json(self) -> str:
@@ -119,6 +150,61 @@ class Split:
     @classmethod
     def load(cls, path: Path) -> Split:
         return cls.from_dict(json.loads(Path(path).read_text("utf-8")))
+
+
+def brand(item: CatalogItem) -> str:
+    """The brand of a product: the first word of its display name ("" when it has none)."""
+    words = str(item.metadata.get("title") or item.metadata.get("productDisplayName") or "").split()
+    return words[0] if words else ""
+
+
+def id_order(item_id: str) -> tuple[int, int | str]:
+    """Sort key for product ids: numeric ids by value (the store numbers them in time), others after, by text."""
+    return (0, int(item_id)) if item_id.isdigit() else (1, item_id)
+
+
+def period_split(
+    items: Sequence[CatalogItem],
+    period_fraction: float = 0.2,
+    test_fraction: float = 0.1,
+    seed: int = 1234,
+    label: str = "articleType",
+    min_count: int = 10,
+) -> Split:
+    """Hold out the newest ``period_fraction`` of the ids; train on the older ones.
+
+    ``items``: every labelled item, whatever its class's size. Classes are those with at
+    least ``min_count`` items among the older ids (a type the catalog has no examples of
+    cannot be retrieved by type, so held-out items of other types are left out). Of the
+    older items of those classes a stratified random ``test_fraction`` is the random
+    view's queries (:func:`stratified_split`), the rest trains. ``unseen_brand_ids``: the
+    held-out items whose brand (:func:`brand`) no training item has.
+    """
+    if not 0.0 < period_fraction < 1.0:
+        raise ValueError(f"period_fraction must be in (0, 1), got {period_fraction}")
+    by_id = {item.item_id: item for item in items}
+    ordered = sorted(by_id, key=id_order)
+    n_period = round(len(ordered) * period_fraction)
+    if not 0 < n_period < len(ordered):
+        raise ValueError(f"{len(ordered)} items cannot be split with period_fraction {period_fraction}")
+    older, newest = ordered[: len(ordered) - n_period], ordered[len(ordered) - n_period :]
+    counts = Counter(by_id[i].metadata[label] for i in older)
+    classes = {name for name, n in counts.items() if n >= min_count}
+    if not classes:
+        raise ValueError(f"no class has {min_count} or more items among the {len(older)} older ids")
+    random_view = stratified_split([by_id[i] for i in older if by_id[i].metadata[label] in classes],
+                                   test_fraction, seed, label)
+    period_ids = [i for i in newest if by_id[i].metadata[label] in classes]
+    train_brands = {brand(by_id[i]) for i in random_view.train_ids}
+    unseen = [i for i in period_ids if brand(by_id[i]) and brand(by_id[i]) not in train_brands]
+    return replace(
+        random_view,
+        scheme="period",
+        period_ids=tuple(sorted(period_ids)),
+        unseen_brand_ids=tuple(sorted(unseen)),
+        period_fraction=period_fraction,
+        first_period_id=newest[0],
+    )
 
 
 def stratified_split(

@@ -1,19 +1,28 @@
 """``lookalike evaluate``: a stored model's retrieval report on its frozen golden split.
 
-Two query sets, the test split searched exactly (cosine) among the training split
-(the catalog) and judged by ``articleType``, and the index's recall:
+Up to three views, each a set of held-out queries searched exactly (cosine) among the
+training split (the catalog) and judged by ``articleType``:
 
-* ``catalog``: test images as the catalog stores them;
-* ``invariance``: the same test images as a shopper would send them: stretched back
-  to a 3:4 portrait at another size (120x160) and re-encoded as JPEG (quality 80);
-* ``hnsw``: recall@5 of the index the indexer builds (hnswlib, cosine, M=16,
-  ef_construction=200, ef=64) against exact search, for both query sets.
+* ``random``: a stratified random share of the ids (the only view of splits made before
+  the split by period). Neighbouring ids are one brand's shoot, so a near-twin of most of
+  these queries is in the catalog: it measures recall of siblings;
+* ``period``: the newest ids, held out from training (next season's products; their
+  siblings are held out with them). The promotion gate's figure is this view's P@5 on
+  shopper photos (``period_precision_at_5``);
+* ``unseen_brand``: those of the newest ids whose brand (first word of the display name)
+  has no training item.
+
+Each view's queries are sent twice: as the catalog stores them (``catalog``), and as a
+shopper would send them (``invariance``): stretched back to a 3:4 portrait at another
+size (120x160) and re-encoded as JPEG (quality 80). ``hnsw``: recall@5 of the index the
+indexer builds (hnswlib, cosine, M=16, ef_construction=200, ef=64) against exact search.
 
 For each: top-1 (the nearest item has the query's type), precision@5 and mAP@5,
-overall and for the 15 largest classes. ``AP@k`` is the sum of precision@i over the
-ranks i <= k that hold an item of the query's type, divided by min(k, number of such
-items in the catalog), so a query scores 1 only if its first min(k, n) results are
-all right.
+overall and for the view's 15 largest classes. ``AP@k`` is the sum of precision@i over
+the ranks i <= k that hold an item of the query's type, divided by min(k, number of
+such items in the catalog), so a query scores 1 only if its first min(k, n) results
+are all right. The top-level ``catalog``, ``invariance`` and ``hnsw`` keys are the
+random view's, as in reports before the views.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +43,11 @@ import numpy as np
 from PIL import Image
 
 from lookalike.artifacts import CHAMPION, ModelStore
+from lookalike.catalog import CatalogItem
 from lookalike.errors import LookalikeError
 from lookalike.imaging import PreprocessSpec, decode_image, to_uint8
+from lookalike.model import EmbeddingNet
+from lookalike.registry import GATE_METRIC
 from lookalike.settings import CommonSettings, default_data
 from training.data import MAX_FILE_BYTES, MAX_FILE_PIXELS, Split, load_labelled, load_pixels, select
 from training.train import batches, embed_all, unit_rows
@@ -141,101 +155,200 @@ def load_split(store: ModelStore, card_training: dict[str, Any], split_sha256: s
     return split
 
 
+def view_ids(split: Split) -> dict[str, tuple[str, ...]]:
+    """Each view's query ids: ``random`` (the random held-out share), and for a split by
+    period ``period`` (the newest ids) and ``unseen_brand`` (those of brands nothing trained on)."""
+    views = {"random": split.test_ids}
+    if split.scheme == "period":
+        views |= {"period": split.period_ids, "unseen_brand": split.unseen_brand_ids}
+    return views
+
+
+def largest_classes(catalog_labels: np.ndarray, query_labels: np.ndarray, n: int = LARGEST_CLASSES) -> list[str]:
+    """The ``n`` classes with most catalog and query items together (ties by name)."""
+    sizes = Counter(np.asarray(catalog_labels).tolist()) + Counter(np.asarray(query_labels).tolist())
+    return [name for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def measure_views(
+    model: EmbeddingNet,
+    spec: PreprocessSpec,
+    split: Split,
+    items: Sequence[CatalogItem],
+    *,
+    cache_dir: Path | None = None,
+    hnsw: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Every view of ``split`` (:func:`view_ids`): its queries, as catalog images and as shopper
+    photos, searched exactly among the training split; overall and for the view's largest classes.
+
+    The catalog is the training split for every view: next season's products are queried
+    against the catalog the model was trained with, and neither a held-out query nor its
+    shoot's siblings (neighbouring ids, also held out) are in it.
+    """
+    catalog_items = select(items, split.train_ids)
+    catalog_labels = np.array([item.metadata[split.label] for item in catalog_items])
+    catalog_vecs = embed_all(model, load_pixels(catalog_items, spec, cache_dir, progress=progress), spec)
+    out: dict[str, Any] = {}
+    for view, ids in view_ids(split).items():
+        if not ids:
+            continue
+        query_items = select(items, ids)
+        query_labels = np.array([item.metadata[split.label] for item in query_items])
+        largest = largest_classes(catalog_labels, query_labels)
+        shopper = np.stack([shopper_pixels(item.image_path, spec) for item in query_items])
+        result: dict[str, Any] = {"queries": len(ids), "largest_classes": largest}
+        recalls: dict[str, float] = {}
+        for name, pixels in (("catalog", load_pixels(query_items, spec, cache_dir, progress=progress)),
+                             ("invariance", shopper)):
+            queries = embed_all(model, pixels, spec)
+            exact = exact_neighbours(catalog_vecs, queries, K)
+            result[name] = summarise(query_scores(exact, catalog_labels, query_labels), query_labels, largest)
+            if hnsw:
+                recalls[f"recall_at_{K}_{name}"] = round(recall_at_k(hnsw_neighbours(catalog_vecs, queries, K), exact), 4)
+        if hnsw:
+            result["hnsw"] = recalls
+        out[view] = result
+    return out
+
+
+def card_metrics(views: dict[str, Any]) -> dict[str, float]:
+    """The figures a model card keeps from :func:`measure_views` (shopper photos unless named
+    ``catalog``); ``period_precision_at_5`` is the promotion gate's."""
+    metrics: dict[str, float] = {}
+    for view, result in views.items():
+        shopper, catalog = result["invariance"]["overall"], result["catalog"]["overall"]
+        prefix = "" if view == "random" else f"{view}_"
+        if view == "random":
+            metrics |= {"shopper_precision_at_5": shopper[f"precision_at_{K}"]}
+            continue
+        metrics |= {
+            f"{prefix}precision_at_{K}": shopper[f"precision_at_{K}"],
+            f"{prefix}top1": shopper["top1"],
+            f"{prefix}map_at_{K}": shopper[f"map_at_{K}"],
+            f"{prefix}catalog_precision_at_{K}": catalog[f"precision_at_{K}"],
+            f"{prefix}queries": result["queries"],
+        }
+    return metrics
+
+
 def evaluate(
     store: ModelStore,
     version: str | None,
     data_folder: Path,
     *,
     resize: str | None = None,
+    flip_average: bool | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The report (plain JSON) for model ``version`` (or alias; None: champion) on its golden split.
 
     ``resize`` ("stretch" or "pad") overrides the card's preprocessing for catalog and
-    queries alike, to measure what serving with the other one would give.
+    queries alike, to measure what serving with the other one would give; ``flip_average``
+    overrides the spec's averaging with the mirror image likewise.
     """
     started = time.perf_counter()
     model, card = store.load(version)
     spec = card.preprocess
     if resize is not None and resize != spec.resize:
         spec = PreprocessSpec(size=spec.size, resize=resize, mean=spec.mean, std=spec.std)  # type: ignore[arg-type]
+    if flip_average is not None:
+        model.spec = replace(model.spec, flip_average=flip_average)
     split = load_split(store, card.training, card.data_split_sha256)
     if list(split.classes) != list(card.classes):
         raise LookalikeError(f"model {card.version}'s classes differ from its split's")
     items = load_labelled(Path(data_folder), min_count=1, label=split.label)
-    catalog_items, query_items = select(items, split.train_ids), select(items, split.test_ids)
-    catalog_labels = np.array([item.metadata[split.label] for item in catalog_items])
-    query_labels = np.array([item.metadata[split.label] for item in query_items])
-
-    catalog_vecs = embed_all(model, load_pixels(catalog_items, spec, cache_dir, progress=progress), spec)
-    query_vecs = embed_all(model, load_pixels(query_items, spec, cache_dir, progress=progress), spec)
-    shopper = np.stack([shopper_pixels(item.image_path, spec) for item in query_items])
-    shopper_vecs = embed_all(model, shopper, spec)
-
-    sizes = Counter(catalog_labels.tolist()) + Counter(query_labels.tolist())
-    largest = [name for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:LARGEST_CLASSES]]
+    views = measure_views(model, spec, split, items, cache_dir=cache_dir, progress=progress)
+    random_view = views["random"]
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "model_version": card.version,
         "arch": card.spec.arch,
+        "flip_average": model.spec.flip_average,
         "preprocess": spec.to_dict(),
         "card_preprocess_resize": card.preprocess.resize,
         "data": str(data_folder),
         "split_sha256": split.sha256,
-        "catalog_size": len(catalog_items),
-        "query_size": len(query_items),
+        "split_scheme": split.scheme,
+        "first_period_id": split.first_period_id,
+        "catalog_size": len(split.train_ids),
+        "query_size": len(split.test_ids),
         "k": K,
-        "largest_classes": largest,
         "invariance_queries": {
             "size": list(INVARIANCE_SIZE),
             "format": "JPEG",
             "quality": INVARIANCE_JPEG_QUALITY,
             "how": "catalog test image stretched to a 3:4 portrait, re-encoded, preprocessed as served",
         },
+        # the random view at the top level, as reports before the views had it
+        "largest_classes": random_view["largest_classes"],
+        "catalog": random_view["catalog"],
+        "invariance": random_view["invariance"],
+        "hnsw": {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef": HNSW_EF_SEARCH} | random_view["hnsw"],
+        "views": views,
+        "gate_metric": {"name": GATE_METRIC, "value": card_metrics(views).get(GATE_METRIC)},
     }
-    hnsw: dict[str, Any] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef": HNSW_EF_SEARCH}
-    for name, queries in (("catalog", query_vecs), ("invariance", shopper_vecs)):
-        exact = exact_neighbours(catalog_vecs, queries, K)
-        report[name] = summarise(query_scores(exact, catalog_labels, query_labels), query_labels, largest)
-        hnsw[f"recall_at_{K}_{name}"] = round(recall_at_k(hnsw_neighbours(catalog_vecs, queries, K), exact), 4)
-    report["hnsw"] = hnsw
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 
+VIEW_TITLES = {
+    "random": "random held-out share (siblings in the catalog)",
+    "period": "newest ids held out (next season)",
+    "unseen_brand": "newest ids, brands never trained on",
+}
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """A short Markdown summary: overall table, HNSW recall, the largest classes."""
+    """A short Markdown summary: one row per view and query set, then each view's largest classes."""
     k = report["k"]
     metrics = ("top1", f"precision_at_{k}", f"map_at_{k}")
+    views = report.get("views") or {"random": {"queries": report["query_size"], "catalog": report["catalog"],
+                                               "invariance": report["invariance"], "hnsw": report["hnsw"],
+                                               "largest_classes": report["largest_classes"]}}
+    scheme = report.get("split_scheme", "random")
     lines = [
         f"# Evaluation of model {report['model_version']} ({report['arch']})",
         "",
-        f"Golden split {report['split_sha256'][:12]}: {report['query_size']} test queries against "
-        f"{report['catalog_size']} catalog items; preprocessing {report['preprocess']['resize']} to "
-        f"{report['preprocess']['size']} px; exact cosine search, judged by articleType.",
+        f"Golden split {report['split_sha256'][:12]} ({scheme}): {report['catalog_size']} catalog items (the "
+        f"training split); preprocessing {report['preprocess']['resize']} to {report['preprocess']['size']} px"
+        f"{', mirror-averaged embeddings' if report.get('flip_average') else ''}; exact cosine search, judged by "
+        "articleType; shopper photos: 3:4, 120x160, JPEG q80.",
         "",
-        f"| queries | top-1 | P@{k} | mAP@{k} | HNSW recall@{k} |",
-        "| --- | --- | --- | --- | --- |",
+        f"| view | queries | photos | top-1 | P@{k} | mAP@{k} | HNSW recall@{k} |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, title in (("catalog", "catalog images"), ("invariance", "shopper photos (3:4, 120x160, JPEG q80)")):
-        o = report[name]["overall"]
-        recall = report["hnsw"][f"recall_at_{k}_{name}"]
-        lines.append(f"| {title} | " + " | ".join(f"{o[m]:.3f}" for m in metrics) + f" | {recall:.3f} |")
+    for view, result in views.items():
+        for name, title in (("catalog", "catalog"), ("invariance", "shopper")):
+            o = result[name]["overall"]
+            recall = result["hnsw"].get(f"recall_at_{k}_{name}")
+            lines.append(f"| {VIEW_TITLES.get(view, view)} | {result['queries']} | {title} | "
+                         + " | ".join(f"{o[m]:.3f}" for m in metrics)
+                         + f" | {'-' if recall is None else f'{recall:.3f}'} |")
+    gate = report.get("gate_metric") or {}
+    if gate.get("value") is not None:
+        lines += ["", f"The promotion gate decides on {gate['name']}: {gate['value']:.4f}."]
     lines += [
         "",
         f"HNSW: hnswlib cosine, M={report['hnsw']['M']}, ef_construction={report['hnsw']['ef_construction']}, "
         f"ef={report['hnsw']['ef']}, against exact search of the same vectors.",
-        "",
-        f"## The {len(report['largest_classes'])} largest classes",
-        "",
-        f"| class | queries | top-1 | P@{k} | mAP@{k} | shopper P@{k} |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name in report["largest_classes"]:
-        row, inv = report["catalog"]["per_class"][name], report["invariance"]["per_class"][name]
-        cells = [f"{row[m]:.3f}" for m in metrics] + [f"{inv[f'precision_at_{k}']:.3f}"]
-        lines.append(f"| {name} | {row['queries']} | " + " | ".join(cells) + " |")
+    for view, result in views.items():
+        lines += [
+            "",
+            f"## {VIEW_TITLES.get(view, view)}: the {len(result['largest_classes'])} largest classes",
+            "",
+            f"| class | queries | top-1 | P@{k} | mAP@{k} | shopper P@{k} |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name in result["largest_classes"]:
+            row, inv = result["catalog"]["per_class"][name], result["invariance"]["per_class"][name]
+            if not row["queries"]:
+                continue
+            cells = [f"{row[m]:.3f}" for m in metrics] + [f"{inv[f'precision_at_{k}']:.3f}"]
+            lines.append(f"| {name} | {row['queries']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resize", choices=["stretch", "pad"], default=None, help="override the card's preprocessing (to compare)"
     )
+    parser.add_argument(
+        "--flip-average", action=argparse.BooleanOptionalAction, default=None,
+        help="override the spec's averaging with the mirror image (to compare)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-pixel cache ($LOOKALIKE_HOME/cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -271,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = evaluate(
-            store, args.model, args.data, resize=args.resize, cache_dir=args.cache_dir, progress=not args.quiet
+            store, args.model, args.data, resize=args.resize, flip_average=args.flip_average,
+            cache_dir=args.cache_dir, progress=not args.quiet,
         )
     except (LookalikeError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

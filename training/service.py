@@ -50,6 +50,11 @@ from training.train import TrainConfig, train
 log = logging.getLogger(__name__)
 
 
+# TrainConfig fields added with the split by period, at the values that reproduce older recipes.
+LEGACY_RECIPE: dict[str, Any] = {"split": "random", "shoot_augment": False, "aux_labels": (), "ema_decay": 0.0,
+                                 "flip_average": False}
+
+
 def config_from_card(raw: dict[str, Any], settings: TrainerSettings) -> TrainConfig:
     """The champion's training configuration, with the trainer's overrides; never promotes by itself."""
     fields = set(TrainConfig.__dataclass_fields__)
@@ -59,6 +64,10 @@ def config_from_card(raw: dict[str, Any], settings: TrainerSettings) -> TrainCon
             values[name] = Path(values[name])
     if "channels" in values:
         values["channels"] = tuple(values["channels"])
+    if "aux_labels" in values:
+        values["aux_labels"] = tuple(values["aux_labels"])
+    for name, value in LEGACY_RECIPE.items():  # a card from before these fields: its recipe as it was
+        values.setdefault(name, value)
     config = TrainConfig(**values)
     overrides: dict[str, Any] = {"promote": False}
     if settings.trainer_data is not None:

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
+from lookalike.catalog import CatalogItem
 from lookalike.embedder import pick_device
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec
@@ -39,6 +40,7 @@ from training.data import (
     keep_largest_classes,
     load_labelled,
     load_pixels,
+    period_split,
     select,
     stratified_split,
 )
@@ -60,7 +62,13 @@ class TrainConfig:
     label: str = "articleType"
     min_count: int = 10  # classes with fewer items are left out
     limit_classes: int | None = None  # keep only the N largest classes
-    test_fraction: float = 0.2
+    # period: hold out the newest ``period_fraction`` of the product ids (next season's
+    # products) and a random ``test_fraction`` of the older ones; random: the original
+    # stratified random split (neighbouring ids are one shoot, so it measures recall of
+    # siblings; docs/training.md). Stored cards without this field are "random".
+    split: Literal["random", "period"] = "period"
+    period_fraction: float = 0.2
+    test_fraction: float = 0.1
     split_seed: int = 1234
     size: int = 64
     # The catalog is stored stretched to squares; shopper photos keep their aspect.
@@ -85,6 +93,19 @@ class TrainConfig:
     # Flips, small crops, brightness/contrast. Off: on fashion-9k (clean product shots on
     # white) it cost the seed CNN 0.03 P@5 in an 8-epoch run; it may help messier data.
     augment: bool = False
+    # Imitate another shoot of the same kind of product (:func:`imitate_shoot`): framing,
+    # zoom and aspect, light, saturation, grey, blur, erased patches, flips. Takes precedence
+    # over ``augment`` and ``flip``.
+    shoot_augment: bool = False
+    # Extra metadata labels learnt from the same embedding, one cosine head each, weighted by
+    # ``aux_weight`` (training only: the heads are not part of the stored model).
+    aux_labels: tuple[str, ...] = ()
+    aux_weight: float = 0.3
+    # Exponential moving average of the weights (decay per step; 0: off). The average is what is kept.
+    ema_decay: float = 0.0
+    # Embed an image and its mirror image and average them (stored in the model's spec:
+    # serving does it too, at twice the cost per query).
+    flip_average: bool = False
     # Horizontal flips alone (also part of ``augment``): products are left-right symmetric
     # enough, and res-cnn over-fits in 14 epochs without them (train loss 0.02).
     flip: bool = True
@@ -114,6 +135,7 @@ class TrainConfig:
             embedding_dim=self.embedding_dim,
             num_classes=num_classes,
             dropout=self.dropout,
+            flip_average=self.flip_average,
         )
 
     def loss_fn(self) -> LossFn:
@@ -137,6 +159,9 @@ class LabelledPixels:
     train_y: np.ndarray  # int64 (N_train,)
     test_x: np.ndarray  # uint8 (N_test, S, S, 3)
     test_y: np.ndarray  # int64 (N_test,)
+    items: list[CatalogItem] = field(default_factory=list)  # every labelled item the split was drawn from
+    train_aux: np.ndarray | None = None  # int64 (N_train, len(aux_labels)); -1: no label
+    aux_classes: tuple[tuple[str, ...], ...] = ()  # per auxiliary label, its classes in index order
 
 
 @dataclass
@@ -157,13 +182,26 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(config: TrainConfig, progress: bool = True) -> LabelledPixels:
-    """Labelled items -> stratified split -> cached pixels and class indices."""
-    items = load_labelled(config.data, min_count=config.min_count, label=config.label)
-    if config.limit_classes:
-        items = keep_largest_classes(items, config.limit_classes, label=config.label)
-    if not items:
-        raise ValueError(f"no class in {config.data} has {config.min_count} or more labelled items")
-    split = stratified_split(items, config.test_fraction, config.split_seed, label=config.label)
+    """Labelled items -> split (by period or stratified random) -> cached pixels and class indices."""
+    if config.split == "period":  # the class sizes that count are those of the older ids
+        items = load_labelled(config.data, min_count=1, label=config.label)
+        if not items:
+            raise ValueError(f"no labelled item in {config.data}")
+        split = period_split(items, config.period_fraction, config.test_fraction, config.split_seed,
+                             label=config.label, min_count=config.min_count)
+        if config.limit_classes:
+            kept = {item.metadata[config.label] for item in keep_largest_classes(
+                select(items, split.train_ids + split.test_ids), config.limit_classes, label=config.label)}
+            items = [item for item in items if item.metadata[config.label] in kept]
+            split = period_split(items, config.period_fraction, config.test_fraction, config.split_seed,
+                                 label=config.label, min_count=config.min_count)
+    else:
+        items = load_labelled(config.data, min_count=config.min_count, label=config.label)
+        if config.limit_classes:
+            items = keep_largest_classes(items, config.limit_classes, label=config.label)
+        if not items:
+            raise ValueError(f"no class in {config.data} has {config.min_count} or more labelled items")
+        split = stratified_split(items, config.test_fraction, config.split_seed, label=config.label)
     class_index = {name: i for i, name in enumerate(split.classes)}
 
     def pixels_and_labels(ids: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +212,18 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> LabelledPixels:
 
     train_x, train_y = pixels_and_labels(split.train_ids)
     test_x, test_y = pixels_and_labels(split.test_ids)
-    log.info("split %s: %d train, %d test, %d classes", split.sha256[:12], len(train_y), len(test_y), len(split.classes))
-    return LabelledPixels(split, train_x, train_y, test_x, test_y)
+    aux_classes: list[tuple[str, ...]] = []
+    train_aux = np.full((len(train_y), len(config.aux_labels)), -1, np.int64)
+    for column, name in enumerate(config.aux_labels):
+        values = [str(item.metadata.get(name) or "") for item in select(items, split.train_ids)]
+        names = tuple(sorted({v for v in values if v}))
+        index = {v: i for i, v in enumerate(names)}
+        train_aux[:, column] = [index.get(v, -1) for v in values]
+        aux_classes.append(names)
+    log.info("split %s (%s): %d train, %d test, %d held-out newest, %d classes", split.sha256[:12], split.scheme,
+             len(train_y), len(test_y), len(split.period_ids), len(split.classes))
+    return LabelledPixels(split, train_x, train_y, test_x, test_y, list(items),
+                          train_aux if config.aux_labels else None, tuple(aux_classes))
 
 
 def to_batch(pixels: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, device: torch.device) -> Batch:
@@ -212,10 +260,113 @@ def augment(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.Generat
     return (pixels.clamp(0.0, 1.0) - mean) / std
 
 
+def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.Generator) -> torch.Tensor:
+    """Each image of a batch as if from another shoot of a product of its kind.
+
+    Neighbouring product ids share one shoot (model, pose, light, framing), so a network
+    can learn the shoot instead of the product type; next season's products come from
+    other shoots. Per image: a mirror image (p 1/2); framing: zoom 0.7-1.25 of the side
+    (above 1 the product shrinks on the border colour, the white of a catalog shot) with
+    the aspect squeezed or stretched up to 4:3 and the product moved; brightness,
+    contrast and saturation 0.7-1.3; grey (p 0.1); a 3x3 blur (p 0.2); one erased
+    rectangle of 2-12% of the area, filled with a flat grey (p 0.25). ``inputs`` is a
+    normalised batch (B, 3, S, S); so is the result.
+    """
+    b, device = inputs.shape[0], inputs.device
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    pixels = inputs * std + mean  # (B, 3, S, S) in [0, 1]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.empty(*shape).uniform_(low, high, generator=generator)
+
+    zoom = torch.exp(uniform(np.log(0.7), np.log(1.25), b))  # sampled side / image side
+    aspect = torch.exp(uniform(np.log(0.75), np.log(4 / 3), b))
+    scale = torch.stack([zoom * aspect.sqrt(), zoom / aspect.sqrt()], dim=1)  # (B, 2): x, y
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - scale).abs()
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = scale[:, 0] * flip
+    theta[:, 1, 1] = scale[:, 1]
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(device), list(pixels.shape), align_corners=False)
+    pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    grey = pixels.mean(dim=1, keepdim=True)  # (B, 1, S, S)
+    saturation = uniform(0.7, 1.3, b, 1, 1, 1).to(device)
+    pixels = grey + (pixels - grey) * saturation
+    to_grey = (torch.rand(b, generator=generator) < 0.1).to(device).view(-1, 1, 1, 1)
+    pixels = torch.where(to_grey, pixels.mean(dim=1, keepdim=True).expand_as(pixels), pixels)
+    level = pixels.mean(dim=(1, 2, 3), keepdim=True)
+    pixels = ((pixels - level) * uniform(0.7, 1.3, b, 1, 1, 1).to(device) + level) * uniform(0.7, 1.3, b, 1, 1, 1).to(device)
+    blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    to_blur = (torch.rand(b, generator=generator) < 0.2).to(device).view(-1, 1, 1, 1)
+    pixels = torch.where(to_blur, blurred, pixels)
+
+    side = pixels.shape[-1]
+    area = uniform(0.02, 0.12, b)
+    ratio = torch.exp(uniform(np.log(0.5), np.log(2.0), b))
+    h = (side * (area * ratio).sqrt()).clamp(1, side).long()
+    w = (side * (area / ratio).sqrt()).clamp(1, side).long()
+    top = (torch.rand(b, generator=generator) * (side - h + 1)).long()
+    left = (torch.rand(b, generator=generator) * (side - w + 1)).long()
+    rows = torch.arange(side).view(1, side, 1)
+    cols = torch.arange(side).view(1, 1, side)
+    box = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
+           & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))  # (B, S, S)
+    erase = box & (torch.rand(b, generator=generator) < 0.25).view(-1, 1, 1)
+    fill = uniform(0.0, 1.0, b, 1, 1, 1).to(device)
+    pixels = torch.where(erase.unsqueeze(1).to(device), fill, pixels)
+    return (pixels.clamp(0.0, 1.0) - mean) / std
+
+
 def random_flip(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image of a batch (B, 3, S, S) mirrored left-right with probability 1/2."""
     mirror = (torch.rand(inputs.shape[0], generator=generator) < 0.5).to(inputs.device).view(-1, 1, 1, 1)
     return torch.where(mirror, inputs.flip(3), inputs)
+
+
+class AuxiliaryHeads(nn.Module):
+    """Training only: the embedder with one more cosine head per extra label (``aux_labels``).
+
+    forward: (B, 3, S, S) -> (B, C + sum(sizes)) cosines of the unit embedding to the
+    main classes' proxies, then to each extra label's. The heads are dropped when the
+    model is stored; they only shape the embedding.
+    """
+
+    def __init__(self, model: EmbeddingNet, sizes: Sequence[int]) -> None:
+        super().__init__()
+        if model.spec.arch != "res-cnn":
+            raise ValueError("auxiliary labels need the cosine classifier of res-cnn")
+        self.model = model
+        dim = model.spec.embedding_dim
+        self.heads = nn.ParameterList([nn.Parameter(torch.randn(n, dim) / dim**0.5) for n in sizes])
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x)  # the feedback pairs' term embeds through the wrapper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unit = self.model.unit_embedding(x)  # (B, D)
+        proxies = [self.model.proxies, *self.heads]
+        return torch.cat([unit @ F.normalize(p, dim=1).T for p in proxies], dim=1)
+
+
+class MultiTaskLoss:
+    """The main loss on the first ``num_classes`` columns and target 0, plus ``weight`` times
+    the same loss for each extra label (targets (B, 1 + T); -1: the item has no such label)."""
+
+    def __init__(self, loss_fn: LossFn, num_classes: int, sizes: Sequence[int], weight: float) -> None:
+        self.loss_fn, self.num_classes, self.sizes, self.weight = loss_fn, num_classes, list(sizes), weight
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(logits[:, : self.num_classes], targets[:, 0])
+        start = self.num_classes
+        for column, size in enumerate(self.sizes, start=1):
+            known = targets[:, column] >= 0
+            if known.any():
+                loss = loss + self.weight * self.loss_fn(logits[known, start : start + size], targets[known, column])
+            start += size
+        return loss
 
 
 def train_step(model: nn.Module, batch: Batch, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
@@ -281,8 +432,13 @@ def train_epoch(
     generator: torch.Generator,
     bar: tqdm,
     extra_loss: ExtraLoss | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """One epoch (shuffled, or as many class-balanced batches); returns the mean training loss."""
+    """One epoch (shuffled, or as many class-balanced batches); returns the mean training loss.
+
+    ``model`` may be :class:`AuxiliaryHeads` (then ``loss_fn`` is a :class:`MultiTaskLoss`
+    and the targets carry the extra labels); ``after_step`` runs after each optimiser step.
+    """
     device = next(model.parameters()).device
     spec = config.preprocess_spec()
     n = len(data.train_y)
@@ -296,14 +452,21 @@ def train_epoch(
     for idx in chosen:
         if len(idx) < 2:  # batch norm cannot train on one example
             continue
-        inputs, targets = to_batch(data.train_x[idx], data.train_y[idx], spec, device)
-        if config.augment:
+        labels = data.train_y[idx]
+        if isinstance(model, AuxiliaryHeads) and data.train_aux is not None:
+            labels = np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)  # (B, 1 + T)
+        inputs, targets = to_batch(data.train_x[idx], labels, spec, device)
+        if config.shoot_augment:
+            inputs = imitate_shoot(inputs, spec, generator)
+        elif config.augment:
             inputs = augment(inputs, spec, generator)
         elif config.flip:
             inputs = random_flip(inputs, generator)
         loss = train_step(model, (inputs, targets), loss_fn, optimizer, extra_loss)
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss * len(idx)
         seen += len(idx)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -334,7 +497,19 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
     fit_data = replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val])
     val_x, val_y = data.train_x[val], data.train_y[val]
     loss_fn = config.loss_fn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained: nn.Module = model
+    step_loss: LossFn = loss_fn
+    if config.aux_labels and data.train_aux is not None:
+        sizes = [len(names) for names in data.aux_classes]
+        trained = AuxiliaryHeads(model, sizes).to(next(model.parameters()).device)
+        step_loss = MultiTaskLoss(loss_fn, model.spec.num_classes, sizes, config.aux_weight)
+    ema = None
+    if config.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    kept = model if ema is None else ema.module  # the weights that are scored and stored
+    optimizer = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n_batches = -(-len(fit_data.train_y) // config.batch_size)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * n_batches)
@@ -349,10 +524,10 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
         started = time.perf_counter()
         desc = f"epoch {epoch}/{config.epochs}"
         with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-            train_loss = train_epoch(model, fit_data, config, loss_fn, optimizer, scheduler, rng, generator, bar,
-                                     extra_loss)
+            train_loss = train_epoch(trained, fit_data, config, step_loss, optimizer, scheduler, rng, generator, bar,
+                                     extra_loss, None if ema is None else lambda: ema.update_parameters(model))
         if len(val_y):
-            val_loss, val_accuracy = evaluate(model, val_x, val_y, spec, loss_fn, config.batch_size * 4)
+            val_loss, val_accuracy = evaluate(kept, val_x, val_y, spec, loss_fn, config.batch_size * 4)
         else:  # no validation set: every epoch is "the best so far", so the last one is kept
             val_loss, val_accuracy = None, float(epoch)
         best.epochs_run = epoch
@@ -376,7 +551,7 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
             time.perf_counter() - started,
         )
         if val_accuracy >= best.val_accuracy:  # ties: the later epoch (lower learning rate, more training)
-            best.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            best.best_state = {name: t.detach().clone() for name, t in kept.state_dict().items()}
             best.best_epoch, best.val_accuracy = epoch, val_accuracy
         elif config.patience is not None and epoch - best.best_epoch >= config.patience:
             log.info("no better validation accuracy for %d epochs; stopping", config.patience)
@@ -476,7 +651,7 @@ def train(
     if feedback_pairs is not None:
         from training.pairs import PairTerm, pair_set
 
-        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids)
+        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids + data.split.period_ids)
         pair_stats = pairs.stats
         log.info("feedback pairs: %s", pair_stats)
         if len(pairs):
@@ -493,6 +668,11 @@ def train(
         "val_accuracy": result.val_accuracy,
         **retrieval_metrics(catalog_vecs, data.train_y, query_vecs, data.test_y, k=5),
     }
+    if data.split.scheme == "period":  # the held-out views, as `lookalike evaluate` measures them
+        from training.evaluate import card_metrics, measure_views
+
+        views = measure_views(model, spec, data.split, data.items, cache_dir=config.cache_dir, hnsw=False)
+        metrics |= card_metrics(views)
     log.info("best epoch %d: %s", result.best_epoch,
              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
@@ -503,6 +683,10 @@ def train(
         "history": result.history,
         "train_size": len(data.train_y),
         "test_size": len(data.test_y),
+        "split_scheme": data.split.scheme,
+        "period_size": len(data.split.period_ids),
+        "unseen_brand_size": len(data.split.unseen_brand_ids),
+        "first_period_id": data.split.first_period_id,
         "split_file": str(split_path.relative_to(store.root)),
         "device": str(device),
         "threads": torch.get_num_threads(),

@@ -79,20 +79,30 @@ def test_evaluate_reports_both_query_sets_and_hnsw(stored: tuple[ModelStore, str
     report = evaluation.evaluate(store, version, data, cache_dir=cache)
     json.dumps(report)  # plain JSON
     assert report["model_version"] == version
-    assert (report["catalog_size"], report["query_size"]) == (48, 12)
+    # split by period: the newest 12 of 60 ids held out; of the older 48, 10% per class (1 each) the random view
+    assert (report["catalog_size"], report["query_size"]) == (44, 4)
+    assert report["split_scheme"] == "period" and report["first_period_id"] == "10048"
     assert report["largest_classes"] == ["Circles", "Crosses", "Squares", "Triangles"]  # ties: by name
-    for name in ("catalog", "invariance"):
-        overall = report[name]["overall"]
-        assert overall["queries"] == 12
-        assert 0.0 <= overall["map_at_5"] <= 1.0 and 0.0 <= overall["precision_at_5"] <= 1.0
-        assert sum(row["queries"] for row in report[name]["per_class"].values()) == 12
-        assert report["hnsw"][f"recall_at_5_{name}"] == 1.0  # 48 vectors: HNSW finds them all
+    assert set(report["views"]) == {"random", "period"}  # every title's brand is "Synthetic": no unseen brand
+    for view, queries in (("random", 4), ("period", 12)):
+        for name in ("catalog", "invariance"):
+            overall = report["views"][view][name]["overall"]
+            assert overall["queries"] == queries
+            assert 0.0 <= overall["map_at_5"] <= 1.0 and 0.0 <= overall["precision_at_5"] <= 1.0
+            assert sum(row["queries"] for row in report["views"][view][name]["per_class"].values()) == queries
+            assert report["views"][view]["hnsw"][f"recall_at_5_{name}"] == 1.0  # 44 vectors: HNSW finds them all
+    assert report["catalog"] == report["views"]["random"]["catalog"]  # the old top-level keys: the random view
+    gate = report["gate_metric"]
+    assert gate["name"] == "period_precision_at_5"
+    assert gate["value"] == report["views"]["period"]["invariance"]["overall"]["precision_at_5"]
     # generated classes differ by colour and shape: two epochs suffice
-    assert report["catalog"]["overall"]["precision_at_5"] > 0.6
+    assert report["views"]["period"]["catalog"]["overall"]["precision_at_5"] > 0.6
     markdown = evaluation.render_markdown(report)
     assert version in markdown and "| Circles | 3 |" in markdown
     padded = evaluation.evaluate(store, version, data, resize="pad", cache_dir=cache)
     assert padded["preprocess"]["resize"] == "pad" and padded["card_preprocess_resize"] == "stretch"
+    mirrored = evaluation.evaluate(store, version, data, flip_average=True, cache_dir=cache)
+    assert mirrored["flip_average"] and not report["flip_average"]
 
 
 def test_evaluate_cli_writes_json_and_markdown(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
-from lookalike.catalog import iter_catalog
+from lookalike.catalog import CatalogItem, iter_catalog
 from lookalike.errors import BadImage
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec
@@ -23,20 +23,26 @@ from training import cli, data
 from training.curves import plot_history
 from training.data import (
     Split,
+    brand,
     class_balanced_batches,
+    id_order,
     keep_largest_classes,
     load_labelled,
     load_pixels,
+    period_split,
     stratified_split,
 )
 from training.losses import CosFaceLoss
 from training.synthetic import make_synthetic_catalog
 from training.train import (
+    AuxiliaryHeads,
+    MultiTaskLoss,
     TrainConfig,
     augment,
     embed_all,
     eval_step,
     fit,
+    imitate_shoot,
     prepare_data,
     random_flip,
     retrieval_metrics,
@@ -58,6 +64,8 @@ SHAPES_CONFIG = TrainConfig(
     lr=3e-3,
     augment=True,  # shapes sit anywhere in the picture: flips and crops help here
     min_count=5,
+    split="random",  # calibrated on the stratified random split (the split by period: test_period_split_*)
+    test_fraction=0.2,
     patience=None,
     val_fraction=0.0,  # 160 images: every one is needed for training; the last epoch is kept
     threads=2,
@@ -165,6 +173,41 @@ def test_split_json_round_trip_keeps_the_checksum(shapes_catalog: Path, tmp_path
     assert loaded.sha256 == split.sha256
     assert json.loads(path.read_text("utf-8"))["format"] == 1
     assert len(split.sha256) == 64
+
+
+def _product(item_id: int, label: str, title: str) -> CatalogItem:
+    return CatalogItem(item_id=str(item_id), image_path=Path(f"{item_id}.jpg"),
+                       metadata={"articleType": label, "title": title})
+
+
+def test_period_split_holds_out_the_newest_ids_and_finds_unseen_brands(tmp_path: Path) -> None:
+    # 100 ids; brands: "Old" everywhere, "New" only among the newest 20; class "Rare" has too few older items
+    items = [_product(10000 + n, ["Shirts", "Shoes"][n % 2], f"{'New' if n >= 90 else 'Old'} thing {n}")
+             for n in range(100)]
+    items += [_product(20000 + n, "Rare", f"Old rare {n}") for n in range(3)]  # the newest ids of all
+    split = period_split(list(reversed(items)), period_fraction=0.2, test_fraction=0.1, seed=3, min_count=10)
+    newest = {str(i) for i in range(10082, 10100)} | {"20000", "20001", "20002"}  # round(103 * 0.2) = 21
+    assert split.scheme == "period" and split.first_period_id == "10082"
+    assert split.classes == ("Shirts", "Shoes")  # "Rare": no older item, no class
+    assert set(split.period_ids) == newest - {"20000", "20001", "20002"}  # held-out items of known classes
+    assert set(split.train_ids).isdisjoint(split.test_ids) and set(split.train_ids).isdisjoint(newest)
+    assert set(split.train_ids) | set(split.test_ids) == {str(10000 + n) for n in range(82)}
+    assert len(split.test_ids) == 8  # round(41 * 0.1) of each older class, at random
+    assert set(split.unseen_brand_ids) == {str(10000 + n) for n in range(90, 100)}  # brand "New"
+    assert split == period_split(items, period_fraction=0.2, test_fraction=0.1, seed=3, min_count=10)
+    assert period_split(items, 0.2, 0.1, seed=4, min_count=10).test_ids != split.test_ids
+    split.save(tmp_path / "split.json")
+    loaded = Split.load(tmp_path / "split.json")
+    assert loaded == split and loaded.sha256 == split.sha256
+    assert json.loads((tmp_path / "split.json").read_text("utf-8"))["format"] == 2
+    with pytest.raises(ValueError):
+        period_split(items, period_fraction=0.0)
+
+
+def test_ids_sort_by_number_and_brands_are_first_words() -> None:
+    assert sorted(["9999", "10000", "abc", "123"], key=id_order) == ["123", "9999", "10000", "abc"]
+    assert brand(_product(1, "Shirts", "Peter England Men Shirt")) == "Peter"
+    assert brand(_product(2, "Shirts", "")) == ""
 
 
 def test_load_pixels_decodes_then_reads_its_cache(
@@ -333,6 +376,52 @@ def test_res_cnn_embeds_unit_vectors_and_gives_cosine_logits() -> None:
     assert EmbeddingNet(replace(spec, input_size=48)).embed(torch.randn(2, 3, 48, 48)).shape == (2, 16)
     with pytest.raises(ValueError, match="unknown architecture"):
         EmbeddingNet(replace(spec, arch="vit"))
+
+
+def test_flip_average_embeds_an_image_and_its_mirror_image_alike() -> None:
+    spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
+    torch.manual_seed(0)
+    plain = EmbeddingNet(spec).eval()
+    averaged = EmbeddingNet(replace(spec, flip_average=True)).eval()
+    averaged.load_state_dict(plain.state_dict())  # the same weights: stored models load either way
+    x = torch.randn(4, 3, 16, 16)
+    with torch.inference_mode():
+        a, mirrored = averaged.embed(x), averaged.embed(x.flip(3))
+        expected = nn.functional.normalize(plain.embed(x) + plain.embed(x.flip(3)), dim=1)
+        assert torch.allclose(a, mirrored, atol=1e-5) and torch.allclose(a, expected, atol=1e-5)
+        assert not torch.allclose(plain.embed(x), plain.embed(x.flip(3)), atol=1e-3)
+        assert torch.allclose(averaged(x), plain(x))  # the classifier's logits are one view's
+    assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "flip_average"}) == spec
+
+
+def test_imitate_shoot_keeps_shape_and_range_and_follows_its_generator() -> None:
+    spec = PreprocessSpec(size=24)
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
+    inputs = torch.from_numpy(normalise(pixels, spec))
+    first = imitate_shoot(inputs, spec, torch.Generator().manual_seed(1))
+    again = imitate_shoot(inputs, spec, torch.Generator().manual_seed(1))
+    other = imitate_shoot(inputs, spec, torch.Generator().manual_seed(2))
+    assert first.shape == inputs.shape and torch.equal(first, again) and not torch.equal(first, other)
+    assert first.min() >= -1.0 - 1e-6 and first.max() <= 1.0 + 1e-6  # still [0, 1] pixels, normalised
+    assert not torch.allclose(first, inputs, atol=0.05)
+
+
+def test_auxiliary_heads_add_their_losses_and_skip_missing_labels() -> None:
+    spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
+    model = EmbeddingNet(spec)
+    net = AuxiliaryHeads(model, [2, 5])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        logits = net(x)
+    assert logits.shape == (4, 3 + 2 + 5)
+    targets = torch.tensor([[0, 1, 4], [1, 0, -1], [2, -1, -1], [0, 1, 0]])
+    main = CosFaceLoss()
+    loss = MultiTaskLoss(main, 3, [2, 5], weight=0.5)(logits, targets)
+    expected = (main(logits[:, :3], targets[:, 0]) + 0.5 * main(logits[[0, 1, 3], 3:5], targets[[0, 1, 3], 1])
+                + 0.5 * main(logits[[0, 3], 5:], targets[[0, 3], 2]))
+    assert loss.item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError):
+        AuxiliaryHeads(EmbeddingNet(ModelSpec(input_size=16, channels=(4, 8), num_classes=3)), [2])
 
 
 def test_seed_cnn_keeps_its_weight_names() -> None:
