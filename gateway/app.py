@@ -42,6 +42,7 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 PICTURES = web.AppKey("pictures", PictureCache)
 API_KEYS = web.AppKey("api_keys", dict)
 HEALTH_EXTRA = web.AppKey("health_extra", Callable)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -155,7 +156,7 @@ def reply_response(reply: dict[str, Any], raw: bytes | None, request_id: str) ->
 
 async def ask(request: web.Request, query_of: Callable[[str], Awaitable[Query]]) -> web.Response:
     request_id = uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     try:
         client = authenticate(request, request_id)
         query = await query_of(client)
@@ -175,7 +176,7 @@ def form_value(request: web.Request, fields: Mapping[str, str], name: str) -> st
 
 async def similar_to_image(request: web.Request) -> web.Response:
     async def query_of(client: str) -> Query:
-        image, fields = await query_image(request, request["request_id"])
+        image, fields = await query_image(request, request[REQUEST_ID])
         return Query(image=image, k=form_value(request, fields, "k"), client_id=client,
                      min_position=form_value(request, fields, "min_position"))
 
@@ -280,24 +281,28 @@ def route_name(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One JSON-able log line and the metrics per request; nothing unexpected escapes as a traceback page."""
+    """One log line and the metrics per request; nothing unexpected escapes as a traceback page."""
     started = time.perf_counter()
+    status = 500
     try:
         response = await handler(request)
+        status = response.status
+        return response
     except web.HTTPException as exc:
-        response = exc
+        status = exc.status
+        raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = web.json_response(gateway_error(request.get("request_id", "-"), "internal",
-                                                   "the gateway failed; see its log"), status=500)
-    seconds = time.perf_counter() - started
-    route = route_name(request)
-    m.REQUESTS.labels(route, str(response.status)).inc()
-    m.REQUEST_SECONDS.labels(route).observe(seconds)
-    if route not in ("/metrics", "/healthz", "/static"):
-        access_log.info("%s %s %d %.1fms", request.method, request.path, response.status, seconds * 1000,
-                        extra={"request_id": request.get("request_id"), "code": response.status})
-    return response
+        return web.json_response(gateway_error(request.get(REQUEST_ID, "-"), "internal",
+                                               "the gateway failed; see its log"), status=500)
+    finally:
+        seconds = time.perf_counter() - started
+        route = route_name(request)
+        m.REQUESTS.labels(route, str(status)).inc()
+        m.REQUEST_SECONDS.labels(route).observe(seconds)
+        if route not in ("/metrics", "/healthz") and not route.startswith("/static"):
+            access_log.info("%s %s %d %.1fms", request.method, request.path, status, seconds * 1000,
+                            extra={"request_id": request.get(REQUEST_ID), "code": status})
 
 
 def cors(origins: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:

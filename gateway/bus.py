@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
+from pydantic import SecretStr
 
 from lookalike import auth
 from lookalike import contracts as c
@@ -70,6 +71,14 @@ def query_headers(query: Query, reply_to: str) -> dict[str, bytes]:
     return headers
 
 
+def record_headers(query: Query, reply_to: str, key: bytes, secret: SecretStr | None) -> dict[str, bytes]:
+    """The headers that travel: signed as the query's client when the gateway has its key."""
+    headers = query_headers(query, reply_to)
+    if secret is None:
+        return headers
+    return auth.sign(query.client_id, secret.get_secret_value(), key, headers, query.image)
+
+
 class Bus(Protocol):
     """What the HTTP side needs from Kafka (unit tests give the app a fake one)."""
 
@@ -89,10 +98,10 @@ def reply_topic_spec(topic: str) -> TopicSpec:
 class KafkaBus:
     """Producer + reply router. ``start()`` in the event loop that will await the answers."""
 
-    def __init__(self, settings: CommonSettings, reply_topic: str, signing_keys: dict[str, Any]) -> None:
+    def __init__(self, settings: CommonSettings, reply_topic: str, signing_keys: dict[str, SecretStr]) -> None:
         self.settings = settings
         self.reply_topic = reply_topic
-        self.signing_keys = signing_keys  # client id -> SecretStr
+        self.signing_keys = signing_keys  # client id -> HMAC key (docs/security.md#signed-queries)
         self.producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self.consumer = Consumer(confluent_config(settings, **{
             "group.id": f"lookalike-gateway-{uuid.uuid4().hex}",  # never joins: partitions are assigned
@@ -178,10 +187,7 @@ class KafkaBus:
         """Publish ``query`` and await its reply; raises GatewayError(timeout | unavailable)."""
         assert self.loop is not None, "start() first"
         key = request_id.encode()
-        headers = query_headers(query, self.reply_topic)
-        secret = self.signing_keys.get(query.client_id)
-        if secret is not None:  # signed as the client (docs/security.md#signed-queries)
-            headers = auth.sign(query.client_id, secret.get_secret_value(), key, headers, query.image)
+        headers = record_headers(query, self.reply_topic, key, self.signing_keys.get(query.client_id))
         future: asyncio.Future[tuple[dict[str, Any], bytes, float]] = self.loop.create_future()
         self.pending[key] = future
         loop = self.loop
