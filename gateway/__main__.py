@@ -8,6 +8,7 @@ import signal
 import sys
 
 from aiohttp import web
+from confluent_kafka import KafkaException
 
 from gateway.app import build_app
 from gateway.bus import KafkaBus
@@ -58,7 +59,8 @@ def main() -> int:
     try:
         settings.check()
         asyncio.run(serve(settings))
-    except (ConfigError, ValueError, LookalikeError) as exc:
+    except (ConfigError, ValueError, LookalikeError, KafkaException, OSError) as exc:
+        # OSError: the port is taken; KafkaException: the broker refused the reply topic
         log.error("gateway cannot start: %s", exc)
         return 2
     return 0
