@@ -51,6 +51,13 @@ async def _post(session: aiohttp.ClientSession, url: str, image: bytes) -> tuple
         return response.status, (time.perf_counter() - started) * 1000
 
 
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    async with session.get(url) as response:
+        await response.read()
+        return response.status, (time.perf_counter() - started) * 1000
+
+
 async def _overhead(url: str, settings: ClientSettings, images: Sequence[bytes], pairs: int) -> dict[str, Any]:
     kafka_ms: list[float] = []
     http_ms: list[float] = []
@@ -84,7 +91,10 @@ async def _overhead(url: str, settings: ClientSettings, images: Sequence[bytes],
             "overhead_p99_ms": round(http["p99"] - kafka["p99"], 2) if kafka_ms and http_ms else None}
 
 
-async def _throughput(url: str, images: Sequence[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+async def _throughput(url: str, images: Sequence[bytes], concurrency: int, seconds: float,
+                      item_ids: Sequence[str] = ()) -> dict[str, Any]:
+    """Image queries, or with ``item_ids`` "more like this item" queries (no embedding: the
+    gateway, Kafka and the index without the model's cost)."""
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     deadline = time.perf_counter() + seconds
@@ -93,7 +103,10 @@ async def _throughput(url: str, images: Sequence[bytes], concurrency: int, secon
         async def client(offset: int) -> None:
             n = offset
             while time.perf_counter() < deadline:
-                status, took = await _post(session, url + "/v1/similar?k=5", images[n % len(images)])
+                if item_ids:
+                    status, took = await _get(session, f"{url}/v1/items/{item_ids[n % len(item_ids)]}/similar?k=5")
+                else:
+                    status, took = await _post(session, url + "/v1/similar?k=5", images[n % len(images)])
                 statuses[status] += 1
                 if status == 200:
                     latencies.append(took)
@@ -102,17 +115,21 @@ async def _throughput(url: str, images: Sequence[bytes], concurrency: int, secon
         started = time.perf_counter()
         await asyncio.gather(*[client(i) for i in range(concurrency)])
         elapsed = time.perf_counter() - started
-    return {"concurrency": concurrency, "seconds": round(elapsed, 2), "ok": len(latencies),
+    return {"concurrency": concurrency, "kind": "item" if item_ids else "image", "seconds": round(elapsed, 2),
+            "ok": len(latencies),
             "requests_per_s": round(len(latencies) / elapsed, 1), "latency_ms": percentiles(latencies),
             "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
 def measure(url: str, settings: ClientSettings, images: Sequence[bytes], *, pairs: int = 200,
-            concurrency: Sequence[int] = (1, 4, 16), seconds: float = 15.0) -> dict[str, Any]:
-    """Both measurements; ``images``: query images (JPEG bytes), used in turn."""
+            concurrency: Sequence[int] = (1, 4, 16), seconds: float = 15.0, item_ids: Sequence[str] = ()) -> dict[str, Any]:
+    """Both measurements; ``images``: query images (JPEG bytes), used in turn; ``item_ids``:
+    catalog items for a last run of "more like this" queries at the highest concurrency."""
     url = url.rstrip("/")
     result: dict[str, Any] = {"url": url, "overhead": asyncio.run(_overhead(url, settings, images, pairs))}
     result["throughput"] = [asyncio.run(_throughput(url, images, c, seconds)) for c in concurrency]
+    if item_ids:
+        result["throughput"].append(asyncio.run(_throughput(url, images, max(concurrency), seconds, item_ids)))
     return result
 
 
@@ -128,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if not reachable(args.url):
         print(f"no gateway answers at {args.url}/healthz (`lookalike services up` starts one)", file=sys.stderr)
         return 2
-    images = [item.image_path.read_bytes() for _, item in zip(range(200), iter_catalog(args.data), strict=False)]
+    items = [item for _, item in zip(range(200), iter_catalog(args.data), strict=False)]
+    images = [item.image_path.read_bytes() for item in items]
     print(json.dumps(measure(args.url, ClientSettings(), images, pairs=args.pairs, concurrency=args.concurrency,
-                             seconds=args.seconds), indent=2))
+                             seconds=args.seconds, item_ids=[item.item_id for item in items]), indent=2))
     return 0
 
 

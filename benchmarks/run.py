@@ -131,7 +131,8 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         row("gateway: overhead p50 / p99 (HTTP − Kafka)", o["overhead_p50_ms"], f"/ {o['overhead_p99_ms']} ms")
         for t in g["throughput"]:
             lat = t["latency_ms"]
-            row(f"gateway: {t['concurrency']} clients, requests/s (p50 / p99 {lat.get('p50')} / {lat.get('p99')} ms)",
+            kind = "more-like-item" if t.get("kind") == "item" else "image"
+            row(f"gateway: {t['concurrency']} clients, {kind} requests/s (p50 / p99 {lat.get('p50')} / {lat.get('p99')} ms)",
                 t["requests_per_s"], "req/s")
     m = result.get("model")
     if m:
@@ -239,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             if gateway.reachable(args.gateway_url):
                 print(f"== gateway: HTTP vs Kafka round trip, then requests/s at {args.gateway_url}", flush=True)
                 monitor.begin("gateway")
-                result["gateway"] = gateway.measure(args.gateway_url, settings, [images[i.item_id] for i in items[:200]],
-                                                    seconds=args.gateway_seconds)
+                result["gateway"] = gateway.measure(
+                    args.gateway_url, settings, [images[i.item_id] for i in items[:200]], seconds=args.gateway_seconds,
+                    item_ids=[i.item_id for i in items[:200]])
             else:
                 print(f"== gateway: none answers at {args.gateway_url}/healthz, skipped", flush=True)
         group = isettings.indexer_group
