@@ -3,7 +3,10 @@
 * Overhead, closed loop, one request at a time: the same image asked through Kafka (the
   query client: publish, read the reply topic) and through the gateway (``POST
   /v1/similar``), alternately, so both see the same load; overhead = HTTP − Kafka at p50
-  and p99.
+  and p99, and the distribution of the paired differences (each HTTP request minus the
+  Kafka one just before it). The gateway's ``Server-Timing: kafka;dur=`` header says how
+  long it waited for Kafka and the pipeline; HTTP − that is the gateway's own share
+  (aiohttp, the body, JSON, the loop and the client's HTTP stack).
 * Throughput, closed loop: ``C`` HTTP clients each send their next query as soon as the
   last one is answered, for a fixed time; requests/s answered ok, latency p50/p99, and
   every non-200 counted by status.
@@ -44,11 +47,32 @@ def reachable(url: str) -> bool:
         return False
 
 
-async def _post(session: aiohttp.ClientSession, url: str, image: bytes) -> tuple[int, float]:
+def server_kafka_ms(header: str | None) -> float | None:
+    """The ``kafka;dur=`` of a Server-Timing header."""
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        if name == "kafka":
+            try:
+                return float(rest)
+            except ValueError:
+                return None
+    return None
+
+
+async def _post(session: aiohttp.ClientSession, url: str, image: bytes,
+                seen: set[str] | None = None, inside: list[float] | None = None) -> tuple[int, float]:
+    """One image query; ``seen`` collects the result item ids, ``inside`` the HTTP time not spent waiting for Kafka."""
     started = time.perf_counter()
     async with session.post(url, data=image, headers={"Content-Type": "image/jpeg"}) as response:
-        await response.read()
-        return response.status, (time.perf_counter() - started) * 1000
+        body = await response.read()
+        took = (time.perf_counter() - started) * 1000
+        if response.status == 200:
+            if seen is not None:
+                seen.update(hit["item_id"] for hit in json.loads(body)["results"])
+            kafka = server_kafka_ms(response.headers.get("Server-Timing"))
+            if inside is not None and kafka is not None:
+                inside.append(took - kafka)
+        return response.status, took
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
@@ -58,9 +82,12 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
         return response.status, (time.perf_counter() - started) * 1000
 
 
-async def _overhead(url: str, settings: ClientSettings, images: Sequence[bytes], pairs: int) -> dict[str, Any]:
+async def _overhead(url: str, settings: ClientSettings, images: Sequence[bytes], pairs: int,
+                    seen: set[str]) -> dict[str, Any]:
     kafka_ms: list[float] = []
     http_ms: list[float] = []
+    paired: list[float] = []
+    inside: list[float] = []
     failures: Counter[str] = Counter()
     loop = asyncio.get_running_loop()
     with QueryClient(settings) as client:
@@ -73,20 +100,21 @@ async def _overhead(url: str, settings: ClientSettings, images: Sequence[bytes],
                     ok = reply["status"] == "ok"
                 except ReplyTimeout:
                     ok = False
-                took = (time.perf_counter() - started) * 1000
-                if n >= 5:
+                kafka_took = (time.perf_counter() - started) * 1000
+                if n >= 5 and ok:
+                    kafka_ms.append(kafka_took)
+                elif n >= 5:
+                    failures["kafka"] += 1
+                status, took = await _post(session, url + "/v1/similar?k=5", image, seen, inside if n >= 5 else None)
+                if n >= 5 and status == 200:
+                    http_ms.append(took)
                     if ok:
-                        kafka_ms.append(took)
-                    else:
-                        failures["kafka"] += 1
-                status, took = await _post(session, url + "/v1/similar?k=5", image)
-                if n >= 5:
-                    if status == 200:
-                        http_ms.append(took)
-                    else:
-                        failures[f"http {status}"] += 1
+                        paired.append(took - kafka_took)
+                elif n >= 5:
+                    failures[f"http {status}"] += 1
     kafka, http = percentiles(kafka_ms), percentiles(http_ms)
     return {"pairs": pairs, "kafka_ms": kafka, "http_ms": http, "failures": dict(failures),
+            "paired_difference_ms": percentiles(paired), "http_minus_server_kafka_ms": percentiles(inside),
             "overhead_p50_ms": round(http["p50"] - kafka["p50"], 2) if kafka_ms and http_ms else None,
             "overhead_p99_ms": round(http["p99"] - kafka["p99"], 2) if kafka_ms and http_ms else None}
 
@@ -122,14 +150,16 @@ async def _throughput(url: str, images: Sequence[bytes], concurrency: int, secon
 
 
 def measure(url: str, settings: ClientSettings, images: Sequence[bytes], *, pairs: int = 200,
-            concurrency: Sequence[int] = (1, 4, 16), seconds: float = 15.0, item_ids: Sequence[str] = ()) -> dict[str, Any]:
-    """Both measurements; ``images``: query images (JPEG bytes), used in turn; ``item_ids``:
-    catalog items for a last run of "more like this" queries at the highest concurrency."""
+            concurrency: Sequence[int] = (1, 4, 16), seconds: float = 15.0) -> dict[str, Any]:
+    """Both measurements; ``images``: query images (JPEG bytes), used in turn. A last run at
+    the highest concurrency asks "more like this" for items the image queries returned
+    (so they are in the index)."""
     url = url.rstrip("/")
-    result: dict[str, Any] = {"url": url, "overhead": asyncio.run(_overhead(url, settings, images, pairs))}
+    seen: set[str] = set()
+    result: dict[str, Any] = {"url": url, "overhead": asyncio.run(_overhead(url, settings, images, pairs, seen))}
     result["throughput"] = [asyncio.run(_throughput(url, images, c, seconds)) for c in concurrency]
-    if item_ids:
-        result["throughput"].append(asyncio.run(_throughput(url, images, max(concurrency), seconds, item_ids)))
+    if seen:
+        result["throughput"].append(asyncio.run(_throughput(url, images, max(concurrency), seconds, sorted(seen))))
     return result
 
 
@@ -145,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if not reachable(args.url):
         print(f"no gateway answers at {args.url}/healthz (`lookalike services up` starts one)", file=sys.stderr)
         return 2
-    items = [item for _, item in zip(range(200), iter_catalog(args.data), strict=False)]
-    images = [item.image_path.read_bytes() for item in items]
+    images = [item.image_path.read_bytes() for _, item in zip(range(200), iter_catalog(args.data), strict=False)]
     print(json.dumps(measure(args.url, ClientSettings(), images, pairs=args.pairs, concurrency=args.concurrency,
-                             seconds=args.seconds, item_ids=[item.item_id for item in items]), indent=2))
+                             seconds=args.seconds), indent=2))
     return 0
 
 

@@ -129,6 +129,10 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         row("gateway: Kafka round trip p50 / p99 (one at a time)", o["kafka_ms"].get("p50"), f"/ {o['kafka_ms'].get('p99')} ms")
         row("gateway: HTTP round trip p50 / p99 (one at a time)", o["http_ms"].get("p50"), f"/ {o['http_ms'].get('p99')} ms")
         row("gateway: overhead p50 / p99 (HTTP − Kafka)", o["overhead_p50_ms"], f"/ {o['overhead_p99_ms']} ms")
+        if o.get("paired_difference_ms", {}).get("n"):
+            pd, inside = o["paired_difference_ms"], o["http_minus_server_kafka_ms"]
+            row("gateway: paired HTTP − Kafka p50 / p99", pd["p50"], f"/ {pd['p99']} ms")
+            row("gateway: its own share (HTTP − its Kafka wait) p50 / p99", inside.get("p50"), f"/ {inside.get('p99')} ms")
         for t in g["throughput"]:
             lat = t["latency_ms"]
             kind = "more-like-item" if t.get("kind") == "item" else "image"
@@ -240,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             if gateway.reachable(args.gateway_url):
                 print(f"== gateway: HTTP vs Kafka round trip, then requests/s at {args.gateway_url}", flush=True)
                 monitor.begin("gateway")
-                result["gateway"] = gateway.measure(
-                    args.gateway_url, settings, [images[i.item_id] for i in items[:200]], seconds=args.gateway_seconds,
-                    item_ids=[i.item_id for i in items[:200]])
+                result["gateway"] = gateway.measure(args.gateway_url, settings, [images[i.item_id] for i in items[:200]],
+                                                    seconds=args.gateway_seconds)
             else:
                 print(f"== gateway: none answers at {args.gateway_url}/healthz, skipped", flush=True)
         group = isettings.indexer_group

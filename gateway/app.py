@@ -142,9 +142,12 @@ async def query_image(request: web.Request, request_id: str) -> tuple[bytes, dic
 
 
 # -- answers ----------------------------------------------------------------------
-def reply_response(reply: dict[str, Any], raw: bytes | None, request_id: str) -> web.Response:
+def reply_response(reply: dict[str, Any], raw: bytes | None, request_id: str,
+                   kafka_s: float | None = None) -> web.Response:
     status = http_status(reply)
     headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
+    if kafka_s is not None:  # produce -> reply read: what the gateway waited for Kafka and the pipeline
+        headers["Server-Timing"] = f"kafka;dur={kafka_s * 1000:.2f}"
     retry = retry_after_s(reply)
     if retry is not None:
         headers["Retry-After"] = str(retry)
@@ -167,7 +170,7 @@ async def ask(request: web.Request, query_of: Callable[[str], Awaitable[Query]])
         log.warning("query %s: %s", request_id, exc, extra={"request_id": request_id, "code": exc.code})
         return reply_response(gateway_error(request_id, exc.code, str(exc)), None, request_id)
     m.KAFKA_ROUND_TRIP.observe(answer.seconds)
-    return reply_response(answer.reply, answer.raw, request_id)
+    return reply_response(answer.reply, answer.raw, request_id, answer.seconds)
 
 
 def form_value(request: web.Request, fields: Mapping[str, str], name: str) -> str | None:
@@ -321,7 +324,7 @@ def cors(origins: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
             response = await handler(request)
         if allow:
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else allow
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After, Server-Timing"
             response.headers["Vary"] = "Origin"
         return response
 
