@@ -54,10 +54,14 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> int:
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValueError as exc:  # pydantic's ValidationError: says which variable and why
+        logs.configure("text", "gateway")
+        log.error("gateway settings: %s", exc)
+        return 2
     logs.configure(settings.log_format, "gateway")
     try:
-        settings.check()
         asyncio.run(serve(settings))
     except (ConfigError, ValueError, LookalikeError, KafkaException, OSError) as exc:
         # OSError: the port is taken; KafkaException: the broker refused the reply topic

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from lookalike.contracts import valid_topic_name
 from lookalike.settings import CommonSettings, MiB
@@ -60,8 +60,9 @@ class GatewaySettings(CommonSettings):
         """A query image, plus room for a multipart envelope."""
         return self.max_query_image_bytes + 64 * 1024
 
-    def check(self) -> None:
-        """Refuse settings that cannot work, with a message that says what to change."""
+    @model_validator(mode="after")
+    def _reply_topic_is_valid(self) -> GatewaySettings:
         if not valid_topic_name(self.reply_topic):
             raise ValueError(f"the gateway's reply topic {self.reply_topic!r} is not a valid topic name: "
                              "set LOOKALIKE_GATEWAY_INSTANCE (letters, digits, - and _)")
+        return self

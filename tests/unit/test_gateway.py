@@ -310,4 +310,11 @@ def test_the_reply_topic_is_under_the_reply_prefix_and_valid() -> None:
     assert settings().reply_topic == "lookalike.replies.gateway-unit"
     assert GatewaySettings(gateway_instance="a", reply_topic_prefix="test-1.").reply_topic == "test-1.gateway-a"
     with pytest.raises(ValueError, match="LOOKALIKE_GATEWAY_INSTANCE"):
-        GatewaySettings(gateway_instance="bad name!").check()
+        GatewaySettings(gateway_instance="bad name!", gateway_reply_topic=None)
+
+
+def test_the_page_url_is_one_a_local_browser_can_open() -> None:
+    from control.page import page_url
+
+    assert page_url(GatewaySettings(gateway_host="0.0.0.0", gateway_port=8480)) == "http://127.0.0.1:8480/"
+    assert page_url(GatewaySettings(gateway_host="10.0.0.5", gateway_port=9000)) == "http://10.0.0.5:9000/"
