@@ -6,6 +6,9 @@ One pipeline (worker + indexer with signed queries and rate limits on) and one c
 40 items serve the whole module: real product photos from the sample dataset when it is
 there, generated pictures otherwise. Either way the uploaded "shopper photo" is a catalog
 item re-stretched to 3:4, resized and re-encoded, and the product itself must come first.
+With the tests' tiny model (trained deterministically) every one of the 40 ranks itself first
+in both catalogs, by a cosine margin of at least 4e-5 (3e-4 for the products used here);
+re-embedding in another batch size moves scores by about 1e-6.
 """
 
 from __future__ import annotations
