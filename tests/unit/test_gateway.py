@@ -318,3 +318,28 @@ def test_the_page_url_is_one_a_local_browser_can_open() -> None:
 
     assert page_url(GatewaySettings(gateway_host="0.0.0.0", gateway_port=8480)) == "http://127.0.0.1:8480/"
     assert page_url(GatewaySettings(gateway_host="10.0.0.5", gateway_port=9000)) == "http://10.0.0.5:9000/"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers"), [
+    ("POST", "/v1/similar", b"--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc",
+     {"Content-Type": "multipart/form-data; boundary=x"}),  # never closed
+    ("POST", "/v1/similar", b"garbage", {"Content-Type": "multipart/form-data"}),  # no boundary
+    ("POST", "/v1/similar", b"\x00" * 100, {"Content-Type": "multipart/form-data; boundary="}),
+    ("POST", "/v1/feedback", b"\xff\xfe not utf-8", {"Content-Type": "application/json"}),
+    ("POST", "/v1/feedback", b'{"user_id": "u", "events": [{"request_id": ["r"], "item_id": {}, "event": 5}]}', {}),
+    ("POST", "/v1/feedback", b'{"user_id": "u", "events": [{"request_id": "r", "item_id": "i", "event": "click", '
+                              b'"timestamp": true}]}', {}),
+    ("GET", "/v1/items/%00%ff/similar?k=%00", None, {}),
+    ("GET", "/v1/items/x/similar", None, {"Authorization": "Bearer"}),  # an empty key is no key: public client
+    ("GET", "/v1/items/x/similar", None, {"X-API-Key": "k" * 10_000}),
+])
+def test_hostile_requests_get_a_client_error_never_a_crash(method: str, path: str, body: bytes | None,
+                                                           headers: dict[str, str]) -> None:
+    bus = FakeBus(c.error_reply("r", "bad_header", "the worker refused it"))
+
+    async def ask(client: TestClient) -> tuple[int, bytes]:
+        response = await client.request(method, path, data=body, headers=headers)
+        return response.status, await response.read()
+
+    status, raw = call(app_with(bus), ask)
+    assert 400 <= status < 500, raw
