@@ -120,13 +120,18 @@ async def query_image(request: web.Request, request_id: str) -> tuple[bytes, dic
         if request.content_type.startswith("multipart/"):
             image = None
             reader = await request.multipart()
+            total = 0  # all parts together stay within the body limit, chunked or not
             while (part := await reader.next()) is not None:
                 if part.name == "image" or (part.filename and image is None):
-                    image = await read_limited(part, limit)
+                    data = image = await read_limited(part, limit)
                 elif part.name in ("k", "min_position"):
-                    fields[part.name] = (await read_limited(part, 1024)).decode("utf-8", "replace")
+                    data = await read_limited(part, 1024)
+                    fields[part.name] = data.decode("utf-8", "replace")
                 else:
-                    await read_limited(part, 1024 * 1024)  # unknown parts are drained, within bounds
+                    data = await read_limited(part, 1024 * 1024)  # unknown parts are drained, within bounds
+                total += len(data)
+                if total > settings.max_body_bytes:
+                    raise BodyTooLarge(f"multipart body is over {settings.max_body_bytes} bytes")
             if image is None:
                 raise ReplyError(gateway_error(request_id, "bad_image", "no `image` part in the multipart body"))
         else:

@@ -343,3 +343,20 @@ def test_hostile_requests_get_a_client_error_never_a_crash(method: str, path: st
 
     status, raw = call(app_with(bus), ask)
     assert 400 <= status < 500, raw
+
+
+def test_a_chunked_multipart_body_is_bounded_in_all_not_only_per_part() -> None:
+    bus = FakeBus(ok_reply())
+    part = b"--b\r\nContent-Disposition: form-data; name=\"filler\"\r\n\r\n" + b"x" * 60_000 + b"\r\n"
+
+    async def body():  # type: ignore[no-untyped-def]
+        for _ in range(5):  # 300 KB of parts the gateway does not use; the limit is 64 KiB + 64 KiB
+            yield part
+        yield b"--b--\r\n"
+
+    async def ask(client: TestClient) -> tuple[int, dict[str, Any]]:
+        response = await client.post("/v1/similar", data=body(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+        return response.status, await response.json()
+
+    status, reply = call(app_with(bus), ask)
+    assert (status, reply["error"]["code"]) == (413, "too_large") and bus.queries == []
