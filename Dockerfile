@@ -15,6 +15,7 @@ COPY indexer indexer
 COPY training training
 COPY feedback feedback
 COPY benchmarks benchmarks
+COPY gateway gateway
 RUN pip install . && apt-get purge -y build-essential && apt-get autoremove -y
 RUN useradd --create-home --uid 10001 lookalike && mkdir -p /models /var/lib/lookalike /secrets \
     && chown lookalike /models /var/lib/lookalike /secrets && chmod 0700 /secrets

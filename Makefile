@@ -16,7 +16,8 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/lookalike demo --data $(DATA)
 
-## test: unit tests (no servers) and integration tests on a real Kafka broker and Redis server
+## test: unit tests (no servers), integration tests on a real Kafka broker and Redis server, and
+## the shopper's page in Debian's chromium (tests/integration/test_gateway.py)
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -40,4 +41,4 @@ status: venv
 	$(BIN)/lookalike status
 
 lint: venv
-	$(BIN)/ruff check control lookalike producers workers indexer training feedback benchmarks tests
+	$(BIN)/ruff check control lookalike producers workers indexer training feedback benchmarks gateway tests

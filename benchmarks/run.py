@@ -5,8 +5,9 @@
     lookalike bench --ann-items 0 --query-seconds 10 # a quick look (≈ 3 min)
 
 Phases, in order: the bare model's batched rate (services idle), query latency at a fixed
-rate, ingestion throughput, freshness, HNSW vs exact on the live catalog's vectors, HNSW
-vs exact on synthetic vectors; CPU and memory of every local process throughout. Writes
+rate, the HTTP gateway (overhead over Kafka, requests/s; benchmarks/gateway.py), ingestion
+throughput, freshness, HNSW vs exact on the live catalog's vectors, HNSW vs exact on
+synthetic vectors; CPU and memory of every local process throughout. Writes
 ``out/bench/bench.json`` and PNG plots beside it, and prints the figures against the
 targets of issue 7. Settings (servers, topics, model store) are the ``LOOKALIKE_*`` ones.
 """
@@ -122,6 +123,21 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         row("queries answered ok / sent", q["answered_ok"], f"/ {q['sent']}")
         for stage, p in q["stages_ms"].items():
             row(f"  stage {stage} p50 / p99", p.get("p50"), f"/ {p.get('p99')} ms")
+    g = result.get("gateway")
+    if g:
+        o = g["overhead"]
+        row("gateway: Kafka round trip p50 / p99 (one at a time)", o["kafka_ms"].get("p50"), f"/ {o['kafka_ms'].get('p99')} ms")
+        row("gateway: HTTP round trip p50 / p99 (one at a time)", o["http_ms"].get("p50"), f"/ {o['http_ms'].get('p99')} ms")
+        row("gateway: overhead p50 / p99 (HTTP − Kafka)", o["overhead_p50_ms"], f"/ {o['overhead_p99_ms']} ms")
+        if o.get("paired_difference_ms", {}).get("n"):
+            pd, inside = o["paired_difference_ms"], o["http_minus_server_kafka_ms"]
+            row("gateway: paired HTTP − Kafka p50 / p99", pd["p50"], f"/ {pd['p99']} ms")
+            row("gateway: its own share (HTTP − its Kafka wait) p50 / p99", inside.get("p50"), f"/ {inside.get('p99')} ms")
+        for t in g["throughput"]:
+            lat = t["latency_ms"]
+            kind = "more-like-item" if t.get("kind") == "item" else "image"
+            row(f"gateway: {t['concurrency']} clients, {kind} requests/s (p50 / p99 {lat.get('p50')} / {lat.get('p99')} ms)",
+                t["requests_per_s"], "req/s")
     m = result.get("model")
     if m:
         layout = ", channels-last" if m.get("channels_last") else ""
@@ -188,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ann-items", type=int, default=1_000_000, help="synthetic vectors; 0 skips")
     parser.add_argument("--ann-kind", choices=["clustered", "uniform"], default="clustered")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["model", "queries", "ingestion", "freshness", "ann-catalog", "ann-synthetic"])
+                        choices=["model", "queries", "gateway", "ingestion", "freshness", "ann-catalog", "ann-synthetic"])
+    parser.add_argument("--gateway-url", default="http://127.0.0.1:8480", help="the HTTP gateway (skipped when down)")
+    parser.add_argument("--gateway-seconds", type=float, default=15.0, help="per concurrency level (1, 4, 16)")
     parser.add_argument("--pid", nargs="*", default=[], metavar="NAME=PID", help="more processes to watch")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             result["queries"] = bench.query_latency(queries, args.query_rate, args.query_seconds)
             paths += [plots.latency(result["queries"], args.out / "latency.png"),
                       plots.stages(result["queries"], args.out / "stages.png")]
+        if "gateway" not in args.skip:
+            from benchmarks import gateway
+
+            if gateway.reachable(args.gateway_url):
+                print(f"== gateway: HTTP vs Kafka round trip, then requests/s at {args.gateway_url}", flush=True)
+                monitor.begin("gateway")
+                result["gateway"] = gateway.measure(args.gateway_url, settings, [images[i.item_id] for i in items[:200]],
+                                                    seconds=args.gateway_seconds)
+            else:
+                print(f"== gateway: none answers at {args.gateway_url}/healthz, skipped", flush=True)
         group = isettings.indexer_group
         if "ingestion" not in args.skip:
             chosen = items[: args.ingest_items or len(items)]

@@ -213,6 +213,12 @@ def _demo(args: argparse.Namespace) -> int:
                     epochs=args.epochs)
 
 
+def _page(args: argparse.Namespace) -> int:
+    from control.page import open_page
+
+    return open_page(browser=not args.no_browser)
+
+
 def _acls(args: argparse.Namespace) -> int:
     from lookalike.acls import bindings, grants, kafka_acls_commands, topic_namespace
     from lookalike.settings import CommonSettings, IndexerSettings, WorkerSettings
@@ -344,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the training config's)")
     p.add_argument("--gallery", default="out/demo-gallery.png")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("page", help="open the shopper's web page (served by the gateway) in a browser")
+    p.add_argument("--no-browser", action="store_true", help="only check the gateway and print the URL")
+    p.set_defaults(func=_page)
     return parser
 
 

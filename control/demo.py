@@ -104,6 +104,11 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     print(f"\n== {hits_same_type}/{5 * len(held_out)} results share the query's articleType; "
           f"latency publish->reply: median {latencies[len(latencies) // 2]:.0f} ms, max {latencies[-1]:.0f} ms")
     print(f"== gallery: {gallery}")
+    from control.page import page_url, wait_healthy
+
+    url = page_url()
+    print(f"== shopper's page: {url} (`lookalike page` opens it)" if wait_healthy(url)
+          else f"== the gateway did not answer at {url}; see `lookalike services status`")
     print(f"== done in {time.monotonic() - t0:.0f}s. The stack and services keep running: "
           "`make down` stops them, `lookalike query IMAGE` asks more.")
     return 0

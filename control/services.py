@@ -11,6 +11,7 @@ from lookalike.errors import StackError
 from lookalike.settings import StackSettings
 
 SERVICES = {"worker": "workers", "indexer": "indexer"}
+SERVICES["gateway"] = "gateway"  # the HTTP gateway and the shopper's page (docs/gateway.md)
 
 
 @dataclass

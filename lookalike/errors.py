@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     INVALID_MESSAGE = "invalid_message"
     INTERNAL = "internal"
+    TIMEOUT = "timeout"  # the HTTP gateway's deadline passed (gateway/)
+    UNAVAILABLE = "unavailable"  # the HTTP gateway could not reach Kafka (gateway/)
     BAD_FEEDBACK = "bad_feedback"  # a feedback or trigger event that is not UTF-8 JSON, or not what its schema allows
 
 

@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from control.cli import build_parser
+from gateway.settings import GatewaySettings
 from lookalike.settings import CommonSettings, IndexerSettings, StackSettings, WorkerSettings
 
 COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 FIELDS = set(WorkerSettings.model_fields) | set(IndexerSettings.model_fields) | set(CommonSettings.model_fields)
+FIELDS |= set(GatewaySettings.model_fields)
 
 
 def test_services_and_images() -> None:
@@ -146,3 +148,14 @@ def test_dashboard_is_provisioned_and_queries_exported_metrics() -> None:
             used = set(METRIC.findall(target["expr"]))
             assert used and used <= known, f"{panel['title']}: unknown metrics {used - known}"
     assert len(titles) == len(DASHBOARD["panels"]) >= 10
+
+
+def test_two_gateways_behind_a_proxy_each_with_its_own_reply_topic() -> None:
+    gateways = [SERVICES[name] for name in ("gateway-1", "gateway-2")]
+    assert [g["command"] for g in gateways] == [["python", "-m", "gateway"]] * 2
+    instances = {g["environment"]["LOOKALIKE_GATEWAY_INSTANCE"] for g in gateways}
+    assert len(instances) == 2  # distinct reply topics
+    conf = (Path(__file__).resolve().parents[2] / "deploy/nginx/gateway.conf").read_text()
+    for name, g in zip(("gateway-1", "gateway-2"), gateways, strict=True):
+        assert f"server {name}:{g['environment']['LOOKALIKE_GATEWAY_PORT']}" in conf
+    assert SERVICES["gateway-proxy"]["ports"] == ["127.0.0.1:8480:8080"] and "listen 8080" in conf

@@ -1,5 +1,6 @@
 """The package layout as a contract: the core imports no service and no face, services meet
-only through the core (topics, typed Redis records), and the face may import everything."""
+only through the core (topics, typed Redis records), the gateway (an edge service) uses the core
+and the producers, and the face may import everything."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ CORE = "lookalike"
 FACE = {"control", "benchmarks"}
 CLIENTS = {"producers"}
 SERVICES = {"workers", "indexer", "feedback", "training"}
-PACKAGES = {CORE, *FACE, *CLIENTS, *SERVICES}
+# The HTTP gateway is a service that is also a client: it may use the core and the producers
+# (it speaks the same contract as a Kafka client would), and nothing imports it but the face.
+EDGE = {"gateway"}
+PACKAGES = {CORE, *FACE, *CLIENTS, *SERVICES, *EDGE}
 
 
 def imports_of(package: str, root: Path = REPO) -> dict[str, set[str]]:
@@ -47,6 +51,16 @@ def test_the_core_imports_no_service_client_or_face() -> None:
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_a_service_imports_only_the_core(service: str) -> None:
     assert offenders(service, {CORE}) == []
+
+
+def test_the_gateway_imports_only_the_core_and_the_producers() -> None:
+    for package in EDGE:
+        assert offenders(package, {CORE, *CLIENTS}) == []
+
+
+def test_nothing_but_the_face_imports_the_gateway() -> None:
+    for package in PACKAGES - FACE - EDGE:
+        assert [name for names in imports_of(package).values() for name in names if name.startswith("gateway")] == []
 
 
 def test_clients_import_only_the_core() -> None:
