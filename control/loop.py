@@ -63,8 +63,8 @@ class LoopOptions:
     trigger_feedback: int = 150  # labelled events (click, cart, purchase, dismiss) that trigger a retraining
     champion_epochs: int = 1  # the short recipe of the loop's first champion
     trainer_epochs: int = 3  # the trainer retrains that recipe this long
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    size: int = 64
+    channels: tuple[int, ...] = (8, 16, 32, 64)  # a small res-cnn at 32 px: an epoch in ~20 s on one busy core
+    size: int = 32
     after_switch_s: float = 60.0  # shoppers on the new model before the rollback
     after_rollback_s: float = 40.0
     max_minutes: float = 25.0  # give up (and say so) after this
@@ -108,7 +108,10 @@ def loop_env(prefix: str, home: Path, options: LoopOptions) -> dict[str, str]:
         "LOOKALIKE_TRIGGER_DRIFT": "0",
         # the default cool-down (1 h) keeps it to one training per run
         "LOOKALIKE_TRAINER_EPOCHS": str(options.trainer_epochs),
-        "LOOKALIKE_TRAINER_THREADS": "2",  # niced (control/services.py): queries come first
+        # One thread: on a shared 2-core box two torch threads fought the other processes and an
+        # epoch took 10x longer (227 s against 21 s measured); niced (control/services.py).
+        "LOOKALIKE_TRAINER_THREADS": "1",
+        "LOOKALIKE_TORCH_THREADS": "1",  # the worker's catalog batches, for the same reason
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -199,7 +202,7 @@ def run_loop(options: LoopOptions) -> int:
     from training.train import TrainConfig, train
 
     recipe = TrainConfig(data=options.data, epochs=options.champion_epochs, channels=options.channels,
-                         size=options.size, patience=None, threads=2, cache_dir=default_home() / "cache")
+                         size=options.size, patience=None, threads=1, cache_dir=default_home() / "cache")
     champion = train(recipe, store, progress=True)
     print(f"   champion {champion.version}: P@5 {champion.metrics['precision_at_5']:.4f} on the golden split "
           f"({champion.training['train_seconds']:.0f} s)")

@@ -101,7 +101,8 @@ def test_four_services_impressions_by_default_and_ctr_after_one_click(
             time.sleep(0.3)
         took = time.monotonic() - clicked
         m = serving_metrics()
-        assert (m["impressions"], m["clicks"], m["replies"]) == (5, 1, 1), m  # the warm-up recorded nothing
+        assert (m["impressions"], m["clicks"]) == (5, 1), m  # the warm-up recorded no impressions
+        assert m["replies"] >= 2, m  # its replies count (volume), the CLI's query too
         assert m["ctr_at_5"] == pytest.approx(1 / 5) and m["mean_click_rank"] == 1.0
         row = next(line for line in cli(env, "metrics").splitlines() if line.startswith(card.version))
         assert row.split()[5] == "0.200", row  # the CTR@5 column
