@@ -170,7 +170,7 @@ class Watch:
                 self.switches.append((float(event["at"]), str(event["serving"])))
                 self.marks.append(Mark(float(event["at"]), "switch",
                                        f"switch to {event['serving']} (built in {event.get('build_s', 0):.0f} s)"))
-                self.stage = f"serving {event['serving']}"
+                self.stage = f"switched to {event['serving']}"
         self._seen_events = len(events)
 
     def serving(self) -> str | None:

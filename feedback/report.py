@@ -10,11 +10,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
+
 from feedback import windows as w
 from feedback.policy import mean_cosine_drift
-from feedback.service import Aggregator
 from feedback.store import FeedbackStore
 from lookalike.settings import FeedbackSettings
+from lookalike.status import indexer_status
+
+
+def catalog_items(settings: FeedbackSettings) -> int | None:
+    """The catalog's size as the aggregator counts it: the largest item count a live indexer reports.
+    (Not through feedback.service: a report must not import faust, which reads the command line.)"""
+    try:
+        counts = [s["items"] for s in indexer_status(settings, settings.indexer_group)]
+    except redis.RedisError:
+        return None
+    return max(counts) if counts else None
 
 
 def metrics_report(settings: FeedbackSettings, *, model_version: str | None = None, minutes: float | None = None,
@@ -22,7 +34,7 @@ def metrics_report(settings: FeedbackSettings, *, model_version: str | None = No
     """Per model version, the metrics over the last ``minutes`` (None: every bucket kept), plus the totals."""
     store = store or FeedbackStore.connect(settings)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    catalog = Aggregator(settings, store).catalog_items()
+    catalog = catalog_items(settings)
     models = [model_version] if model_version else store.models()
     out: dict[str, Any] = {"window_minutes": minutes, "bucket_s": settings.bucket_s, "catalog_items": catalog,
                            "models": {}}
@@ -54,7 +66,7 @@ def metrics_series(settings: FeedbackSettings, *, model_version: str | None = No
     store = store or FeedbackStore.connect(settings)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     first = w.window(now_ms, minutes, settings.bucket_s).start if minutes else None
-    catalog = Aggregator(settings, store).catalog_items()
+    catalog = catalog_items(settings)
     catalog_vectors: dict[str, Any] = {}
     out: dict[str, list[dict[str, Any]]] = {}
     for model in [model_version] if model_version else store.models():
