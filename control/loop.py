@@ -283,7 +283,9 @@ def _watch(options: LoopOptions, watch: Watch, shoppers: ShopperRun, services: L
                     phase_until = time.time() + options.after_switch_s
                 if phase_until is not None and time.time() >= phase_until:
                     output = _cli(env, "models", "rollback")
-                    watch.marks.append(Mark(time.time(), "rollback", "lookalike models rollback"))
+                    rollbacks = [d for d in watch.registry.decisions() if d["action"] == "rollback"]
+                    at = rollbacks[-1]["at"] if rollbacks else time.time()  # the CLI's own start-up is not the moment
+                    watch.marks.append(Mark(at, "rollback", f"lookalike models rollback: {(output.splitlines() or ['?'])[-1]}"))
                     bar.write(f"$ lookalike models rollback\n{output}")
                     rolled_back, phase_until = True, None
             if rolled_back and phase_until is None and watch.switches and watch.switches[-1][1] == watch.champion:
@@ -324,10 +326,12 @@ def _report(options: LoopOptions, watch: Watch, records: list[QueryRecord], env:
                           "trigger: " + "; ".join(r["message"] for r in trigger["reasons"])))
     table = render_table(rows, marks, t0, during, len(failed(records)), end - started)
     timeline = plot_timeline(records, series, marks, t0, options.out / "loop-timeline.png",
-                             title=f"the feedback loop, run {run_id}")
+                             title=f"the feedback loop, run {run_id}", end=end, bucket_s=feedback_settings.bucket_s)
     plot_series(series, options.out / "loop-metrics.png", feedback_settings.bucket_s,
                 title=f"lookalike metrics --plot, loop run {run_id}")
     (options.out / "loop-table.txt").write_text(table + "\n")
+    (options.out / "loop-series.json").write_text(json.dumps({"t0": t0, "end": end, "series": series,
+                                                              "marks": [asdict(m) for m in marks]}))
     with (options.out / "loop-queries.jsonl").open("w") as fh:
         for r in records:
             fh.write(json.dumps(asdict(r)) + "\n")

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feedback.plots import with_gaps
 from producers.shoppers import QueryRecord
+
+MIN_IMPRESSIONS = 50  # a CTR@5 point needs this many impressions in its bucket (the last, partial one often has few)
 
 MARK_STYLE = {  # kind -> (colour, line style)
     "trigger": ("tab:orange", "--"),
@@ -52,10 +55,19 @@ def binned(records: Sequence[QueryRecord], t0: float, bin_s: float) -> dict[str,
     return out
 
 
-def rate_series(records: Sequence[QueryRecord], t0: float, bin_s: float) -> dict[str, tuple[list[float], list[float]]]:
-    """Per version: (bin middle in minutes since t0, ok replies per second in the bin)."""
-    return {v: ([(b + 0.5) * bin_s / 60 for b in sorted(bins)], [len(bins[b]) / bin_s for b in sorted(bins)])
-            for v, bins in binned(records, t0, bin_s).items()}
+def rate_series(records: Sequence[QueryRecord], t0: float, bin_s: float, end: float | None = None
+                ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per version: (bin middle in minutes since t0, ok replies per second in the bin). With ``end``
+    (when the run stopped), the last bin's rate is over the part of it that was run."""
+    out = {}
+    for version, bins in binned(records, t0, bin_s).items():
+        xs, ys = [], []
+        for b in sorted(bins):
+            span = bin_s if end is None else min(bin_s, end - (t0 + b * bin_s))
+            xs.append((b + 0.5) * bin_s / 60)
+            ys.append(len(bins[b]) / max(span, 1e-9))
+        out[version] = (xs, ys)
+    return out
 
 
 def precision_series(records: Sequence[QueryRecord], t0: float, bin_s: float
@@ -149,47 +161,54 @@ def render_table(rows: Sequence[Mapping[str, Any]], marks: Sequence[Mark], t0: f
 
 
 def plot_timeline(records: Sequence[QueryRecord], series: Mapping[str, Sequence[Mapping[str, Any]]],
-                  marks: Sequence[Mark], t0: float, path: Path, bin_s: float = 15.0, title: str = "") -> Path:
-    """Three panels against minutes since ``t0``: ok queries/s, CTR@5 (the aggregator's buckets) and
-    P@5 (the shoppers' view), one line per model version; failed queries as red crosses; marks as
-    vertical lines with their labels."""
+                  marks: Sequence[Mark], t0: float, path: Path, bin_s: float = 15.0, title: str = "",
+                  end: float | None = None, bucket_s: float = 10.0) -> Path:
+    """Three panels against minutes since ``t0``: ok queries/s, CTR@5 (the aggregator's buckets with at
+    least :data:`MIN_IMPRESSIONS` impressions) and P@5 (the shoppers' view), one line per model version,
+    broken where the version did not answer; failed queries as red crosses; marks as numbered vertical
+    lines, their labels listed under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True, constrained_layout=True)
+    marks = sorted(marks, key=lambda m: m.at)
+    fig, axes = plt.subplots(3, 1, figsize=(11, 9 + 0.22 * len(marks)), sharex=True,
+                             gridspec_kw={"bottom": 0.1 + 0.025 * len(marks), "top": 0.92, "hspace": 0.08})
     versions = sorted({r.model_version for r in records if r.model_version} | set(series),
                       key=lambda v: min([r.sent_at for r in records if r.model_version == v] or [float("inf")]))
     colours = {v: f"C{i}" for i, v in enumerate(versions)}
+    step = bin_s / 60
     try:
         rate_ax, ctr_ax, p5_ax = axes
-        for version, (xs, ys) in rate_series(records, t0, bin_s).items():
-            rate_ax.plot(xs, ys, "-", color=colours[version], label=version)
+        for version, (xs, ys) in rate_series(records, t0, bin_s, end).items():
+            rate_ax.plot(*with_gaps(xs, ys, step), "o-", markersize=3, color=colours[version], label=version)
         bad = failed(records)
-        if bad:
-            rate_ax.plot([(r.sent_at - t0) / 60 for r in bad], [0] * len(bad), "x", color="red",
-                         label=f"failed ({len(bad)})")
+        rate_ax.plot([(r.sent_at - t0) / 60 for r in bad], [0] * len(bad), "x", color="red",
+                     label=f"failed queries: {len(bad)}")
         rate_ax.set_ylabel("ok queries / s")
         for version, rows in series.items():
-            pts = [((row["t"] - t0) / 60, row["ctr_at_5"]) for row in rows if row.get("ctr_at_5") is not None]
+            pts = [((row["t"] - t0) / 60, row["ctr_at_5"]) for row in rows
+                   if row.get("ctr_at_5") is not None and (row.get("impressions") or 0) >= MIN_IMPRESSIONS]
             if pts:
-                ctr_ax.plot(*zip(*pts, strict=True), "o-", markersize=3, color=colours.get(version), label=version)
-        ctr_ax.set_ylabel("CTR@5 (aggregator)")
+                xs, ys = with_gaps([x for x, _ in pts], [y for _, y in pts], bucket_s / 60)
+                ctr_ax.plot(xs, ys, "o-", markersize=3, color=colours.get(version), label=version)
+        ctr_ax.set_ylabel(f"CTR@5 (aggregator,\n{bucket_s:g} s buckets)")
         for version, (xs, ys) in precision_series(records, t0, bin_s).items():
-            p5_ax.plot(xs, ys, "o-", markersize=3, color=colours[version], label=version)
-        p5_ax.set_ylabel("P@5 (shoppers' view)")
+            p5_ax.plot(*with_gaps(xs, ys, step), "o-", markersize=3, color=colours[version], label=version)
+        p5_ax.set_ylabel(f"P@5 (shoppers' view,\n{bin_s:g} s bins)")
         p5_ax.set_xlabel("minutes since the shoppers started")
         for ax in axes:
             ax.grid(alpha=0.3)
             for mark in marks:
                 colour, style = MARK_STYLE.get(mark.kind, ("black", ":"))
                 ax.axvline((mark.at - t0) / 60, color=colour, linestyle=style, linewidth=1.2)
-        top = rate_ax.get_ylim()[1]
-        for i, mark in enumerate(sorted(marks, key=lambda m: m.at)):
+        for i, mark in enumerate(marks, start=1):
             colour, _ = MARK_STYLE.get(mark.kind, ("black", ":"))
-            rate_ax.annotate(mark.label[:48], ((mark.at - t0) / 60, top), xytext=(3, -10 - 11 * (i % 4)),
-                             textcoords="offset points", fontsize=7, color=colour, va="top")
+            rate_ax.annotate(str(i), ((mark.at - t0) / 60, 1.0), xycoords=("data", "axes fraction"),
+                             xytext=(2, 2 + 9 * (i % 2)), textcoords="offset points", fontsize=8, color=colour)
+            fig.text(0.06, 0.02 + 0.025 * (len(marks) - i), f"{i}. {(mark.at - t0) / 60:4.2f} min  {mark.label}",
+                     fontsize=8, color=colour, family="monospace")
         rate_ax.legend(loc="lower left", fontsize=8, title="model version")
         fig.suptitle(title or "the feedback loop")
         path = Path(path)

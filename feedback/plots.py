@@ -24,6 +24,20 @@ def panel_points(rows: Sequence[Mapping[str, Any]], metric: str, bucket_s: int, 
     return xs, ys
 
 
+def with_gaps(xs: Sequence[float], ys: Sequence[float], step: float) -> tuple[list[float], list[float]]:
+    """The points with a NaN wherever consecutive x are more than ``step`` apart, so a line is
+    broken where a version had no data (e.g. while another version served) instead of bridging it."""
+    out_x: list[float] = []
+    out_y: list[float] = []
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if i and x - xs[i - 1] > step * 1.5:
+            out_x.append((x + xs[i - 1]) / 2)
+            out_y.append(float("nan"))
+        out_x.append(x)
+        out_y.append(y)
+    return out_x, out_y
+
+
 def plot_series(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, bucket_s: int, title: str = "") -> Path:
     """Draw each panel of :data:`PANELS` with one line per model version into ``path`` (PNG).
     ``series``: :func:`feedback.report.metrics_series`. The x axis is minutes since the first bucket."""
@@ -34,11 +48,14 @@ def plot_series(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, b
 
     starts = [row["t"] for rows in series.values() for row in rows]
     t0 = min(starts) if starts else 0
+    # the oldest version first, so the first colour is the first champion
+    order = sorted(series, key=lambda m: min([row["t"] for row in series[m]] or [float("inf")]))
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(9, 2.3 * len(PANELS)), sharex=True, constrained_layout=True)
     try:
         for ax, (metric, label, scale) in zip(axes, PANELS, strict=True):
-            for model, rows in series.items():
-                xs, ys = panel_points(rows, metric, bucket_s, scale)
+            for model in order:
+                xs, ys = panel_points(series[model], metric, bucket_s, scale)
+                xs, ys = with_gaps(xs, ys, bucket_s)
                 ax.plot([(x - t0) / 60 for x in xs], ys, "o-", markersize=3, label=model)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

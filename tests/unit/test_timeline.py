@@ -17,7 +17,7 @@ from control.timeline import (
     segment_row,
     segments,
 )
-from feedback.plots import panel_points, plot_series
+from feedback.plots import panel_points, plot_series, with_gaps
 from feedback.report import render_table as metrics_table
 from producers.shoppers import QueryRecord
 
@@ -37,6 +37,8 @@ def test_rate_and_precision_series_per_version() -> None:
     rates = rate_series(RECORDS, T0, 10)
     assert rates["A"] == ([5 / 60, 15 / 60, 25 / 60, 35 / 60], [0.2, 0.1, 0.1, 0.1])
     assert rates["B"] == ([25 / 60], [0.2])  # the timeout counts for nobody
+    # the run stopped 4 s into the last bin: its one reply is 1 / 4 s, not 1 / 10 s
+    assert rate_series(RECORDS, T0, 10, end=T0 + 34)["A"][1] == pytest.approx([0.2, 0.1, 0.1, 0.25])
     p5 = precision_series(RECORDS, T0, 10)
     assert p5["A"][1] == pytest.approx([0.6, 0.6, 0.2, 0.6])
     assert p5["B"][1] == pytest.approx([1.0])  # "more like this" queries have no photo to judge by
@@ -69,9 +71,16 @@ def test_table_lists_rows_marks_and_failures() -> None:
 def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     series = {"A": [{"t": T0, "ctr_at_5": 0.1}, {"t": T0 + 10, "ctr_at_5": None}], "B": [{"t": T0 + 20, "ctr_at_5": 0.3}]}
     path = plot_timeline(RECORDS, series, [Mark(T0 + 20, "switch", "switch to B")], T0, tmp_path / "t" / "loop.png",
-                         bin_s=10)
+                         bin_s=10, end=T0 + 40)
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size[0] > 500
+
+
+def test_lines_break_where_a_version_had_no_data() -> None:
+    xs, ys = with_gaps([0, 10, 20, 60, 70], [1, 2, 3, 4, 5], 10)
+    assert xs == [0, 10, 20, 40, 60, 70]
+    assert ys[:3] == [1, 2, 3] and ys[3] != ys[3] and ys[4:] == [4, 5]  # NaN between 20 and 60
+    assert with_gaps([0, 10], [1, 2], 10) == ([0, 10], [1, 2])
 
 
 def test_metrics_plot_points_and_png(tmp_path: Path) -> None:
