@@ -232,9 +232,10 @@ def run_loop(options: LoopOptions) -> int:
         shoppers.start()
         code = _watch(options, watch, shoppers, services, env, store, t0)
         shoppers.stop()
+        stopped = time.time()
         time.sleep(3)  # the aggregator counts the last feedback
         records = shoppers.snapshot()
-        during = _report(options, watch, records, env, champion.version, t0, started, run_id)
+        during = _report(options, watch, records, env, champion.version, t0, stopped, started, run_id)
         if code == 0 and during:
             code = 1  # a switch was shown, but queries failed during it
     finally:
@@ -243,6 +244,7 @@ def run_loop(options: LoopOptions) -> int:
         services.down()
         if not options.keep:
             _clean(settings, prefix)
+        print(f"== done in {(time.time() - started) / 60:.1f} min (services stopped), exit code {code}")
     return code
 
 
@@ -299,13 +301,13 @@ def _watch(options: LoopOptions, watch: Watch, shoppers: ShopperRun, services: L
 
 
 def _report(options: LoopOptions, watch: Watch, records: list[QueryRecord], env: dict[str, str], champion: str,
-            t0: float, started: float, run_id: str) -> int:
-    """Print the table, write the PNGs; returns the number of queries that failed during the switches."""
+            t0: float, end: float, started: float, run_id: str) -> int:
+    """Print the table, write the PNGs; returns the number of queries that failed during the switches.
+    ``t0``: the shoppers started, ``end``: they stopped, ``started``: the run started."""
     from feedback.plots import plot_series
     from feedback.report import metrics_series
     from feedback.store import FeedbackStore
 
-    end = time.time()
     feedback_settings = watch.feedback
     fstore = FeedbackStore.connect(feedback_settings)
     series = metrics_series(feedback_settings, store=fstore)
@@ -324,7 +326,7 @@ def _report(options: LoopOptions, watch: Watch, records: list[QueryRecord], env:
     if trigger is not None:
         marks.append(Mark(trigger["timestamp"] / 1000, "trigger",
                           "trigger: " + "; ".join(r["message"] for r in trigger["reasons"])))
-    table = render_table(rows, marks, t0, during, len(failed(records)), end - started)
+    table = render_table(rows, marks, t0, during, len(failed(records)), time.time() - started)
     timeline = plot_timeline(records, series, marks, t0, options.out / "loop-timeline.png",
                              title=f"the feedback loop, run {run_id}", end=end, bucket_s=feedback_settings.bucket_s)
     plot_series(series, options.out / "loop-metrics.png", feedback_settings.bucket_s,

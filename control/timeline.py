@@ -156,7 +156,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], marks: Sequence[Mark], t0: f
         lines.append(f"  {(mark.at - t0) / 60:5.2f} min  {mark.kind:8} {mark.label}")
     lines.append("")
     lines.append(f"failed queries during the switches: {failed_during_switch}; in the whole run: {failed_total}")
-    lines.append(f"wall time: {wall_s / 60:.1f} min")
+    lines.append(f"wall time from the start to this table: {wall_s / 60:.1f} min")
     return "\n".join(lines)
 
 

@@ -65,7 +65,7 @@ def test_table_lists_rows_marks_and_failures() -> None:
     assert lines[2].startswith("A ") and lines[3].startswith("B ")
     assert table.index("trigger: 150") < table.index("gate accepted")  # marks in time order
     assert "failed queries during the switches: 0; in the whole run: 1" in table
-    assert "wall time: 10.0 min" in table
+    assert "wall time from the start to this table: 10.0 min" in table
 
 
 def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
