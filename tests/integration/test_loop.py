@@ -17,8 +17,11 @@ import pytest
 from control.loop import settings_from
 from control.services import SERVICES, LocalServices
 from feedback.report import metrics_report
+from feedback.store import FeedbackStore
+from feedback.windows import ReplyFacts
 from lookalike.artifacts import ModelCard
 from lookalike.errors import ReplyTimeout
+from lookalike.events import make_feedback
 from lookalike.settings import ClientSettings, FeedbackSettings, StackSettings
 from lookalike.status import wait_for_index
 from lookalike.topics import ensure_topics
@@ -121,3 +124,26 @@ def test_four_services_impressions_by_default_and_ctr_after_one_click(
     finally:
         services.down()
     assert all(services.daemon(name).pid() is None for name in SERVICES)
+
+
+def test_feedback_on_a_more_like_this_query_waits_for_its_reply(cluster: Cluster) -> None:
+    """The query-vector record of a "more like this" query can be read before its reply: the
+    lookup then holds only the query item. Feedback arriving in between waits for the reply
+    (it used to be drained at once and crash the aggregator's agent on the missing model version)."""
+    settings = FeedbackSettings(redis_url=cluster.redis_url, feedback_group=f"test-{uuid.uuid4().hex[:10]}")
+    store = FeedbackStore.connect(settings)
+    now = int(time.time() * 1000)
+    try:
+        store.record_query("r1", "m1", "q-item", None, now)
+        shown = make_feedback("impression", request_id="r1", item_id="a", user_id="u", timestamp_ms=now)
+        click = make_feedback("click", request_id="r1", item_id="a", user_id="u", timestamp_ms=now + 1)
+        assert store.record_feedback(shown) == "pending" and store.record_feedback(click) == "pending"
+        outcomes = store.record_reply(ReplyFacts("r1", "m1", ("a", "b")), now)
+        assert [(e.event, o) for e, o in outcomes] == [("impression", "applied"), ("click", "applied")]
+        m = store.window_metrics("m1", store.buckets("m1"), None)
+        assert (m["impressions"], m["clicks"], m["ctr_at_5"]) == (1, 1, 1.0)
+        assert [(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()] == [("q-item", "a", 1)]
+    finally:
+        keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
+        if keys:
+            store.r.delete(*keys)
