@@ -8,7 +8,7 @@ from typing import Any
 
 # (metric, axis title, scale): replies are drawn per second of their bucket
 PANELS = (("replies", "replies / s", "per_s"), ("ctr_at_5", "CTR@5", None), ("purchase_rate", "purchase rate", None),
-          ("drift", "drift: 1 - cos(mean query, mean catalog)", None))
+          ("drift", "drift (1 - cos)", None))
 
 
 def panel_points(rows: Sequence[Mapping[str, Any]], metric: str, bucket_s: int, scale: str | None = None
