@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/datasets/fashion-9k
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit integration venv up down status lint
+.PHONY: demo loop test unit integration venv up down status lint
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap
 	scripts/bootstrap $(VENV)
@@ -15,6 +15,11 @@ venv: $(VENV)/.installed
 ## demo: stack up, train or reuse a model, ingest the sample catalog, answer queries, write a gallery
 demo: venv
 	$(BIN)/lookalike demo --data $(DATA)
+
+## loop: after `make demo`, the feedback loop on the running stack, watched: shoppers -> trigger -> retrain
+## -> gate -> blue/green switch -> rollback; a table and out/loop-timeline.png (docs/feedback.md#the-loop-watched)
+loop: venv
+	$(BIN)/lookalike demo --loop --data $(DATA)
 
 ## test: unit tests (no servers), integration tests on a real Kafka broker and Redis server, and
 ## the shopper's page in Debian's chromium (tests/integration/test_gateway.py)

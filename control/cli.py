@@ -1,4 +1,4 @@
-"""The `lookalike` command line: stack, services, topics, training, feed, queries, demo."""
+"""The `lookalike` command line: stack, services, topics, training, feed, queries, shoppers, demo, the loop."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _query(args: argparse.Namespace) -> int:
     if image is None and args.item_id is None:
         print("give an IMAGE or --item-id", file=sys.stderr)
         return 2
-    with QueryClient(ClientSettings()) as client:
+    with QueryClient(ClientSettings(), impressions_for=args.user, impressions=not args.no_impressions) as client:
         try:
             reply = client.ask(image, k=args.k, item_id=args.item_id, timeout_s=args.timeout)
         except ReplyTimeout as exc:
@@ -83,6 +83,9 @@ def _query(args: argparse.Namespace) -> int:
             meta = hit["metadata"]
             print(f"{rank}. {hit['item_id']:>8}  {hit['score']:.3f}  {meta.get('articleType', '')}  {meta.get('title', '')}")
         print(f"model {reply['model_version']}  index {reply['index_version']}  timings {reply['timings_ms']}")
+        print(f"request {reply['request_id']}  " + (f"impressions recorded for user {client.session_id}: "
+              f"lookalike feedback click --request-id {reply['request_id']} --item-id ITEM --user {client.session_id}"
+              if client.impressions_for else "no impressions recorded"))
     else:
         print(f"error {reply['error']['code']}: {reply['error']['message']}")
     if args.gallery:
@@ -194,8 +197,15 @@ def _metrics(args: argparse.Namespace) -> int:
     from feedback.report import metrics_report, render_table
     from lookalike.settings import FeedbackSettings
 
-    report = metrics_report(FeedbackSettings(), model_version=args.model_version, minutes=args.minutes)
+    settings = FeedbackSettings()
+    report = metrics_report(settings, model_version=args.model_version, minutes=args.minutes)
     print(json.dumps(report, indent=1) if args.json else render_table(report))
+    if args.plot:
+        from feedback.plots import plot_series
+        from feedback.report import metrics_series
+
+        series = metrics_series(settings, model_version=args.model_version, minutes=args.minutes)
+        print(f"figures: {plot_series(series, args.plot, settings.bucket_s)}")
     return 0
 
 
@@ -209,6 +219,12 @@ def _trainer(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from control.demo import run_demo
 
+    if args.loop:
+        from control.loop import LoopOptions, run_loop
+
+        return run_loop(LoopOptions(data=Path(args.data), rate=args.rate, trigger_feedback=args.trigger_feedback,
+                                    champion_epochs=args.champion_epochs, trainer_epochs=args.trainer_epochs,
+                                    catalog_items=args.catalog_items, out=Path(args.out), keep=args.keep))
     return run_demo(Path(args.data), limit=args.limit, queries=args.queries, gallery=Path(args.gallery),
                     epochs=args.epochs)
 
@@ -217,6 +233,13 @@ def _page(args: argparse.Namespace) -> int:
     from control.page import open_page
 
     return open_page(browser=not args.no_browser)
+
+
+def _shoppers(args: argparse.Namespace) -> int:
+    from control.shoppers import run_shoppers
+
+    return run_shoppers(Path(args.data), rate=args.rate, lanes=args.lanes, duration_s=args.duration,
+                        queries=args.queries, seed=args.seed)
 
 
 def _acls(args: argparse.Namespace) -> int:
@@ -270,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_stack)
 
-    p = sub.add_parser("services", help="the worker and indexer as local daemons")
+    p = sub.add_parser("services", help="the worker, indexer, feedback aggregator and trainer as local daemons")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_services)
 
@@ -298,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=Path, help="write a PNG of the query and its results")
     p.add_argument("--images", type=Path, default=default_data() / "images", help="where result images are")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--user", help="the user or session id the impressions are recorded for (default: a new one)")
+    p.add_argument("--no-impressions", action="store_true", help="do not record the results as shown")
     p.set_defaults(func=_query)
 
     p = sub.add_parser("status", help="what the indexers report, and the rollout state")
@@ -326,7 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", help="only this model version")
     p.add_argument("--minutes", type=float, help="the last N minutes (default: everything kept)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="draw the per-version figures over time into FILE (PNG)")
     p.set_defaults(func=_metrics)
+
+    p = sub.add_parser("shoppers", help="simulated shoppers against the running stack (docs/feedback.md#shoppers)")
+    p.add_argument("--data", default=str(default_data()), help="where the product photos come from")
+    p.add_argument("--rate", type=float, default=2.0, help="queries per second (default %(default)s)")
+    p.add_argument("--lanes", type=int, default=2, help="shoppers asking at the same time (default %(default)s)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds (default %(default)s)")
+    p.add_argument("--queries", type=int, help="stop after this many queries instead")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_shoppers)
 
     p = sub.add_parser("trainer", help="run the trainer service in the foreground (retrains on triggers)")
     p.set_defaults(func=_trainer)
@@ -349,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=6)
     p.add_argument("--epochs", type=int, help="training epochs (default: the training config's)")
     p.add_argument("--gallery", default="out/demo-gallery.png")
+    loop = p.add_argument_group("the feedback loop (--loop, docs/feedback.md#the-loop-watched)")
+    loop.add_argument("--loop", action="store_true", help="run the loop on the running stack instead of the demo")
+    loop.add_argument("--rate", type=float, default=3.0, help="shopper queries per second (default %(default)s)")
+    loop.add_argument("--trigger-feedback", type=int, default=150, help="labelled events that trigger (%(default)s)")
+    loop.add_argument("--champion-epochs", type=int, default=1, help="the loop champion's recipe (%(default)s)")
+    loop.add_argument("--trainer-epochs", type=int, default=3, help="the trainer's retraining of it (%(default)s)")
+    loop.add_argument("--catalog-items", type=int, default=2000, help="the loop's catalog (%(default)s)")
+    loop.add_argument("--out", default="out", help="where the table and the PNGs go (%(default)s)")
+    loop.add_argument("--keep", action="store_true", help="keep the run's topics and Redis keys")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("page", help="open the shopper's web page (served by the gateway) in a browser")

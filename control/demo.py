@@ -7,7 +7,6 @@ products the index has never seen, in the geometry users send.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -26,16 +25,9 @@ from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
 from producers.gallery import image_loader, open_image, render_rows
 from producers.query_client import QueryClient
+from producers.shoppers import shopper_photo
 
 log = logging.getLogger(__name__)
-
-
-def shopper_photo(path: Path, width: int = 300, height: int = 400) -> bytes:
-    """A catalog image as a user would send it: portrait 3:4, another size, re-encoded."""
-    with Image.open(path) as img:
-        out = io.BytesIO()
-        img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(out, "JPEG", quality=90)
-        return out.getvalue()
 
 
 def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epochs: int | None = None,
@@ -63,7 +55,7 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     if limit:
         catalog = catalog[:limit]
 
-    print("== services: worker + indexer")
+    print("== services: worker, indexer, feedback aggregator, trainer")
     services = LocalServices(stack_settings)
     services.up()
 
@@ -110,7 +102,8 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     print(f"== shopper's page: {url} (`lookalike page` opens it)" if wait_healthy(url)
           else f"== the gateway did not answer at {url}; see `lookalike services status`")
     print(f"== done in {time.monotonic() - t0:.0f}s. The stack and services keep running: "
-          "`make down` stops them, `lookalike query IMAGE` asks more.")
+          "`make down` stops them, `lookalike query IMAGE` asks more, `lookalike metrics` shows the feedback "
+          "(the queries above recorded their impressions), `make loop` runs the feedback loop.")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Running Lookalike's own services (worker, indexer) as local daemons."""
+"""Running Lookalike's own services as local daemons: the worker and the indexer (the query
+path), the feedback aggregator and the trainer (the feedback loop, docs/feedback.md)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -10,8 +12,11 @@ from control.stack.process import Daemon
 from lookalike.errors import StackError
 from lookalike.settings import StackSettings
 
-SERVICES = {"worker": "workers", "indexer": "indexer"}
-SERVICES["gateway"] = "gateway"  # the HTTP gateway and the shopper's page (docs/gateway.md)
+# name -> the module run with ``python -m``; started in this order, stopped in the reverse one.
+SERVICES = {"worker": "workers", "indexer": "indexer", "feedback": "feedback", "trainer": "training.service",
+            "gateway": "gateway"}  # the gateway: the HTTP API and the shopper's page (docs/gateway.md)
+# The trainer trains on the machine's CPU when a trigger comes: niced, so the query path comes first.
+NICE = {"trainer": 10}
 
 
 @dataclass
@@ -28,16 +33,23 @@ class LocalServices:
             daemon = self.daemon(name)
             pid = daemon.pid()
             if pid is None:
-                pid = daemon.start([sys.executable, "-m", module], env={**os.environ, **(env or {})})
+                nice = ["nice", "-n", str(NICE[name])] if NICE.get(name) and shutil.which("nice") else []
+                pid = daemon.start([*nice, sys.executable, "-m", module], env={**os.environ, **(env or {})})
             pids[name] = pid
         return pids
 
     def down(self) -> None:
-        for name in SERVICES:
+        for name in reversed(SERVICES):
             self.daemon(name).stop(timeout_s=30)
 
     def status(self) -> dict[str, str]:
-        return {name: f"pid {self.daemon(name).pid()}  log {self.daemon(name).log_file}" for name in SERVICES}
+        """One line per service: up (pid) or down, and its log file."""
+        lines = {}
+        for name in SERVICES:
+            daemon = self.daemon(name)
+            pid = daemon.pid()
+            lines[name] = f"{'up' if pid else 'down':4} pid {pid or '-':<8} log {daemon.log_file}"
+        return lines
 
 
 def indexer_alive(daemon: Daemon) -> None:

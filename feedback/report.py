@@ -1,14 +1,32 @@
-"""``lookalike metrics``: the aggregator's windows read back from Redis, per model version."""
+"""``lookalike metrics``: the aggregator's windows read back from Redis, per model version.
+
+Every figure is per model version, drift included: during a rollout the old and the new
+model embed queries into different spaces, so their query samples are compared each with
+its own version's catalog sample, never pooled (:func:`version_drift`).
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import redis
+
 from feedback import windows as w
-from feedback.service import Aggregator
+from feedback.policy import mean_cosine_drift
 from feedback.store import FeedbackStore
 from lookalike.settings import FeedbackSettings
+from lookalike.status import indexer_status
+
+
+def catalog_items(settings: FeedbackSettings) -> int | None:
+    """The catalog's size as the aggregator counts it: the largest item count a live indexer reports.
+    (Not through feedback.service: a report must not import faust, which reads the command line.)"""
+    try:
+        counts = [s["items"] for s in indexer_status(settings, settings.indexer_group)]
+    except redis.RedisError:
+        return None
+    return max(counts) if counts else None
 
 
 def metrics_report(settings: FeedbackSettings, *, model_version: str | None = None, minutes: float | None = None,
@@ -16,13 +34,15 @@ def metrics_report(settings: FeedbackSettings, *, model_version: str | None = No
     """Per model version, the metrics over the last ``minutes`` (None: every bucket kept), plus the totals."""
     store = store or FeedbackStore.connect(settings)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    catalog = Aggregator(settings, store).catalog_items()
+    catalog = catalog_items(settings)
     models = [model_version] if model_version else store.models()
     out: dict[str, Any] = {"window_minutes": minutes, "bucket_s": settings.bucket_s, "catalog_items": catalog,
                            "models": {}}
     for model in models:
         buckets = list(w.window(now_ms, minutes, settings.bucket_s)) if minutes else store.buckets(model)
-        out["models"][model] = {"buckets": len(buckets), **store.window_metrics(model, buckets, catalog)}
+        drift, drift_queries = version_drift(store, model, buckets)
+        out["models"][model] = {"buckets": len(buckets), **store.window_metrics(model, buckets, catalog),
+                                "drift": drift, "drift_queries": drift_queries}
     out["totals"] = store.totals()
     out["last_training"] = store.last_training()
     out["trigger_pending"] = store.trigger_pending()
@@ -30,10 +50,44 @@ def metrics_report(settings: FeedbackSettings, *, model_version: str | None = No
     return out
 
 
+def version_drift(store: FeedbackStore, model: str, buckets: list[int]) -> tuple[float | None, int]:
+    """``1 - cos(mean query vector, mean catalog vector)`` of one model version over ``buckets``:
+    its own queries against its own catalog sample; and how many query vectors were sampled."""
+    queries = store.query_samples(model, buckets)
+    if not len(queries):
+        return None, 0
+    return mean_cosine_drift(queries, store.catalog_sample(model)), len(queries)
+
+
+def metrics_series(settings: FeedbackSettings, *, model_version: str | None = None, minutes: float | None = None,
+                   store: FeedbackStore | None = None, now_ms: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per model version, one row per bucket it has (oldest first): ``t`` (the bucket's start,
+    seconds since the epoch), the bucket's metrics and its drift. For ``--plot`` and the loop's timeline."""
+    store = store or FeedbackStore.connect(settings)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    first = w.window(now_ms, minutes, settings.bucket_s).start if minutes else None
+    catalog = catalog_items(settings)
+    catalog_vectors: dict[str, Any] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for model in [model_version] if model_version else store.models():
+        rows = []
+        for bucket in store.buckets(model):
+            if first is not None and bucket < first:
+                continue
+            if model not in catalog_vectors:
+                catalog_vectors[model] = store.catalog_sample(model)
+            queries = store.query_samples(model, [bucket])
+            drift = mean_cosine_drift(queries, catalog_vectors[model]) if len(queries) else None
+            rows.append({"t": bucket * settings.bucket_s, **store.window_metrics(model, [bucket], catalog),
+                         "drift": drift, "drift_queries": len(queries)})
+        out[model] = rows
+    return out
+
+
 COLUMNS = [("replies", "replies", "{}"), ("events", "events", "{}"), ("impressions", "impr", "{}"),
            ("clicks", "clicks", "{}"), ("ctr_at_5", "CTR@5", "{:.3f}"), ("add_to_cart_rate", "cart", "{:.3f}"),
            ("purchase_rate", "purchase", "{:.3f}"), ("dismiss_rate", "dismiss", "{:.3f}"),
-           ("mean_click_rank", "click rank", "{:.2f}"), ("coverage", "coverage", "{:.3f}")]
+           ("mean_click_rank", "click rank", "{:.2f}"), ("coverage", "coverage", "{:.3f}"), ("drift", "drift", "{:.4f}")]
 
 
 def render_table(report: dict[str, Any]) -> str:
@@ -41,7 +95,7 @@ def render_table(report: dict[str, Any]) -> str:
     width = max([len("model version"), *(len(m) for m in report["models"])])
     lines = [f"{'model version':{width}}  " + "  ".join(f"{title:>10}" for _, title, _ in COLUMNS)]
     for model, m in report["models"].items():
-        cells = ["-" if m[name] is None else fmt.format(m[name]) for name, _, fmt in COLUMNS]
+        cells = ["-" if m.get(name) is None else fmt.format(m[name]) for name, _, fmt in COLUMNS]
         lines.append(f"{model:{width}}  " + "  ".join(f"{cell:>10}" for cell in cells))
     if not report["models"]:
         lines.append("(no replies seen yet)")

@@ -19,8 +19,9 @@ Keys (``{ns}`` is ``LOOKALIKE_FEEDBACK_GROUP``; every key but the totals expires
 
 The join is safe in any order: a reply first stores its lookup and then takes the
 pending list; a feedback event first joins the pending list and then, if the lookup
-exists, takes it. Taking is atomic (LRANGE + DEL in one transaction), so every event
-is applied once whichever side gets there first. An event is applied in one
+holds the reply's model version, takes it (a "more like this" query's vector record may
+have created the lookup earlier with only its query item). Taking is atomic (LRANGE + DEL
+in one transaction), so every event is applied once whichever side gets there first. An event is applied in one
 transaction with its ``seen`` mark, so a replay after a crash counts nothing twice.
 """
 
@@ -102,7 +103,9 @@ class FeedbackStore(FeedbackLedger):
         pipe = self.r.pipeline(transaction=True)
         pipe.rpush(pending, json.dumps({"user": event.user_id, **event.to_json()}))
         pipe.expire(pending, self.s.pending_ttl_s)
-        pipe.exists(self.key("req", event.request_id))
+        # The reply is known when its model version is: the lookup hash may exist before, holding
+        # only the query item that the query-vector record brought (record_query).
+        pipe.hexists(self.key("req", event.request_id), "model_version")
         joined = pipe.execute()[2]
         if not joined:
             self.r.hincrby(self.key("totals"), "pending", 1)
@@ -125,6 +128,7 @@ class FeedbackStore(FeedbackLedger):
         return events
 
     def _drain(self, request_id: str, now_ms: int | None = None) -> list[tuple[FeedbackEvent, Outcome]]:
+        """Apply the feedback waiting for ``request_id``'s reply; only called once the reply is recorded."""
         events = self._take_pending(request_id)
         if not events:
             return []

@@ -83,6 +83,8 @@ def grants(service: Service, settings: CommonSettings, *, group: str | None = No
             Grant("topic", s.queries_topic, "literal", "WRITE", "publish queries"),
             Grant("topic", s.replies_topic, "literal", "READ", "read replies (give each client its own reply "
                   "topic under the reply prefix to keep clients from reading each other's answers)"),
+            Grant("topic", s.feedback_topic, "literal", "WRITE",
+                  "impressions of the results it was shown, and shoppers' feedback (docs/feedback.md)"),
         ]
     if service == "catalog-feed":
         return [Grant("topic", s.catalog_topic, "literal", "WRITE", "publish catalog items and tombstones")]

@@ -12,12 +12,13 @@ the first reply per request id and drops the copies (:class:`ReplyBook`).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import OrderedDict
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
 
 from lookalike import auth
 from lookalike import contracts as c
@@ -25,6 +26,8 @@ from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import ReplyTimeout
 from lookalike.settings import ClientSettings
 from producers.feedback import FeedbackProducer
+
+log = logging.getLogger(__name__)
 
 
 class ReplyBook:
@@ -75,15 +78,22 @@ class ReplyBook:
 
 
 class QueryClient:
-    """Ask Lookalike for the k items most similar to an image (or to a catalog item)."""
+    """Ask Lookalike for the k items most similar to an image (or to a catalog item).
+
+    Every ok reply returned is also recorded as what its user was shown: one ``impression``
+    per result on the feedback topic, keyed by the user or session id, so CTR@5 and the
+    other rates are defined from the first query (docs/feedback.md). A client that shows
+    nothing to anyone (a benchmark, a health probe) passes ``impressions=False``.
+    """
 
     def __init__(self, settings: ClientSettings | None = None, reply_to: str | None = None,
-                 impressions_for: str | None = None) -> None:
-        """``impressions_for``: a user or session id; when set, every ok reply returned is
-        also published to the feedback topic as one ``impression`` per result, keyed by it."""
+                 impressions_for: str | None = None, *, impressions: bool = True) -> None:
+        """``impressions_for``: the user or session id impressions are keyed by (default: a
+        session id made for this client, :attr:`session_id`); ``impressions``: record them."""
         self.settings = settings or ClientSettings()
         self.reply_to = reply_to or self.settings.replies_topic
-        self.impressions_for = impressions_for
+        self.session_id = impressions_for or f"{self.settings.client_id}-{uuid.uuid4().hex[:12]}"
+        self.impressions_for = self.session_id if impressions else None
         self._feedback: FeedbackProducer | None = None
         self.producer = Producer(producer_config(self.settings, **{"linger.ms": 0}))
         self.consumer = Consumer(
@@ -100,6 +110,7 @@ class QueryClient:
         self._assigned = False
         self.book = ReplyBook()
         self.last_reply_bytes: bytes | None = None  # the value of the last reply returned, as it came
+        self.impressions_failed = 0  # replies whose impressions could not be recorded (the reply was still returned)
 
     def _assign(self) -> None:
         if self._assigned:
@@ -161,11 +172,16 @@ class QueryClient:
         reply, raw = self.book.take(key)
         self.last_reply_bytes = raw
         if self.impressions_for is not None:
-            self.emit_impressions(reply, self.impressions_for)
+            try:
+                self.emit_impressions(reply, self.impressions_for)
+            except KafkaException as exc:  # the answer matters more than its bookkeeping
+                self.impressions_failed += 1
+                log.warning("impressions of request %s were not recorded: %s", request_id, exc)
         return reply
 
     def emit_impressions(self, reply: dict[str, Any], user_id: str) -> int:
-        """Publish an ``impression`` for each result of an ok reply; returns how many (waits for the broker)."""
+        """Publish an ``impression`` for each result of an ok reply; returns how many (waits for the broker;
+        raises KafkaException when they are not delivered within 10 s)."""
         if self._feedback is None:
             self._feedback = FeedbackProducer(self.settings, self.producer)
         sent = self._feedback.impressions(reply, user_id)

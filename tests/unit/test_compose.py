@@ -21,13 +21,13 @@ FIELDS |= set(GatewaySettings.model_fields)
 
 
 def test_services_and_images() -> None:
-    assert {"kafka", "redis", "topics", "model", "worker", "worker-gpu", "indexer"} <= set(SERVICES)
+    assert {"kafka", "redis", "topics", "model", "worker", "worker-gpu", "indexer", "feedback", "trainer"} <= set(SERVICES)
     assert SERVICES["kafka"]["image"] == f"apache/kafka:{StackSettings().kafka_version}"
     assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
     assert SERVICES["redis"]["image"].startswith("redis:")
 
 
-@pytest.mark.parametrize("name", ["kafka", "redis", "worker", "worker-gpu", "indexer"])
+@pytest.mark.parametrize("name", ["kafka", "redis", "worker", "worker-gpu", "indexer", "feedback"])
 def test_long_running_services_have_healthchecks(name: str) -> None:
     assert SERVICES[name]["healthcheck"]["test"]
 
@@ -49,8 +49,17 @@ def test_commands_exist() -> None:
             assert importlib.util.find_spec(command[2]) is not None, f"{name}: no module {command[2]}"
         else:
             assert command[0] == "lookalike" and command[1] in subcommands, f"{name}: {command}"
-    for name in ("worker", "indexer"):
+    for name in ("worker", "indexer", "feedback"):
         assert SERVICES[name]["healthcheck"]["test"][1:3] == ["lookalike", "health"]
+
+
+def test_compose_runs_every_service_the_local_runner_runs() -> None:
+    """`lookalike services up` and `docker compose up` start the same services (docs/feedback.md)."""
+    from control.services import SERVICES as LOCAL
+
+    modules = {tuple(s["command"][2:3]) for s in SERVICES.values() if s.get("command", [])[:2] == ["python", "-m"]}
+    assert {(module,) for module in LOCAL.values()} <= modules
+    assert "/data:ro" in " ".join(SERVICES["trainer"]["volumes"])  # the champion's recipe trains on /data
 
 
 def test_gpu_worker_reserves_a_gpu_and_volumes_are_named() -> None:

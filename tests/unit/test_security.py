@@ -225,7 +225,7 @@ def test_acl_grants_are_least_privilege() -> None:
     assert ("WRITE", "lookalike.replies", "prefixed") in worker
     indexer = {(g.operation, g.name, g.pattern) for g in grants("indexer", s, group="lookalike-indexer")}
     client = {(g.operation, g.name) for g in grants("query-client", s)}
-    assert client == {("WRITE", "lookalike.queries"), ("READ", "lookalike.replies")}
+    assert client == {("WRITE", "lookalike.queries"), ("READ", "lookalike.replies"), ("WRITE", "lookalike.feedback")}
     for service in SERVICES:
         for g in grants(service, s, group=f"lookalike-{service}"):
             # Nobody but the worker writes catalog vectors, nobody writes the catalog but the feed, no
@@ -234,7 +234,7 @@ def test_acl_grants_are_least_privilege() -> None:
             if g.operation == "WRITE":
                 assert g.name in {"lookalike.replies", "lookalike.catalog.vectors.", "lookalike.queries.vectors",
                                   "lookalike.deadletter", "lookalike.queries", "lookalike.catalog",
-                                  "lookalike.queries.partials"}
+                                  "lookalike.queries.partials", "lookalike.feedback"}
                 assert g.name != "lookalike.catalog" or service == "catalog-feed"
                 assert "catalog.vectors" not in g.name or service == "worker"
     # The indexer writes replies, and with index shards partial answers and resolved item queries.
