@@ -20,10 +20,9 @@ from lookalike.status import indexer_status
 
 
 def catalog_items(settings: FeedbackSettings) -> int | None:
-    """The catalog's size as the aggregator counts it: the largest item count a live indexer reports.
-    (Not through feedback.service: a report must not import faust, which reads the command line.)"""
+    """The catalog's size as the aggregator counts it: the largest item count a live indexer reports."""
     try:
-        counts = [s["items"] for s in indexer_status(settings, settings.indexer_group)]
+        counts = [s.items for s in indexer_status(settings, settings.indexer_group)]
     except redis.RedisError:
         return None
     return max(counts) if counts else None

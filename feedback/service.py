@@ -31,6 +31,7 @@ import redis
 
 from feedback import windows as w
 from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons, emit_decision, mean_cosine_drift
+from feedback.report import catalog_items
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
 from lookalike.errors import InvalidMessage
@@ -38,7 +39,6 @@ from lookalike.events import Trigger, make_trigger, parse_feedback
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
 from lookalike.settings import FeedbackSettings
-from lookalike.status import indexer_status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,11 +56,7 @@ class Aggregator:
 
     def catalog_items(self) -> int | None:
         """The catalog's size: the largest item count a live indexer reports."""
-        try:
-            counts = [s.items for s in indexer_status(self.settings, self.settings.indexer_group)]
-        except redis.RedisError:
-            return None
-        return max(counts) if counts else None
+        return catalog_items(self.settings)
 
     def feedback_batch(self, records: Sequence[Record]) -> list[Output]:
         """Validate and apply a batch; returns the dead letters."""
