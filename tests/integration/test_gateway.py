@@ -122,19 +122,23 @@ def start_gateway(pipeline: Pipeline, workdir: Path, name: str, **extra: str) ->
     with log.open("ab") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
     gateway = Gateway(f"http://127.0.0.1:{port}", proc, log, instance, extra)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the gateway exited:\n{gateway.log_text()[-3000:]}"
-        try:
-            status, _headers, body = http("GET", gateway.url + "/healthz", timeout=2)
-        except OSError:
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the gateway exited:\n{gateway.log_text()[-3000:]}"
+            try:
+                status, _headers, body = http("GET", gateway.url + "/healthz", timeout=2)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            pictures = json.loads(body)["pictures"] if status == 200 else {}
+            if pictures.get("caught_up") or pictures.get("enabled") is False:
+                return gateway
             time.sleep(0.2)
-            continue
-        pictures = json.loads(body)["pictures"] if status == 200 else {}
-        if pictures.get("caught_up") or pictures.get("enabled") is False:
-            return gateway
-        time.sleep(0.2)
-    raise AssertionError(f"the gateway did not become healthy:\n{gateway.log_text()[-3000:]}")
+        raise AssertionError(f"the gateway did not become healthy:\n{gateway.log_text()[-3000:]}")
+    except BaseException:
+        stop_gateway(gateway)  # never leave a replica behind a failed start
+        raise
 
 
 def stop_gateway(gateway: Gateway) -> None:
