@@ -1,6 +1,6 @@
 """The embedder networks: small CNN classifiers whose 256-d penultimate layer is the embedding.
 
-Two architectures, chosen by ``ModelSpec.arch``:
+Two architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHITECTURES`:
 
 * ``seed-cnn``: the seed recipe, three conv blocks, a Dense(256) layer over the
   flattened feature map, a linear classifier (stored models use it; unchanged);
@@ -13,15 +13,14 @@ Two architectures, chosen by ``ModelSpec.arch``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock
-
-ARCHITECTURES = ("seed-cnn", "res-cnn")
 
 
 @dataclass(frozen=True)
@@ -48,73 +47,59 @@ class ModelSpec:
         return cls(**fields)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """One network family: how it builds its layers on an :class:`EmbeddingNet` (as the
+    net's own attributes, so stored weights keep their names), how it computes the
+    embedding before normalisation and the class logits, and what its logits are trained
+    with. Registered in :data:`ARCHITECTURES`, the one place training, the CLI and loading
+    learn which architectures exist."""
+
+    name: str
+    summary: str
+    default_channels: tuple[int, ...]
+    loss: Literal["cosface", "cross_entropy"]  # cosface: logits are cosines to class proxies
+    build: Callable[[EmbeddingNet, ModelSpec], None]
+    penultimate: Callable[[EmbeddingNet, torch.Tensor], torch.Tensor]
+    logits: Callable[[EmbeddingNet, torch.Tensor], torch.Tensor]
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    if arch.name in ARCHITECTURES:
+        raise ValueError(f"architecture {arch.name!r} is registered twice")
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
+
+
 class EmbeddingNet(nn.Module):
     """The embedder: ``embed`` returns unit vectors for the index, ``forward`` class logits.
 
-    ``seed-cnn``: conv blocks, a Dense(embedding_dim) layer, a linear classifier; the
-    embedding is taken before the ReLU (after it, a vector can be all zeros and has
-    no direction). ``res-cnn``: residual stages, global pooling, Dense(embedding_dim)
-    with batch norm, and cosines to the class proxies as logits (see the module doc).
+    Its layers are those of ``spec.arch`` (:data:`ARCHITECTURES`); see the module doc.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        if spec.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {spec.arch!r}; known: {', '.join(ARCHITECTURES)}")
         self.spec = spec
-        if spec.arch == "res-cnn":
-            self._build_res_cnn(spec)
-            return
-        blocks: list[nn.Module] = []
-        in_ch = 3
-        for out_ch in spec.channels:
-            blocks += [
-                nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-                nn.BatchNorm2d(out_ch),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
-            in_ch = out_ch
-        self.features = nn.Sequential(*blocks)
-        side = spec.input_size // 2 ** len(spec.channels)
-        self.embedding = nn.Linear(in_ch * side * side, spec.embedding_dim)
-        self.dropout = nn.Dropout(spec.dropout)
-        self.classifier = nn.Linear(spec.embedding_dim, spec.num_classes)
-
-    def _build_res_cnn(self, spec: ModelSpec) -> None:
-        # stem: conv 3x3 at full resolution; then one BasicBlock per stage, each stride 2:
-        # (B, 3, S, S) -> (B, c0, S, S) -> ... -> (B, c_last, S / 2**stages, ...) -> pooled (B, c_last)
-        stem_ch = spec.channels[0]
-        layers: list[nn.Module] = [
-            nn.Conv2d(3, stem_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_ch),
-            nn.ReLU(inplace=True),
-        ]
-        in_ch = stem_ch
-        for out_ch in spec.channels:
-            downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=2, bias=False), nn.BatchNorm2d(out_ch))
-            layers.append(BasicBlock(in_ch, out_ch, stride=2, downsample=downsample))
-            in_ch = out_ch
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.features = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(spec.dropout)
-        self.embedding = nn.Sequential(
-            nn.Linear(in_ch, spec.embedding_dim, bias=False), nn.BatchNorm1d(spec.embedding_dim)
-        )
-        self.proxies = nn.Parameter(torch.randn(spec.num_classes, spec.embedding_dim) / spec.embedding_dim**0.5)
+        self.arch = architecture(spec.arch)
+        self.arch.build(self, spec)
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        # seed-cnn: x (B, 3, S, S) -> features (B, C, S/8, S/8) -> (B, D)
-        # res-cnn:  x (B, 3, S, S) -> pooled features (B, C) -> (B, D)
-        if self.spec.arch == "res-cnn":
-            return self.embedding(self.dropout(self.features(x)))
-        return self.embedding(self.features(x).flatten(1))
+        """(B, 3, S, S) -> (B, D), before normalisation."""
+        return self.arch.penultimate(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.arch == "res-cnn":
-            # cosines in [-1, 1] to each class proxy: (B, D) @ (D, num_classes)
-            return self.unit_embedding(x) @ F.normalize(self.proxies, dim=1).T
-        return self.classifier(self.dropout(F.relu(self.penultimate(x))))  # (B, num_classes)
+        """(B, 3, S, S) -> (B, num_classes) logits."""
+        return self.arch.logits(self, x)
 
     def unit_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """One view's unit vector (B, D): what training shapes."""
@@ -126,3 +111,67 @@ class EmbeddingNet(nn.Module):
             return self.unit_embedding(x)
         both = self.unit_embedding(torch.cat([x, x.flip(3)]))  # (2B, D): the images, then their mirror images
         return F.normalize(both[: len(x)] + both[len(x) :], dim=1)
+
+
+# -- the architectures ---------------------------------------------------------------------
+def _build_seed_cnn(net: EmbeddingNet, spec: ModelSpec) -> None:
+    blocks: list[nn.Module] = []
+    in_ch = 3
+    for out_ch in spec.channels:
+        blocks += [
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
+        in_ch = out_ch
+    net.features = nn.Sequential(*blocks)
+    side = spec.input_size // 2 ** len(spec.channels)
+    net.embedding = nn.Linear(in_ch * side * side, spec.embedding_dim)
+    net.dropout = nn.Dropout(spec.dropout)
+    net.classifier = nn.Linear(spec.embedding_dim, spec.num_classes)
+
+
+def _build_res_cnn(net: EmbeddingNet, spec: ModelSpec) -> None:
+    # stem: conv 3x3 at full resolution; then one BasicBlock per stage, each stride 2:
+    # (B, 3, S, S) -> (B, c0, S, S) -> ... -> (B, c_last, S / 2**stages, ...) -> pooled (B, c_last)
+    stem_ch = spec.channels[0]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, stem_ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(stem_ch),
+        nn.ReLU(inplace=True),
+    ]
+    in_ch = stem_ch
+    for out_ch in spec.channels:
+        downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=2, bias=False), nn.BatchNorm2d(out_ch))
+        layers.append(BasicBlock(in_ch, out_ch, stride=2, downsample=downsample))
+        in_ch = out_ch
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    net.features = nn.Sequential(*layers)
+    net.dropout = nn.Dropout(spec.dropout)
+    net.embedding = nn.Sequential(nn.Linear(in_ch, spec.embedding_dim, bias=False), nn.BatchNorm1d(spec.embedding_dim))
+    net.proxies = nn.Parameter(torch.randn(spec.num_classes, spec.embedding_dim) / spec.embedding_dim**0.5)
+
+
+register(Architecture(
+    name="seed-cnn",
+    summary="the seed recipe: three conv blocks, Dense(256) over the flattened map, a linear classifier",
+    default_channels=(32, 64, 128),
+    loss="cross_entropy",
+    build=_build_seed_cnn,
+    # x (B, 3, S, S) -> features (B, C, S/8, S/8) -> (B, D); the embedding is taken before the
+    # ReLU (after it, a vector can be all zeros and has no direction)
+    penultimate=lambda net, x: net.embedding(net.features(x).flatten(1)),
+    logits=lambda net, x: net.classifier(net.dropout(F.relu(net.penultimate(x)))),
+))
+register(Architecture(
+    name="res-cnn",
+    summary="a small ResNet with a CosFace cosine classifier (the default)",
+    default_channels=(32, 64, 128, 256),
+    loss="cosface",
+    build=_build_res_cnn,
+    # x (B, 3, S, S) -> pooled features (B, C) -> (B, D)
+    penultimate=lambda net, x: net.embedding(net.dropout(net.features(x))),
+    # cosines in [-1, 1] to each class proxy: (B, D) @ (D, num_classes)
+    logits=lambda net, x: net.unit_embedding(x) @ F.normalize(net.proxies, dim=1).T,
+))

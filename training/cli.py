@@ -12,6 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.errors import LookalikeError
+from lookalike.model import ARCHITECTURES
 from lookalike.settings import CommonSettings, default_data
 from training.train import TrainConfig, train
 
@@ -34,15 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize", choices=["stretch", "pad"], default=defaults.resize, help="default %(default)s")
     parser.add_argument(
         "--arch",
-        choices=["res-cnn", "seed-cnn"],
+        choices=list(ARCHITECTURES),
         default=defaults.arch,
-        help="res-cnn: small ResNet with a CosFace cosine classifier; seed-cnn: the seed recipe (default %(default)s)",
+        help="; ".join(f"{a.name}: {a.summary}" for a in ARCHITECTURES.values()) + " (default %(default)s)",
     )
     parser.add_argument(
         "--channels",
         type=lambda text: tuple(int(c) for c in text.split(",")),
         default=None,
-        help="conv widths, comma-separated (default: res-cnn 32,64,128,256; seed-cnn 32,64,128)",
+        help="conv widths, comma-separated (default: the architecture's: "
+        + "; ".join(f"{a.name} {','.join(map(str, a.default_channels))}" for a in ARCHITECTURES.values()) + ")",
     )
     parser.add_argument("--margin", type=float, default=defaults.cosface_margin, help="CosFace margin (%(default)s)")
     parser.add_argument("--scale", type=float, default=defaults.cosface_scale, help="CosFace scale (%(default)s)")
@@ -136,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs,
         size=args.size,
         arch=args.arch,
-        channels=args.channels or ((32, 64, 128, 256) if args.arch == "res-cnn" else (32, 64, 128)),
+        channels=args.channels or ARCHITECTURES[args.arch].default_channels,
         cosface_margin=args.margin,
         cosface_scale=args.scale,
         sampler=args.sampler,

@@ -31,7 +31,7 @@ from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.catalog import CatalogItem
 from lookalike.embedder import pick_device
 from lookalike.imaging import PreprocessSpec, normalise
-from lookalike.model import EmbeddingNet, ModelSpec
+from lookalike.model import EmbeddingNet, ModelSpec, architecture
 from lookalike.registry import CHALLENGER, Registry
 from training.curves import plot_history
 from training.data import (
@@ -74,8 +74,8 @@ class TrainConfig:
     # The catalog is stored stretched to squares; shopper photos keep their aspect.
     # Stretching a query the same way makes it look like the catalog (see docs/training.md).
     resize: Literal["stretch", "pad"] = "stretch"
-    arch: Literal["seed-cnn", "res-cnn"] = "res-cnn"
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # seed-cnn: (32, 64, 128)
+    arch: str = "res-cnn"  # a name in lookalike.model.ARCHITECTURES
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # the architecture's default_channels
     embedding_dim: int = 256
     dropout: float = 0.1
     # res-cnn's loss: CosFace over cosines to the class proxies, scaled; seed-cnn: cross-entropy.
@@ -140,7 +140,7 @@ class TrainConfig:
 
     def loss_fn(self) -> LossFn:
         """The training loss for this architecture's logits."""
-        if self.arch == "res-cnn":
+        if architecture(self.arch).loss == "cosface":
             return CosFaceLoss(scale=self.cosface_scale, margin=self.cosface_margin)
         return nn.CrossEntropyLoss()
 
@@ -336,8 +336,8 @@ class AuxiliaryHeads(nn.Module):
 
     def __init__(self, model: EmbeddingNet, sizes: Sequence[int]) -> None:
         super().__init__()
-        if model.spec.arch != "res-cnn":
-            raise ValueError("auxiliary labels need the cosine classifier of res-cnn")
+        if model.arch.loss != "cosface":
+            raise ValueError(f"auxiliary labels need a cosine classifier, which {model.spec.arch} has not")
         self.model = model
         dim = model.spec.embedding_dim
         self.heads = nn.ParameterList([nn.Parameter(torch.randn(n, dim) / dim**0.5) for n in sizes])

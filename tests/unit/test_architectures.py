@@ -1,0 +1,34 @@
+"""The architecture registry: every registered network builds, embeds unit vectors, keeps
+the weight names stored models were saved with, and an unknown name is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lookalike.model import ARCHITECTURES, EmbeddingNet, ModelSpec, architecture
+
+# Weight names of models stored before the registry (a stored model loads by these names).
+STORED_NAMES = {
+    "seed-cnn": {"features.0.weight", "embedding.weight", "embedding.bias", "classifier.weight", "classifier.bias"},
+    "res-cnn": {"features.0.weight", "features.3.conv1.weight", "embedding.0.weight", "embedding.1.weight", "proxies"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_builds_and_embeds_unit_vectors(name: str) -> None:
+    arch = architecture(name)
+    spec = ModelSpec(arch=name, input_size=32, channels=arch.default_channels, num_classes=5)
+    net = EmbeddingNet(spec).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        vectors, logits = net.embed(x), net(x)
+    assert vectors.shape == (3, spec.embedding_dim) and logits.shape == (3, 5)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert STORED_NAMES[name] <= set(net.state_dict())
+
+
+def test_the_registry_holds_the_stored_architectures_and_refuses_others() -> None:
+    assert set(STORED_NAMES) <= set(ARCHITECTURES)
+    with pytest.raises(ValueError, match="unknown architecture 'vit'.*res-cnn"):
+        EmbeddingNet(ModelSpec(arch="vit"))
