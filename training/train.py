@@ -226,9 +226,27 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> LabelledPixels:
                           train_aux if config.aux_labels else None, tuple(aux_classes))
 
 
-def to_batch(pixels: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, device: torch.device) -> Batch:
-    """uint8 (B, S, S, 3) and class indices -> model inputs (channels-last) and targets on ``device``."""
-    inputs = torch.from_numpy(normalise(pixels, spec)).to(device, memory_format=torch.channels_last)
+# oneDNN's channels-last 1x1 convolution (weights' backward pass, 2 threads, torch 2.14.1)
+# crashes the process ("double free or corruption") on stages narrower than 16 channels with
+# some batch sizes; seen with the tests' tiny model (8 and 16 channels, a batch of 15). Such
+# narrow networks train in the plain layout; the recipes' networks (32+ channels) do not.
+MIN_CHANNELS_LAST_WIDTH = 16
+
+
+def training_layout(spec: ModelSpec) -> torch.memory_format:
+    """The memory layout a network with ``spec`` trains in."""
+    return torch.channels_last if min(spec.channels) >= MIN_CHANNELS_LAST_WIDTH else torch.contiguous_format
+
+
+def layout_of(model: nn.Module) -> torch.memory_format:
+    net = model.model if isinstance(model, AuxiliaryHeads) else model
+    return training_layout(net.spec) if isinstance(net, EmbeddingNet) else torch.channels_last
+
+
+def to_batch(pixels: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, device: torch.device,
+             memory_format: torch.memory_format = torch.channels_last) -> Batch:
+    """uint8 (B, S, S, 3) and class indices -> model inputs (in the model's layout) and targets on ``device``."""
+    inputs = torch.from_numpy(normalise(pixels, spec)).to(device, memory_format=memory_format)
     return inputs, torch.from_numpy(labels).to(device)
 
 
@@ -415,7 +433,7 @@ def evaluate(
     device = next(model.parameters()).device
     loss_sum, correct = 0.0, 0
     for idx in batches(len(labels), batch_size):
-        loss, n_correct = eval_step(model, to_batch(pixels[idx], labels[idx], spec, device), loss_fn)
+        loss, n_correct = eval_step(model, to_batch(pixels[idx], labels[idx], spec, device, layout_of(model)), loss_fn)
         loss_sum += loss * len(idx)
         correct += n_correct
     return loss_sum / len(labels), correct / len(labels)
@@ -455,7 +473,7 @@ def train_epoch(
         labels = data.train_y[idx]
         if isinstance(model, AuxiliaryHeads) and data.train_aux is not None:
             labels = np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)  # (B, 1 + T)
-        inputs, targets = to_batch(data.train_x[idx], labels, spec, device)
+        inputs, targets = to_batch(data.train_x[idx], labels, spec, device, layout_of(model))
         if config.shoot_augment:
             inputs = imitate_shoot(inputs, spec, generator)
         elif config.augment:
@@ -638,7 +656,8 @@ def train(
     load_seconds = time.perf_counter() - started
 
     # Channels-last convolutions are ~20% faster on CPU (oneDNN); the saved weights are plain.
-    model = EmbeddingNet(config.model_spec(len(data.split.classes))).to(device, memory_format=torch.channels_last)
+    model_spec = config.model_spec(len(data.split.classes))
+    model = EmbeddingNet(model_spec).to(device, memory_format=training_layout(model_spec))
     log.info(
         "training %s on %s (%d threads): %d parameters, %d epochs",
         model.spec.arch,

@@ -32,3 +32,12 @@ def test_the_registry_holds_the_stored_architectures_and_refuses_others() -> Non
     assert set(STORED_NAMES) <= set(ARCHITECTURES)
     with pytest.raises(ValueError, match="unknown architecture 'vit'.*res-cnn"):
         EmbeddingNet(ModelSpec(arch="vit"))
+
+
+def test_narrow_networks_train_in_the_plain_layout() -> None:
+    """oneDNN's channels-last 1x1 convolution crashed training on 8/16-channel stages
+    (training/train.py: MIN_CHANNELS_LAST_WIDTH); the recipes' widths keep channels-last."""
+    from training.train import training_layout
+
+    assert training_layout(ModelSpec(arch="res-cnn", channels=(8, 16))) == torch.contiguous_format
+    assert training_layout(ModelSpec(arch="res-cnn", channels=(32, 64, 128, 256))) == torch.channels_last
