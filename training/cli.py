@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -16,115 +20,88 @@ from lookalike.model import ARCHITECTURES
 from lookalike.settings import CommonSettings, default_data
 from training.train import TrainConfig, train
 
+# What people read in ``lookalike train --help`` for each TrainConfig field (the rest say
+# "TrainConfig.<name>"), and the short flags kept from before the parser was generated.
+HELP = {
+    "data": "catalog folder with styles.csv and images/ (env LOOKALIKE_DATA)",
+    "label": "the styles.csv column the classifier learns",
+    "min_count": "smallest class kept",
+    "limit_classes": "train on the N largest classes only",
+    "split": "period: hold out the newest product ids (and a random share of the older); random: the old "
+             "stratified random split",
+    "period_fraction": "newest share of the ids held out",
+    "test_fraction": "random held-out share (of the older ids with --split period)",
+    "size": "input side in pixels",
+    "arch": "; ".join(f"{a.name}: {a.summary}" for a in ARCHITECTURES.values()),
+    "channels": "conv widths, comma-separated (default: the architecture's: "
+                + "; ".join(f"{a.name} {','.join(map(str, a.default_channels))}" for a in ARCHITECTURES.values()) + ")",
+    "cosface_margin": "CosFace margin",
+    "cosface_scale": "CosFace scale",
+    "sampler": "balanced: P x K batches with classes drawn uniformly",
+    "patience": "early stopping after this many epochs without a better validation accuracy ('none': off)",
+    "lr": "Adam learning rate",
+    "lr_schedule": "cosine: decay to 0 over the run",
+    "seed": "weights and batch order",
+    "augment": "random flips, crops and brightness/contrast while training",
+    "flip": "random horizontal flips while training",
+    "shoot_augment": "imitate other shoots: framing, zoom, aspect, light, colour, grey, blur, erasing",
+    "aux_labels": "extra styles.csv labels learnt by training-only heads, comma-separated, e.g. "
+                  "subCategory,baseColour ('' for none)",
+    "aux_weight": "their loss weight",
+    "ema_decay": "keep an exponential moving average of the weights (0: off)",
+    "flip_average": "embed each image and its mirror image and average them, in serving too",
+    "threads": "torch threads (0: torch's default)",
+    "device": "auto: CUDA when available",
+    "cache_dir": "decoded-pixel cache ($LOOKALIKE_HOME/cache)",
+    "promote": "put the new model through the promotion gate (lookalike models promote): it becomes champion "
+               "only if it beats the champion by the margin. Without: it becomes the challenger, or the champion "
+               "when there is none yet",
+}
+SHORT_FLAGS = {"cosface_margin": ["--margin"], "cosface_scale": ["--scale"]}
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+def _argument(name: str, kind: Any, default: Any) -> dict[str, Any]:
+    """argparse keywords for a TrainConfig field of type ``kind``."""
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    if optional:
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": default}
+    if typing.get_origin(kind) is Literal:
+        return {"choices": list(args), "default": default}
+    if name == "arch":
+        return {"choices": list(ARCHITECTURES), "default": default}
+    if typing.get_origin(kind) is tuple:
+        item = args[0]
+        return {"type": lambda text: tuple(item(part) for part in text.split(",") if part),
+                "default": None if name == "channels" else default}
+    parse = {int: int, float: float, str: str, Path: Path}[kind]
+    return {"type": _optional(parse) if optional else parse, "default": default}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lookalike train`` arguments; defaults are :class:`TrainConfig`'s."""
-    defaults = TrainConfig()
+    """The ``lookalike train`` arguments: one per :class:`TrainConfig` field, generated, so a
+    new training option is on the command line (with its default) as soon as it exists."""
     parser = argparse.ArgumentParser(
         prog="lookalike train",
         description="Train the embedder on a catalog folder (Kaggle Fashion Product Images layout).",
     )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=default_data(),
-        help="catalog folder with styles.csv and images/ (env LOOKALIKE_DATA; default %(default)s)",
-    )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
-    parser.add_argument("--size", type=int, default=defaults.size, help="input side in pixels (default %(default)s)")
-    parser.add_argument("--resize", choices=["stretch", "pad"], default=defaults.resize, help="default %(default)s")
-    parser.add_argument(
-        "--arch",
-        choices=list(ARCHITECTURES),
-        default=defaults.arch,
-        help="; ".join(f"{a.name}: {a.summary}" for a in ARCHITECTURES.values()) + " (default %(default)s)",
-    )
-    parser.add_argument(
-        "--channels",
-        type=lambda text: tuple(int(c) for c in text.split(",")),
-        default=None,
-        help="conv widths, comma-separated (default: the architecture's: "
-        + "; ".join(f"{a.name} {','.join(map(str, a.default_channels))}" for a in ARCHITECTURES.values()) + ")",
-    )
-    parser.add_argument("--margin", type=float, default=defaults.cosface_margin, help="CosFace margin (%(default)s)")
-    parser.add_argument("--scale", type=float, default=defaults.cosface_scale, help="CosFace scale (%(default)s)")
-    parser.add_argument(
-        "--sampler",
-        choices=["shuffle", "balanced"],
-        default=defaults.sampler,
-        help="balanced: P x K batches with classes drawn uniformly (default %(default)s)",
-    )
-    parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping (%(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default %(default)s)")
-    parser.add_argument(
-        "--lr-schedule",
-        choices=["constant", "cosine"],
-        default=defaults.lr_schedule,
-        help="cosine: decay to 0 over the run (default %(default)s)",
-    )
-    parser.add_argument("--min-count", type=int, default=defaults.min_count, help="smallest class kept (%(default)s)")
-    parser.add_argument("--limit-classes", type=int, default=None, help="train on the N largest classes only")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="weights and batch order (%(default)s)")
-    parser.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.augment,
-        help="random flips, crops and brightness/contrast while training (default %(default)s)",
-    )
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.flip,
-        help="random horizontal flips while training (default %(default)s)",
-    )
-    parser.add_argument(
-        "--split",
-        choices=["period", "random"],
-        default=defaults.split,
-        help="period: hold out the newest product ids (and a random share of the older); random: the old "
-        "stratified random split (default %(default)s)",
-    )
-    parser.add_argument("--period-fraction", type=float, default=defaults.period_fraction,
-                        help="newest share of the ids held out (%(default)s)")
-    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
-                        help="random held-out share (of the older ids with --split period; %(default)s)")
-    parser.add_argument(
-        "--shoot-augment",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.shoot_augment,
-        help="imitate other shoots: framing, zoom, aspect, light, colour, grey, blur, erasing (default %(default)s)",
-    )
-    parser.add_argument(
-        "--aux-labels",
-        type=lambda text: tuple(name for name in text.split(",") if name),
-        default=defaults.aux_labels,
-        help="extra styles.csv labels learnt by training-only heads, comma-separated, e.g. subCategory,baseColour "
-        "('' for none; default %(default)s)",
-    )
-    parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="their loss weight (%(default)s)")
-    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
-                        help="keep an exponential moving average of the weights (0: off; default %(default)s)")
-    parser.add_argument(
-        "--flip-average",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.flip_average,
-        help="embed each image and its mirror image and average them, in serving too (default %(default)s)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default=defaults.device, help="auto: CUDA when available"
-    )
-    parser.add_argument(
-        "--promote",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="put the new model through the promotion gate (lookalike models promote): it becomes champion "
-        "only if it beats the champion by the margin. Without: it becomes the challenger, or the champion "
-        "when there is none yet",
-    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name == "data":
+            default = default_data()
+        keywords = _argument(f.name, hints[f.name], default)
+        flags = [f"--{f.name.replace('_', '-')}", *SHORT_FLAGS.get(f.name, [])]
+        shown = " (default %(default)s)" if f.name != "channels" else ""
+        parser.add_argument(*flags, dest=f.name, help=HELP.get(f.name, f"TrainConfig.{f.name}") + shown, **keywords)
     parser.add_argument("--model-dir", type=Path, default=None, help="model store (default: LOOKALIKE_MODEL_DIR)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-pixel cache ($LOOKALIKE_HOME/cache)")
     parser.add_argument(
         "--reuse", action="store_true", help="if the store has a champion, show it and exit without training"
     )
@@ -133,38 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        data=args.data,
-        epochs=args.epochs,
-        size=args.size,
-        arch=args.arch,
-        channels=args.channels or ARCHITECTURES[args.arch].default_channels,
-        cosface_margin=args.margin,
-        cosface_scale=args.scale,
-        sampler=args.sampler,
-        patience=args.patience,
-        split=args.split,
-        period_fraction=args.period_fraction,
-        test_fraction=args.test_fraction,
-        shoot_augment=args.shoot_augment,
-        aux_labels=args.aux_labels,
-        aux_weight=args.aux_weight,
-        ema_decay=args.ema_decay,
-        flip_average=args.flip_average,
-        resize=args.resize,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        min_count=args.min_count,
-        limit_classes=args.limit_classes,
-        seed=args.seed,
-        augment=args.augment,
-        flip=args.flip,
-        threads=args.threads,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        promote=args.promote,
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["channels"] = values["channels"] or ARCHITECTURES[values["arch"]].default_channels
+    return TrainConfig(**values)
 
 
 def describe(card: ModelCard) -> str:

@@ -572,3 +572,23 @@ def test_module_logs_one_line_per_epoch(
         train(config, ModelStore(tmp_path / "models"), progress=False)
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(epochs) == 2 and "validation accuracy" in epochs[0]
+
+
+def test_the_train_cli_is_generated_from_the_config() -> None:
+    """Every TrainConfig field is a flag with the field's default; short flags still work."""
+    import dataclasses
+
+    from training.cli import build_parser, config_from_args
+    from training.train import TrainConfig
+
+    parser = build_parser()
+    defaults = config_from_args(parser.parse_args(["--data", "x"]))
+    assert defaults == TrainConfig(data=Path("x"))
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)} <= flags
+    chosen = config_from_args(parser.parse_args(
+        ["--data", "x", "--arch", "seed-cnn", "--margin", "0.3", "--no-flip", "--patience", "none",
+         "--aux-labels", "subCategory,baseColour", "--limit-classes", "5"]))
+    assert chosen.arch == "seed-cnn" and chosen.channels == (32, 64, 128)  # the architecture's widths
+    assert chosen.cosface_margin == 0.3 and chosen.flip is False and chosen.patience is None
+    assert chosen.aux_labels == ("subCategory", "baseColour") and chosen.limit_classes == 5
