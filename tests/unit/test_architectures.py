@@ -30,7 +30,7 @@ def test_every_architecture_builds_and_embeds_unit_vectors(name: str) -> None:
 
 def test_the_registry_holds_the_stored_architectures_and_refuses_others() -> None:
     assert set(STORED_NAMES) <= set(ARCHITECTURES)
-    with pytest.raises(ValueError, match="unknown architecture 'vit'.*res-cnn"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'vit'.*res-cnn"):
         EmbeddingNet(ModelSpec(arch="vit"))
 
 
