@@ -230,7 +230,7 @@ def run_loop(options: LoopOptions) -> int:
               f"not in the catalog; trigger at {options.trigger_feedback} labelled events")
         t0 = time.time()
         shoppers.start()
-        code = _watch(options, watch, shoppers, services, env, store, t0)
+        code = _watch(options, watch, shoppers, services, env, t0)
         shoppers.stop()
         stopped = time.time()
         time.sleep(3)  # the aggregator counts the last feedback
@@ -256,7 +256,8 @@ def _cli(env: dict[str, str], *args: str) -> str:
 
 
 def _watch(options: LoopOptions, watch: Watch, shoppers: ShopperRun, services: LocalServices,
-           env: dict[str, str], store: ModelStore, t0: float) -> int:
+           env: dict[str, str], t0: float) -> int:
+    """Follow the run until the rollback was shown (0), the gate refused (2) or time ran out (1)."""
     deadline = t0 + options.max_minutes * 60
     phase_until: float | None = None
     rolled_back = False
