@@ -191,6 +191,10 @@ def run_loop(options: LoopOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"== loop {run_id}: topics {prefix}.*, home {home}")
     print(f"   Kafka {settings.kafka_bootstrap}, Redis from LOOKALIKE_REDIS_URL; the demo's own services are left alone")
+    if not _stack_answers(settings):
+        print(f"no Kafka at {settings.kafka_bootstrap} or no Redis: the loop runs on a running stack; `make demo` first",
+              file=sys.stderr)
+        return 1
     ensure_topics(settings)
 
     items = list(iter_catalog(options.data))
@@ -246,6 +250,22 @@ def run_loop(options: LoopOptions) -> int:
             _clean(settings, prefix)
         print(f"== done in {(time.time() - started) / 60:.1f} min (services stopped), exit code {code}")
     return code
+
+
+def _stack_answers(settings: CommonSettings) -> bool:
+    """Do Kafka and Redis answer (within seconds)?"""
+    import redis
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from lookalike.clients import confluent_config, redis_client
+
+    try:
+        AdminClient(confluent_config(settings)).list_topics(timeout=10)
+        redis_client(settings, socket_timeout=5).ping()
+    except (KafkaException, redis.RedisError, OSError):
+        return False
+    return True
 
 
 def _cli(env: dict[str, str], *args: str) -> str:

@@ -121,6 +121,20 @@ def test_four_services_impressions_by_default_and_ctr_after_one_click(
             assert time.monotonic() < deadline, serving_metrics()
             time.sleep(0.3)
         assert serving_metrics()["ctr_at_5"] == pytest.approx(1 / 10)
+
+        # `lookalike shoppers` on a plain folder of photos: every query answered, impressions recorded.
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for item_id, image in list(images.items())[:6]:
+            (photos / f"{item_id}.jpg").write_bytes(image)
+        out = cli(env, "shoppers", "--data", str(photos), "--queries", "6", "--rate", "4", "--lanes", "2")
+        summary = out.strip().splitlines()[-1]
+        asked = int(summary.split()[0])
+        assert asked >= 6 and summary.endswith(" 0 failed"), out
+        deadline = time.monotonic() + 30
+        while serving_metrics().get("impressions", 0) < 10 + 5 * asked:
+            assert time.monotonic() < deadline, serving_metrics()
+            time.sleep(0.3)
     finally:
         services.down()
     assert all(services.daemon(name).pid() is None for name in SERVICES)
