@@ -191,6 +191,10 @@ def run_loop(options: LoopOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"== loop {run_id}: topics {prefix}.*, home {home}")
     print(f"   Kafka {settings.kafka_bootstrap}, Redis from LOOKALIKE_REDIS_URL; the demo's own services are left alone")
+    if not _stack_answers(settings):
+        print(f"no Kafka at {settings.kafka_bootstrap} or no Redis: the loop runs on a running stack; `make demo` first",
+              file=sys.stderr)
+        return 1
     ensure_topics(settings)
 
     items = list(iter_catalog(options.data))
@@ -230,7 +234,7 @@ def run_loop(options: LoopOptions) -> int:
               f"not in the catalog; trigger at {options.trigger_feedback} labelled events")
         t0 = time.time()
         shoppers.start()
-        code = _watch(options, watch, shoppers, services, env, store, t0)
+        code = _watch(options, watch, shoppers, services, env, t0)
         shoppers.stop()
         stopped = time.time()
         time.sleep(3)  # the aggregator counts the last feedback
@@ -248,6 +252,22 @@ def run_loop(options: LoopOptions) -> int:
     return code
 
 
+def _stack_answers(settings: CommonSettings) -> bool:
+    """Do Kafka and Redis answer (within seconds)?"""
+    import redis
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from lookalike.clients import confluent_config, redis_client
+
+    try:
+        AdminClient(confluent_config(settings)).list_topics(timeout=10)
+        redis_client(settings, socket_timeout=5).ping()
+    except (KafkaException, redis.RedisError, OSError):
+        return False
+    return True
+
+
 def _cli(env: dict[str, str], *args: str) -> str:
     """Run ``lookalike ARGS`` as a user would, in the loop's namespace; returns its output."""
     done = subprocess.run([sys.executable, "-m", "control.cli", *args], env={**os.environ, **env}, cwd=REPO,
@@ -256,7 +276,8 @@ def _cli(env: dict[str, str], *args: str) -> str:
 
 
 def _watch(options: LoopOptions, watch: Watch, shoppers: ShopperRun, services: LocalServices,
-           env: dict[str, str], store: ModelStore, t0: float) -> int:
+           env: dict[str, str], t0: float) -> int:
+    """Follow the run until the rollback was shown (0), the gate refused (2) or time ran out (1)."""
     deadline = t0 + options.max_minutes * 60
     phase_until: float | None = None
     rolled_back = False

@@ -53,6 +53,7 @@ def test_four_services_impressions_by_default_and_ctr_after_one_click(
         "LOOKALIKE_MODEL_DIR": str(models),
         "LOOKALIKE_HOME": str(tmp_path),
         "LOOKALIKE_STACK_STATE_DIR": str(tmp_path / "services"),  # where `lookalike services` keeps its pid files
+        "LOOKALIKE_GATEWAY_PORT": "0",  # any free port: tests run beside a demo's gateway
         "LOOKALIKE_TORCH_THREADS": "1",
         "LOOKALIKE_CATALOG_BATCH_WAIT_MS": "20",
         "PYTHONUNBUFFERED": "1",
@@ -60,7 +61,7 @@ def test_four_services_impressions_by_default_and_ctr_after_one_click(
     settings = settings_from(ClientSettings, env)
     ensure_topics(settings)
     services = LocalServices(StackSettings(state_dir=tmp_path / "services"))
-    assert list(SERVICES) == ["worker", "indexer", "feedback", "trainer"]
+    assert list(SERVICES) == ["worker", "indexer", "feedback", "trainer", "gateway"]
     services.up(env=env)
     try:
         lines = cli(env, "services", "status").splitlines()
@@ -121,6 +122,20 @@ def test_four_services_impressions_by_default_and_ctr_after_one_click(
             assert time.monotonic() < deadline, serving_metrics()
             time.sleep(0.3)
         assert serving_metrics()["ctr_at_5"] == pytest.approx(1 / 10)
+
+        # `lookalike shoppers` on a plain folder of photos: every query answered, impressions recorded.
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for item_id, image in list(images.items())[:6]:
+            (photos / f"{item_id}.jpg").write_bytes(image)
+        out = cli(env, "shoppers", "--data", str(photos), "--queries", "6", "--rate", "4", "--lanes", "2")
+        summary = out.strip().splitlines()[-1]
+        asked = int(summary.split()[0])
+        assert asked >= 6 and summary.endswith(" 0 failed"), out
+        deadline = time.monotonic() + 30
+        while serving_metrics().get("impressions", 0) < 10 + 5 * asked:
+            assert time.monotonic() < deadline, serving_metrics()
+            time.sleep(0.3)
     finally:
         services.down()
     assert all(services.daemon(name).pid() is None for name in SERVICES)
