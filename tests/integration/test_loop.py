@@ -1,4 +1,4 @@
-"""The feedback loop in the stack, as a user meets it: `lookalike services up` runs four
+"""The feedback loop in the stack, as a user meets it: `lookalike services up` runs five
 services, a query records its impressions by default, and one query plus one click give
 a CTR@5 for the serving version in `lookalike metrics` within seconds."""
 
@@ -42,7 +42,7 @@ def cli(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def test_four_services_impressions_by_default_and_ctr_after_one_click(
+def test_the_services_impressions_by_default_and_ctr_after_one_click(
     cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path
 ) -> None:
     models, card = tiny_model
