@@ -228,8 +228,17 @@ class Source:
         tps = [TopicPartition(topic, p, OFFSET_BEGINNING if o is None else o) for p, o in sorted(start.items())]
         await self._call(self._consumer.assign, tps)
 
+    def _take(self, max_records: int, timeout_s: float) -> list[Message]:
+        """Wait up to ``timeout_s`` for the first record, then take what else is fetched
+        already, without waiting (``consume(n, t)`` alone would wait for n records or the
+        whole timeout: a lone query would sit out the timeout)."""
+        first = self._consumer.poll(timeout_s)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(max_records - 1, 0)] if max_records > 1 else [first]
+
     async def fetch(self, max_records: int, timeout_s: float) -> list[Record]:
-        messages = await self._call(self._consumer.consume, max_records, timeout_s)
+        messages = await self._call(self._take, max_records, timeout_s)
         records = []
         for msg in messages:
             err = msg.error()
