@@ -80,10 +80,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelCar
     config = TrainConfig(
         data=data, min_count=2, size=32, channels=(8, 16), embedding_dim=256, epochs=3, batch_size=16,
         patience=None, cache_dir=root / "cache", threads=2,
-        # The random split, as before the split by period: with it, the batches are 16, 16, 16 and 4.
-        # The period split's 47 training images end on a batch of 15, and torch 2.14.1 on 2 threads
-        # corrupts its heap in the backward pass of these 8-channel channels-last convolutions
-        # ("free(): invalid next size"); 1 thread, or 16+ channels, do not.
+        # The random split, as before the split by period (the synthetic shapes have no periods).
+        # With the period split's batch of 15, torch 2.14.1 on 2 threads corrupted its heap in
+        # these 8-channel channels-last convolutions; such narrow nets now train in the plain
+        # layout (training/train.py: MIN_CHANNELS_LAST_WIDTH).
         split="random", test_fraction=0.2,
     )
     store = ModelStore(root / "models")
