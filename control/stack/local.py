@@ -186,8 +186,10 @@ class KafkaBroker:
     def up(self) -> None:
         if self.running() and self.answers():
             return
-        if self.daemon.pid() is None and port_open(HOST, self.settings.kafka_port):
-            raise StackError(f"port {self.settings.kafka_port} is taken by another process; set LOOKALIKE_STACK_KAFKA_PORT")
+        if self.daemon.pid() is None:
+            for port, variable in ((self.settings.kafka_port, "KAFKA_PORT"), (self.settings.controller_port, "CONTROLLER_PORT")):
+                if port_open(HOST, port):
+                    raise StackError(f"port {port} is taken by another process; set LOOKALIKE_STACK_{variable}")
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "server.properties"
         config.write_text(self.server_properties())
