@@ -424,7 +424,7 @@ class Loop:
         self.batches: MicroBatches[Record] = MicroBatches(batch_max, batch_wait_s, max_pending=max(4 * batch_max, 256))
         self.offsets = Offsets()
         self.isolated = 0  # records answered by on_error
-        self.last_progress = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- rebalance ------------------------------------------------------------------
     def revoked(self, partitions: list[TopicPartition]) -> None:
@@ -440,13 +440,14 @@ class Loop:
             else:
                 self.source.commit_now({tp: o for tp, o in self.offsets.due(held).items() if tp in tps})
         self.offsets.forget(tps)
-        if self.stage is not None:
-            self.stage.revoke(tps)
+        if self.stage is not None and self._loop is not None:  # the stage lives in the event loop's thread
+            self._loop.call_soon_threadsafe(self.stage.revoke, tps)
 
     # -- the loop -------------------------------------------------------------------
     async def run(self) -> None:
         """Subscribe (when ``topics`` were given; an assigned source is ready already) and run
         until cancelled or until the loop itself fails."""
+        self._loop = asyncio.get_running_loop()
         if self.topics is not None:
             await self.source.subscribe(self.topics, on_revoke=self.revoked)
         tasks = [asyncio.create_task(self._read(), name=f"{self.name}-read")]
@@ -484,7 +485,6 @@ class Loop:
             outputs = await self._guarded(batch)
             await self._send(outputs)
             self.offsets.done(batch)
-            self.last_progress = time.monotonic()
 
     async def _guarded(self, batch: list[Record]) -> list[Output]:
         """The stage's outputs for ``batch``; a record it fails on gets its on_error answer."""
