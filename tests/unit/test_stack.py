@@ -45,3 +45,11 @@ def test_daemon_escalates_to_sigkill(tmp_path: Path) -> None:
     assert daemon.stop(timeout_s=1)
     assert time.monotonic() - started < 5
     assert daemon.pid() is None
+
+
+def test_a_cluster_id_never_reads_as_an_option() -> None:
+    from control.stack.local import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(2000)]  # ~31 would start with "-" without the check
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
