@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.plots import with_gaps
+from lookalike.figures import save_figure
 from producers.shoppers import QueryRecord
 
 MIN_IMPRESSIONS = 50  # a CTR@5 point needs this many impressions in its bucket (the last, partial one often has few)
@@ -211,9 +212,7 @@ def plot_timeline(records: Sequence[QueryRecord], series: Mapping[str, Sequence[
                      fontsize=8, color=colour, family="monospace")
         rate_ax.legend(loc="lower left", fontsize=8, title="model version")
         fig.suptitle(title or "the feedback loop")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        path = save_figure(fig, path)
     finally:
         plt.close(fig)
     return path

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lookalike.figures import save_figure
+
 # (metric, axis title, scale): replies are drawn per second of their bucket
 PANELS = (("replies", "replies / s", "per_s"), ("ctr_at_5", "CTR@5", None), ("purchase_rate", "purchase rate", None),
           ("drift", "drift (1 - cos)", None))
@@ -62,9 +64,7 @@ def plot_series(series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, b
         axes[0].legend(title="model version", fontsize=8)
         axes[-1].set_xlabel(f"minutes (buckets of {bucket_s} s)")
         fig.suptitle(title or "feedback metrics per model version")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        path = save_figure(fig, path)
     finally:
         plt.close(fig)
     return path

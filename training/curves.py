@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lookalike.figures import save_figure
+
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Draw train/validation loss and validation accuracy per epoch into ``path`` (PNG); returns ``path``."""
@@ -27,9 +29,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "")
             ax.grid(alpha=0.3)
         if title:
             fig.suptitle(title)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        path = save_figure(fig, path)
     finally:
         plt.close(fig)
     return path
