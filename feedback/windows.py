@@ -7,11 +7,12 @@ ratios of the summed counters, so any window can be read back from the same buck
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lookalike import contracts as c
+from lookalike.errors import InvalidMessage
 from lookalike.events import FeedbackEvent
 
 AT_K = 5  # CTR@5: clicks and impressions of the top 5 results
@@ -68,15 +69,12 @@ class ReplyFacts:
 def reply_facts(value: bytes | None) -> ReplyFacts | None:
     """An ok reply -> its facts; None for error replies and anything that is not a reply."""
     try:
-        doc = json.loads(value or b"")
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = c.parse_reply(value)
+    except InvalidMessage:
         return None
-    if not isinstance(doc, dict) or doc.get("status") != "ok" or not isinstance(doc.get("model_version"), str):
+    if doc["status"] != "ok" or not isinstance(doc.get("model_version"), str):
         return None
-    if not isinstance(doc.get("request_id"), str) or not isinstance(doc.get("results"), list):
-        return None
-    items = tuple(str(hit["item_id"]) for hit in doc["results"] if isinstance(hit, dict) and "item_id" in hit)
-    return ReplyFacts(doc["request_id"], doc["model_version"], items)
+    return ReplyFacts(doc["request_id"], doc["model_version"], tuple(hit["item_id"] for hit in doc["results"]))
 
 
 def rank_of(item_id: str, items: Iterable[str]) -> int | None:

@@ -13,7 +13,7 @@ from indexer.shards import LOOKUP, SEARCH, own_position, partial_headers
 from indexer.versions import Pools, VersionIndex
 from lookalike import contracts as c
 from lookalike import metrics
-from lookalike.errors import ErrorCode, InvalidMessage, ModelMismatch, UnknownItem, code_of
+from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelMismatch, UnknownItem, code_of
 from lookalike.rollout import RolloutState
 from lookalike.runtime import Loop, Output, Record, Sender, SendFailed, Source
 from lookalike.settings import IndexerSettings
@@ -32,6 +32,7 @@ class Answering:
     state: RolloutState | None
     started: asyncio.Event
     sender: Sender | None
+    catalog_partitions: int | None
 
     # -- queries ------------------------------------------------------------------
     def version_for(self, headers: Mapping[str, bytes]) -> VersionIndex | None:
@@ -39,17 +40,45 @@ class Answering:
         return self.versions.get(version)
 
     async def ready_for(self, headers: Mapping[str, bytes]) -> None:
-        """Wait (bounded only by the feed) until the query's version has caught up, then for
-        its ``min-position`` (bounded by the setting)."""
-        await self.started.wait()
+        """Wait until the query's version has caught up (at most ``catch_up_wait_s``; later
+        it is answered ``not_ready``), then for its ``min-position`` (at most
+        ``min_position_wait_s``; a partition the catalog does not have is answered at once)."""
+        s = self.settings
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.started.wait(), s.catch_up_wait_s)
         vi = self.version_for(headers)
         if vi is None:
             return  # answered with model_mismatch
-        await vi.caught_up.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(vi.caught_up.wait(), s.catch_up_wait_s)
         if c.H_MIN_POSITION in headers:  # read-your-writes: wait (bounded) for the index to get there
             with contextlib.suppress(InvalidMessage):  # a malformed one is answered by answer()
-                required = c.parse_position(headers[c.H_MIN_POSITION])
-                await vi.wait_for_position(required, self.settings.min_position_wait_s)
+                required = self.check_partitions(c.parse_position(headers[c.H_MIN_POSITION]))
+                await vi.wait_for_position(required, s.min_position_wait_s)
+
+    def check_partitions(self, position: dict[int, int]) -> dict[int, int]:
+        """A position that names a partition the catalog topic does not have can never be
+        reached: BadHeader, before anything waits for it."""
+        known = self.catalog_partitions
+        missing = sorted(p for p in position if known is not None and p >= known)
+        if missing:
+            raise BadHeader(f"min-position names catalog partition {missing[0]}; the catalog topic has "
+                            f"{known} partitions (0..{known - 1})")
+        return position
+
+    async def watch_catalog_partitions(self) -> None:
+        """How many partitions the catalog topic has, looked up now and every 30 s (a topic
+        can grow); until it is known, no min-position is refused for its partition."""
+        s = self.settings
+        source = Source(s, group=f"{s.query_group}.meta", name="catalog-meta")
+        try:
+            while True:
+                found = await source.partitions(s.catalog_topic, wait_s=0)
+                if found:
+                    self.catalog_partitions = max(found) + 1
+                await asyncio.sleep(30)
+        finally:
+            await source.close()
 
     def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes]) -> list[Out]:
         """One query vector -> the records to produce: its reply (one index), or this shard's
@@ -67,7 +96,7 @@ class Answering:
                 return []  # every shard sees the same malformed record: shard 0 alone answers it
             reply = c.error_reply(key.decode("utf-8", "replace") if key else "(missing)", exc.code, str(exc))
             metrics.observe_reply(reply)
-            return [(s.replies_topic, key or b"", c.encode_reply(reply), [])]
+            return [(s.replies_topic, key or b"", c.fit_reply(reply, s.max_reply_bytes), [])]
         version = vi.version if vi is not None else serving
         index_version = vi.index_version if vi is not None else None
         phase = LOOKUP if s.sharded and query.item_id is not None else SEARCH
@@ -77,6 +106,11 @@ class Answering:
                                     f"{sorted(self.versions)} (serving {serving})")
             if vi.index is None or len(vi.index) == 0:
                 raise InvalidMessage("the index is empty: no catalog item has been indexed yet", code=ErrorCode.EMPTY_INDEX)
+            if not vi.caught_up.is_set():
+                raise InvalidMessage(f"the index of {vi.version} is still catching up with its feed (waited "
+                                     f"{s.catch_up_wait_s}s)", code=ErrorCode.NOT_READY)
+            if query.min_position is not None:
+                self.check_partitions(query.min_position)
             position = vi.catalog_position
             if not stages.reached(position, own_position(s, query.min_position)):
                 raise InvalidMessage(
@@ -95,8 +129,8 @@ class Answering:
                                   model_version=version, index_version=index_version)
         if not s.sharded:
             metrics.observe_reply(reply)
-            return [(query.reply_to, query.request_key, c.encode_reply(reply), [])]
-        return [(s.partials_topic, query.request_key, c.encode_reply(reply),
+            return [(query.reply_to, query.request_key, c.fit_reply(reply, s.max_reply_bytes), [])]
+        return [(s.partials_topic, query.request_key, c.fit_reply(reply, s.max_reply_bytes),
                  partial_headers(s, phase=phase, reply_to=query.reply_to, k=query.k,
                                  query_ts=query.query_timestamp_ms, waits=query.min_position is not None))]
 
@@ -116,8 +150,8 @@ class Answering:
 
     # -- the loops ----------------------------------------------------------------
     async def answer_records(self, records: list[Record]) -> list[Output]:
-        """Answer query vectors (one per call in practice: each waits alone for its version
-        and ``min-position``, never holding another query)."""
+        """Answer query vectors (one per call: each waits alone for its version and
+        ``min-position``, never holding another query; ``query_concurrency`` at once)."""
         loop = asyncio.get_running_loop()
         metrics.observe_batch("indexer", "query", len(records))
         out: list[Output] = []
@@ -152,4 +186,4 @@ class Answering:
         assert self.sender is not None, "the loops start inside run()"
         return Loop(name="answer-queries", service="indexer", source=Source(s, group=s.query_group, name="queries"),
                     topics=[s.query_vectors_topic], sender=self.sender, handle=self.answer_records,
-                    on_error=self.answer_failed, batch_max=1, in_flight=64, fetch_wait_s=0.05)
+                    on_error=self.answer_failed, batch_max=1, in_flight=s.query_concurrency, fetch_wait_s=0.05)

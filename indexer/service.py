@@ -10,8 +10,8 @@ queries from the index of the model that embedded them.
   switch. It creates and drops :class:`VersionIndex` objects to match.
 * The query loop on the query-vector topic (partitions shared by the replicas of the
   consumer group) searches the index of the query's model version and produces each
-  reply to the query's reply-to topic. Each query is handled on its own (up to 64 at
-  once), so one that waits for its ``min-position`` waits alone.
+  reply to the query's reply-to topic. Each query is handled on its own (up to
+  ``query_concurrency`` at once), so one that waits for its ``min-position`` waits alone.
 * With index shards (``LOOKALIKE_INDEX_SHARDS`` > 1, :mod:`indexer.shards`) the feeds read
   only this shard's partitions, the query loop sends partial answers instead of replies,
   and a gatherer loop merges every shard's partial answers into the replies.
@@ -62,6 +62,7 @@ class Indexer(Lifecycle, Answering):
         self.started = asyncio.Event()  # the first state is known and its indexes exist
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         self.sender: Sender | None = None  # made when the loops start (run)
+        self.catalog_partitions: int | None = None  # the catalog topic's, once looked up
 
     # -- status -------------------------------------------------------------------
     def status(self) -> IndexerStatus:
@@ -124,7 +125,7 @@ class Indexer(Lifecycle, Answering):
         s = self.settings
         self.sender = Sender(s)
         jobs = {"rollout": self.run_rollout(), "status": self.publish_status(), "heartbeat": self.heartbeat(),
-                "queries": self.query_loop().run()}
+                "queries": self.query_loop().run(), "catalog-partitions": self.watch_catalog_partitions()}
         if s.snapshots:
             jobs["snapshots"] = self.run_snapshots()
         if s.sharded:

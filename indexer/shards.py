@@ -27,16 +27,17 @@ request still open, so a gatherer that dies mid-request leaves it to the next on
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from indexer import stages
 from lookalike import contracts as c
 from lookalike import metrics
-from lookalike.runtime import Loop, Output, Record, Sender, Source
+from lookalike.errors import ErrorCode, InvalidMessage
+from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter
 from lookalike.settings import IndexerSettings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 SEARCH, LOOKUP = "search", "lookup"
 # An error on one shard that does not sink the merged answer: that shard holds nothing yet.
 HARMLESS = frozenset({"empty_index"})
+MAX_SHARDS = 1024
 
 
 def own_position(settings: IndexerSettings, position: Mapping[int, int] | None) -> dict[int, int] | None:
@@ -137,9 +139,11 @@ class Gathered:
 class Gatherer:
     """The gathering state machine, apart from Kafka (time is passed in, so tests set it)."""
 
-    def __init__(self, shards: int, *, max_age_s: float = 60.0, remember_s: float = 60.0) -> None:
+    def __init__(self, shards: int, *, max_age_s: float = 60.0, remember_s: float = 60.0,
+                 max_wait_s: float = 60.0) -> None:
         self.shards = shards
         self.max_age_s = max_age_s
+        self.max_wait_s = max_wait_s  # no header makes a request wait longer than this for its shards
         self.remember_s = remember_s
         self.pending: dict[bytes, Pending] = {}
         self.done: dict[bytes, float] = {}  # requests already answered -> when (late partials are dropped)
@@ -151,14 +155,16 @@ class Gatherer:
     # -- input ----------------------------------------------------------------------
     def add(self, partition: int, offset: int, key: bytes | None, value: bytes | None,
             headers: Mapping[str, bytes], timestamp_ms: int | None, now: float) -> Gathered | None:
-        """One partial answer; returns the merged reply once every shard has answered."""
+        """One partial answer; returns the merged reply once every shard has answered. A
+        malformed one raises InvalidMessage (its offset counts as done: the caller
+        dead-letters it)."""
         self._next[partition] = max(offset + 1, self._next.get(partition, 0))
         try:
             shard, phase, part, wait_s, query_ts = self._parse(key, value, headers)
-        except ValueError as exc:
+        except InvalidMessage as exc:
             self.dropped += 1
             log.warning("partial answer %d@%d dropped: %s", partition, offset, exc)
-            return None
+            raise
         assert key is not None
         if key in self.done:
             self.late += 1
@@ -170,8 +176,8 @@ class Gatherer:
         pending = self.pending.get(key)
         if pending is None:
             pending = self.pending[key] = Pending(key, headers[c.H_REPLY_TO].decode("utf-8", "replace"),
-                                                  int(headers[c.H_K]), now, wait_s, query_ts)
-        pending.wait_s = max(pending.wait_s, wait_s)
+                                                  int(headers[c.H_K]), now, min(wait_s, self.max_wait_s), query_ts)
+        pending.wait_s = min(max(pending.wait_s, wait_s), self.max_wait_s)
         (pending.search if phase == SEARCH else pending.lookup)[shard] = part
         pending.offsets.append((partition, offset))
         self._open.setdefault(partition, set()).add(offset)
@@ -181,26 +187,34 @@ class Gatherer:
 
     def _parse(self, key: bytes | None, value: bytes | None,
                headers: Mapping[str, bytes]) -> tuple[int, str, dict[str, Any], float, int | None]:
-        """-> (shard, phase, the partial reply, how long to wait for the rest in s, query timestamp)."""
+        """-> (shard, phase, the partial reply, how long to wait for the rest in s, query
+        timestamp). Every header and the document are bounded and checked before use
+        (the merge reads them later, in the tick: nothing there may fail)."""
         if not key or value is None:
-            raise ValueError("no key or no value")
+            raise InvalidMessage("a partial answer needs a key and a value")
+        c.decode_key(key, "request id (key)")
         try:
-            shard_text, _, of_text = headers[c.H_SHARD].decode("ascii").partition("/")
-            shard, of = int(shard_text), int(of_text)
+            shard_text, _, of_text = headers[c.H_SHARD].partition(b"/")
+            shard = c.parse_int(shard_text, what="shard", lo=0, hi=MAX_SHARDS - 1)
+            of = c.parse_int(of_text, what="shard count", lo=1, hi=MAX_SHARDS)
             phase = headers[c.H_SHARD_PHASE].decode("ascii")
-            int(headers[c.H_K])
-            headers[c.H_REPLY_TO].decode("utf-8")
-            wait_s = int(headers.get(c.H_GATHER_WAIT_MS, b"0")) / 1000
-            query_ts = int(headers[c.H_QUERY_TS]) if c.H_QUERY_TS in headers else None
-            part = json.loads(value)
-        except (KeyError, ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"malformed partial answer: {exc!r}") from exc
+            c.parse_int(headers[c.H_K], what="k", lo=1, hi=stages.MAX_K)
+            if not c.valid_topic_name(headers[c.H_REPLY_TO].decode("utf-8")):
+                raise InvalidMessage("reply-to is not a topic name", code=ErrorCode.BAD_HEADER)
+            wait_ms = c.parse_int(headers.get(c.H_GATHER_WAIT_MS, b"0"), what="gather-wait-ms", lo=0, hi=2**62)
+            query_ts = (c.parse_int(headers[c.H_QUERY_TS], what="query-timestamp-ms", lo=0, hi=2**62)
+                        if c.H_QUERY_TS in headers else None)
+        except (KeyError, UnicodeDecodeError) as exc:
+            raise InvalidMessage(f"malformed partial answer headers: {exc!r}", code=ErrorCode.BAD_HEADER) from exc
+        part = c.parse_reply(value)
         if of != self.shards:
-            raise ValueError(f"from shard {shard}/{of}, but this gatherer merges {self.shards} shards: "
-                             "every indexer of the group needs the same LOOKALIKE_INDEX_SHARDS")
-        if phase not in (SEARCH, LOOKUP) or not 0 <= shard < of or not isinstance(part, dict):
-            raise ValueError(f"malformed partial answer (shard {shard}/{of}, phase {phase!r})")
-        return shard, phase, part, wait_s, query_ts
+            raise InvalidMessage(f"from shard {shard}/{of}, but this gatherer merges {self.shards} shards: "
+                                 "every indexer of the group needs the same LOOKALIKE_INDEX_SHARDS",
+                                 code=ErrorCode.BAD_HEADER)
+        if phase not in (SEARCH, LOOKUP) or shard >= of:
+            raise InvalidMessage(f"malformed partial answer (shard {shard}/{of}, phase {phase!r})",
+                                 code=ErrorCode.BAD_HEADER)
+        return shard, phase, part, min(wait_ms, self.max_wait_s * 1000) / 1000, query_ts
 
     # -- output ---------------------------------------------------------------------
     def expired(self, now: float) -> list[Gathered]:
@@ -219,6 +233,19 @@ class Gatherer:
         for partition, offset in pending.offsets:
             self._open.get(partition, set()).discard(offset)
         request_id = pending.key.decode("utf-8", "replace")
+        try:
+            reply = self._merged(pending, request_id)
+        except Exception as exc:  # a bug must not stop the gatherer (it runs in the tick); the client still hears
+            log.exception("merging the partial answers of %s failed", request_id)
+            reply = c.error_reply(request_id, ErrorCode.INTERNAL, f"merging partial answers failed: {exc!r}")
+        timings = dict(reply.get("timings_ms") or {})
+        timings["gather"] = round((now - pending.first_seen) * 1000, 3)
+        if pending.query_ts is not None:
+            timings["total"] = round(time.time() * 1000 - pending.query_ts, 3)
+        reply["timings_ms"] = timings
+        return Gathered(pending.reply_to, pending.key, reply)
+
+    def _merged(self, pending: Pending, request_id: str) -> dict[str, Any]:
         if pending.search:
             reply = merge(pending.search, pending.k, self.shards, request_id)
         else:  # only "I do not hold that item" answers (all of them, or the rest were late)
@@ -228,12 +255,7 @@ class Gatherer:
             reply = dict(parts[order[0]])  # another error (not ready, model) says more than "not here"
             reply["partial"] = len(parts) < self.shards
             reply["shards"] = {"answered": sorted(parts), "of": self.shards}
-        timings = dict(reply.get("timings_ms") or {})
-        timings["gather"] = round((now - pending.first_seen) * 1000, 3)
-        if pending.query_ts is not None:
-            timings["total"] = round(time.time() * 1000 - pending.query_ts, 3)
-        reply["timings_ms"] = timings
-        return Gathered(pending.reply_to, pending.key, reply)
+        return reply
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Partitions moved to another gatherer: it answers their open requests."""
@@ -256,7 +278,9 @@ class GatherStage:
 
     def __init__(self, settings: IndexerSettings) -> None:
         self.settings = settings
-        self.gatherer = Gatherer(settings.index_shards, max_age_s=settings.gather_max_age_s)
+        self.gatherer = Gatherer(settings.index_shards, max_age_s=settings.gather_max_age_s,
+                                 max_wait_s=settings.shard_deadline_ms / 1000 + settings.min_position_wait_s
+                                 + settings.catch_up_wait_s)
 
     def _outputs(self, gathered: list[Gathered]) -> list[Output]:
         out = []
@@ -267,14 +291,24 @@ class GatherStage:
                 log.warning("request %s answered by shards %s of %d (the rest were late)",
                             g.key.decode("utf-8", "replace"), g.reply["shards"]["answered"],
                             self.settings.index_shards, extra={"request_id": g.key.decode("utf-8", "replace")})
-            out.append(Output(g.reply_to, g.key, g.value))
+            out.append(Output(g.reply_to, g.key, c.fit_reply(g.reply, self.settings.max_reply_bytes)))
         return out
 
     async def handle(self, records: list[Record]) -> list[Output]:
+        """Partial answers in, merged replies out; a malformed partial answer is dead-lettered
+        here, record by record (the gatherer's state must not see a record twice, which the
+        runtime's one-by-one retry of a failed batch would do)."""
         now = time.monotonic()
-        done = [g for r in records
-                if (g := self.gatherer.add(r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms, now))]
-        return self._outputs(done)
+        done: list[Gathered] = []
+        dead: list[Output] = []
+        for r in records:
+            try:
+                if g := self.gatherer.add(r.partition, r.offset, r.key, r.value, r.headers, r.timestamp_ms, now):
+                    done.append(g)
+            except InvalidMessage as exc:
+                metrics.observe_error("indexer", exc.code)
+                dead.append(dead_letter(self.settings.deadletter_topic, r, exc))
+        return self._outputs(done) + dead
 
     async def tick(self) -> list[Output]:
         return self._outputs(self.gatherer.expired(time.monotonic()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,6 +12,10 @@ import numpy as np
 from indexer.index import Delete, Mutation, Upsert, VectorIndex
 from lookalike import contracts as c
 from lookalike.errors import ErrorCode, InvalidMessage, ModelMismatch
+
+MAX_DIM = 4096  # a vector-dim header above this is refused before anything is allocated
+MAX_K = 10_000  # the settings' own bound on max_k; the worker checked the client's k against max_k
+MAX_TIMINGS_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -31,15 +34,16 @@ def parse_vector_record(key: bytes | None, value: bytes | None, headers: Mapping
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
     source = None
     if c.H_SOURCE_OFFSET in headers:
-        (partition, offset), = c.parse_position(headers[c.H_SOURCE_OFFSET]).items()
-        source = (partition, offset)
+        position = c.parse_position(headers[c.H_SOURCE_OFFSET])
+        if len(position) != 1:
+            raise InvalidMessage("source-offset header must be one 'partition:offset'", code=ErrorCode.BAD_HEADER)
+        source = next(iter(position.items()))
     if value is None:
         return VectorEvent(Delete(item_id), model_version, None, source)
-    try:
-        dim = int(headers.get(c.H_VECTOR_DIM, b"").decode("ascii"))
-    except ValueError as exc:
-        raise InvalidMessage("vector-dim header is missing or not an integer", code=ErrorCode.BAD_HEADER) from exc
+    dim = c.parse_int(headers.get(c.H_VECTOR_DIM), what="vector-dim", lo=1, hi=MAX_DIM)
     vector = c.decode_vector(value, dim)
+    if not np.isfinite(vector).all():
+        raise InvalidMessage("vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
     metadata = c.decode_metadata(headers.get(c.H_METADATA))
     return VectorEvent(Upsert(item_id, vector, metadata), model_version, dim, source)
 
@@ -65,18 +69,21 @@ def parse_query_vector(
     """A query-vector record (written by a worker) -> what to search for and where to reply."""
     request_id = c.decode_key(key, "request id (key)")
     reply_to = headers.get(c.H_REPLY_TO, default_reply_to.encode()).decode("utf-8", "replace")
-    try:
-        k = int(headers.get(c.H_K, b"5").decode("ascii"))
-        ts = int(headers[c.H_QUERY_TS].decode("ascii")) if c.H_QUERY_TS in headers else None
-        timings = json.loads(headers.get(c.H_TIMINGS, b"{}").decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidMessage(f"malformed query-vector headers: {exc}", code=ErrorCode.BAD_HEADER) from exc
+    k = c.parse_int(headers.get(c.H_K, b"5"), what="k", lo=1, hi=MAX_K)
+    ts = c.parse_int(headers[c.H_QUERY_TS], what="query-timestamp-ms", lo=0, hi=2**62) if c.H_QUERY_TS in headers else None
+    timings = c.parse_json(headers.get(c.H_TIMINGS, b"{}"), what="timings header", max_bytes=MAX_TIMINGS_BYTES,
+                           max_depth=1, code=ErrorCode.BAD_HEADER)
+    if not isinstance(timings, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                for v in timings.values()):
+        raise InvalidMessage("timings header must be a JSON object of numbers", code=ErrorCode.BAD_HEADER)
     item_id = headers[c.H_ITEM_ID].decode("utf-8", "replace") if c.H_ITEM_ID in headers else None
     vector = None
     if item_id is None:
         if value is None or dim is None:
             raise InvalidMessage("query vector is missing", code=ErrorCode.BAD_VECTOR)
         vector = c.decode_vector(value, dim)
+        if not np.isfinite(vector).all():
+            raise InvalidMessage("query vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
     min_position = c.parse_position(headers[c.H_MIN_POSITION]) if c.H_MIN_POSITION in headers else None
     exclude = headers[c.H_LOOKUP_OF].decode("utf-8", "replace") if c.H_LOOKUP_OF in headers else None

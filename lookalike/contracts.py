@@ -101,6 +101,56 @@ def check_header_limits(headers: Iterable[tuple[str, bytes | None]] | Mapping[st
         raise MessageTooLarge(f"headers are {size} bytes, the limit is {MAX_HEADER_BYTES}")
 
 
+# Bounds of what a parser reads before it converts (docs/contracts.md, "Parsing bounds").
+MAX_JSON_DEPTH = 32  # nesting of objects and arrays in any JSON read from a topic
+MAX_INT_DIGITS = 19  # a header integer: int64's digits (a timestamp in ms has 13)
+_INT_PATTERN = re.compile(rb"-?[0-9]{1,19}")
+_POSITION_PATTERN = re.compile(rb"[0-9]{1,9}:[0-9]{1,19}(?:,[0-9]{1,9}:[0-9]{1,19}){0,1023}")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET_DELTA = np.zeros(256, dtype=np.int8)
+_BRACKET_DELTA[[ord("["), ord("{")]] = 1
+_BRACKET_DELTA[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply ``raw`` nests objects and arrays, counted on the bytes (strings left out)
+    without parsing: a bound checked before ``json.loads`` recurses."""
+    if not any(b in raw for b in (b"[", b"{")):
+        return 0
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    return int(np.cumsum(_BRACKET_DELTA[bare], dtype=np.int64).max(initial=0))
+
+
+def parse_json(raw: bytes | str | None, *, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,
+               code: ErrorCode = ErrorCode.INVALID_MESSAGE) -> Any:
+    """Untrusted JSON -> a value, reading at most ``max_bytes`` nested at most ``max_depth``
+    deep; strict JSON (no NaN or Infinity). Raises InvalidMessage with ``code``, never
+    RecursionError, ValueError or UnicodeDecodeError."""
+    if raw is None:
+        raise InvalidMessage(f"{what} is missing", code=code)
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise InvalidMessage(f"{what} is {len(data)} bytes, the limit is {max_bytes}", code=code)
+    if json_depth(data) > max_depth:
+        raise InvalidMessage(f"{what} is nested too deeply (limit {max_depth})", code=code)
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidMessage(f"{what} is not UTF-8 JSON: {exc}"[:300], code=code) from exc
+
+
+def parse_int(raw: bytes | None, *, what: str, lo: int, hi: int) -> int:
+    """A header's decimal integer in ``lo..hi``: at most MAX_INT_DIGITS digits checked before
+    converting (no signs but '-', spaces, '_' or other digit forms). Raises BadHeader."""
+    if raw is None or not _INT_PATTERN.fullmatch(raw):
+        raise BadHeader(f"{what} header must be a decimal integer of at most {MAX_INT_DIGITS} digits, "
+                        f"not {(raw or b'')[:24]!r}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise BadHeader(f"{what}={value} is outside {lo}..{hi}")
+    return value
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python accepts them, other parsers do not
 
@@ -195,14 +245,11 @@ def parse_query_headers(
 
 def parse_position(raw: bytes) -> dict[int, int]:
     """``"0:1200,3:57"`` -> {0: 1200, 3: 57}: catalog partition:offset pairs."""
-    try:
-        pairs = [part.split(":") for part in raw.decode("ascii").split(",") if part.strip()]
-        position = {int(p): int(o) for p, o in pairs}
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadHeader(f"min-position must look like 'partition:offset,...', not {raw[:100]!r}") from exc
-    if not position or len(position) > 1024 or any(p < 0 or o < 0 for p, o in position.items()):
-        raise BadHeader("min-position needs 1 to 1024 non-negative partition:offset pairs")
-    return position
+    if not _POSITION_PATTERN.fullmatch(raw):  # bounded before converting: 1..1024 pairs of bounded digits
+        raise BadHeader(f"a position must be 1 to 1024 'partition:offset' pairs of non-negative integers "
+                        f"joined by ',', not {raw[:100]!r}")
+    pairs = [part.split(b":") for part in raw.split(b",")]
+    return {int(p): int(o) for p, o in pairs}
 
 
 def format_position(position: Mapping[int, int]) -> bytes:
@@ -277,6 +324,80 @@ def error_reply(
         "timings_ms": {name: round(value, 3) for name, value in (timings_ms or {}).items()},
         "error": {"code": code, "message": message[:1000]},
     }
+
+
+# A reply's budget: under the broker's default message.max.bytes (1,048,588), which a topic a
+# client made for its replies has unless it says otherwise. Results beyond it lose metadata.
+MAX_REPLY_BYTES = 1_000_000
+
+
+def fit_reply(reply: Mapping[str, Any], max_bytes: int = MAX_REPLY_BYTES) -> bytes:
+    """The encoded reply, at most ``max_bytes``: when it is larger, results lose their
+    metadata from the last (lowest ranked) up, and the reply says ``metadata_trimmed``:
+    the ids and scores are the answer, metadata is a convenience. If even the bare results
+    do not fit, a ``too_large`` error reply. Never raises for size."""
+    data = encode_reply(reply)
+    if len(data) <= max_bytes:
+        return data
+    results = [dict(r) for r in reply.get("results") or []]
+    trimmed = dict(reply, results=results, metadata_trimmed=True)
+    over = len(data) - max_bytes
+    for result in reversed(results):
+        if over <= 0:
+            break
+        size = len(encode_reply(result.get("metadata") or {}))
+        if size > 2:
+            result["metadata"] = {}
+            over -= size - 2
+    data = encode_reply(trimmed)
+    if len(data) <= max_bytes:
+        return data
+    return encode_reply(error_reply(
+        str(reply.get("request_id") or "(missing)"), ErrorCode.TOO_LARGE,
+        f"the answer is {len(data)} bytes without metadata, over the reply budget of {max_bytes}",
+        model_version=reply.get("model_version"), index_version=reply.get("index_version"),
+        timings_ms=reply.get("timings_ms") if isinstance(reply.get("timings_ms"), dict) else None))
+
+
+def parse_reply(raw: bytes | None, *, max_bytes: int = 4 * 1024 * 1024) -> dict[str, Any]:
+    """A reply (or a shard's partial answer) read back from a topic -> its document, checked
+    for every field the gatherer's merge and the feedback join read. Raises InvalidMessage."""
+    doc = parse_json(raw, what="reply", max_bytes=max_bytes)
+    problem = _reply_problem(doc)
+    if problem:
+        raise InvalidMessage(f"not a reply document: {problem}")
+    return doc
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _reply_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return "not an object"
+    if not isinstance(doc.get("request_id"), str) or doc.get("status") not in ("ok", "error"):
+        return "request_id must be a string and status 'ok' or 'error'"
+    results = doc.get("results")
+    if not isinstance(results, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("item_id"), str) and _number(r.get("score"))
+            and isinstance(r.get("metadata", {}), dict) for r in results):
+        return "results must be a list of {item_id: string, score: number, metadata: object}"
+    if any(doc.get(name) is not None and not isinstance(doc[name], str) for name in ("model_version", "index_version")):
+        return "model_version and index_version must be strings or null"
+    position = doc.get("index_position", {})
+    if not isinstance(position, dict) or not all(
+            isinstance(p, str) and p.isascii() and p.isdigit() and len(p) <= 9
+            and isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**63 for p, o in position.items()):
+        return "index_position must map partition numbers to offsets"
+    timings = doc.get("timings_ms", {})
+    if not isinstance(timings, dict) or not all(_number(v) for v in timings.values()):
+        return "timings_ms must map names to numbers"
+    error = doc.get("error")
+    if error is not None and not (isinstance(error, dict) and isinstance(error.get("code"), str)
+                                  and isinstance(error.get("message"), str)):
+        return "error must be null or {code: string, message: string}"
+    return None
 
 
 def encode_reply(reply: Mapping[str, Any]) -> bytes:

@@ -25,6 +25,7 @@ FeedbackKind = Literal["impression", "click", "add_to_cart", "purchase", "dismis
 FEEDBACK_EVENTS: tuple[FeedbackKind, ...] = ("impression", "click", "add_to_cart", "purchase", "dismiss")
 TRIGGER_REASONS = ("feedback_volume", "metric_drop", "catalog_growth", "query_drift", "manual")
 MAX_FEEDBACK_BYTES = 16 * 1024
+MAX_TRIGGER_BYTES = 64 * 1024
 
 # Error codes of refused feedback (dead-letter header ``error-code``).
 BAD_FEEDBACK = ErrorCode.BAD_FEEDBACK
@@ -90,10 +91,7 @@ def parse_feedback(key: bytes | None, value: bytes | None) -> FeedbackEvent:
         raise InvalidMessage("feedback value is missing (null)", code=BAD_FEEDBACK)
     if len(value) > MAX_FEEDBACK_BYTES:
         raise InvalidMessage(f"feedback is {len(value)} bytes, the limit is {MAX_FEEDBACK_BYTES}", code=ErrorCode.TOO_LARGE)
-    try:
-        doc = json.loads(value.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidMessage(f"feedback is not UTF-8 JSON: {exc}", code=BAD_FEEDBACK) from exc
+    doc = c.parse_json(value, what="feedback", max_bytes=MAX_FEEDBACK_BYTES, max_depth=4, code=BAD_FEEDBACK)
     if isinstance(doc, dict) and isinstance(doc.get("timestamp"), bool):  # JSON true is no timestamp
         raise InvalidMessage("feedback: timestamp: must be an integer, not a boolean", code=BAD_FEEDBACK)
     validate(doc, "feedback", "feedback")
@@ -136,10 +134,7 @@ def make_trigger(model_version: str | None, generation: int, reasons: Sequence[R
 
 def parse_trigger(value: bytes | None) -> Trigger:
     """A trigger record's value -> :class:`Trigger`. Raises InvalidMessage (bad_feedback)."""
-    try:
-        doc = json.loads((value or b"").decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidMessage(f"trigger is not UTF-8 JSON: {exc}", code=BAD_FEEDBACK) from exc
+    doc = c.parse_json(value or b"", what="trigger", max_bytes=MAX_TRIGGER_BYTES, max_depth=8, code=BAD_FEEDBACK)
     validate(doc, "trigger", "trigger")
     reasons = tuple(Reason(r["reason"], r["message"], dict(r["numbers"])) for r in doc["reasons"])
     return Trigger(doc["trigger_id"], doc["model_version"], int(doc["generation"]), reasons, int(doc["timestamp"]))

@@ -148,6 +148,9 @@ class IndexerSettings(CommonSettings):
     snapshot_keep: int = Field(3, ge=1)
     snapshot_chunk_bytes: int = Field(16 * MiB, ge=1024)
     min_position_wait_s: float = Field(5.0, ge=0)  # how long a query may wait for its min-position
+    catch_up_wait_s: float = Field(30.0, ge=0)  # how long a query may wait for a (re)starting index; then not_ready
+    query_concurrency: int = Field(256, ge=1)  # queries handled at once, each waiting alone
+    max_reply_bytes: int = Field(1_000_000, ge=16 * 1024)  # a reply's budget: results beyond it lose metadata
     status_digest: bool = False  # publish a SHA-256 of the live item ids (verification; costs a sort)
     indexer_metrics_port: int = Field(9411, ge=0, le=65535)  # /metrics and /healthz; 0: off
     # Index shards (indexer/shards.py): this instance owns catalog partitions p with

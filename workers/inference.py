@@ -62,8 +62,10 @@ class InferenceThread:
     def _start(self) -> None:
         if self.nice:
             # Linux: a thread's niceness is its own, and the OpenMP threads it starts inherit it.
+            # Relative to the process's: a service started under `nice` keeps the order of its threads.
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               min(os.getpriority(os.PRIO_PROCESS, 0) + self.nice, 19))
             except OSError as exc:
                 log.warning("%s thread: cannot set niceness %d: %s", self.name, self.nice, exc)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jsonschema
@@ -167,3 +168,90 @@ def test_an_unknown_error_code_is_refused_where_it_is_raised() -> None:
         InvalidMessage("x", code="no_such_code")
     assert code_of(RecursionError("deep")) == ErrorCode.INTERNAL
     assert code_of(InvalidMessage("x", code="not_ready")) == ErrorCode.NOT_READY
+
+
+# -- parsing bounds: checked before anything converts ---------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 5_000 + b"1" + b"}" * 5_000])
+def test_json_nesting_is_refused_before_parsing(raw: bytes) -> None:
+    assert c.json_depth(raw) > c.MAX_JSON_DEPTH
+    with pytest.raises(InvalidMessage, match="nested too deeply"):
+        c.parse_json(raw, what="doc", max_bytes=10**6)
+
+
+def test_json_depth_ignores_brackets_inside_strings() -> None:
+    raw = b'{"a": "[[[[[[[[\\"{{{{", "b": [[1]]}'
+    assert c.json_depth(raw) == 3
+    assert c.parse_json(raw, what="doc", max_bytes=100) == {"a": '[[[[[[[["{{{{', "b": [[1]]}
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b"[Infinity]", b"\xff", b"{", b"x" * 101])
+def test_parse_json_refuses_what_is_not_strict_bounded_json(raw: bytes) -> None:
+    with pytest.raises(InvalidMessage):
+        c.parse_json(raw, what="doc", max_bytes=100)
+
+
+@pytest.mark.parametrize("raw", [b"9" * 400, b"9" * 20, b" 5", b"+5", b"1_0", b"\xd9\xa5", b"", None, b"5.0"])
+def test_header_integers_are_bounded_before_converting(raw: bytes | None) -> None:
+    with pytest.raises(BadHeader):
+        c.parse_int(raw, what="n", lo=0, hi=2**62)
+
+
+def test_header_integers_in_range() -> None:
+    assert c.parse_int(b"1764460000000", what="ts", lo=0, hi=2**62) == 1764460000000
+    with pytest.raises(BadHeader, match="outside"):
+        c.parse_int(b"0", what="k", lo=1, hi=10)
+
+
+@pytest.mark.parametrize("raw", [b"0:" + b"9" * 400, b"9" * 10 + b":1", b"0:1,", b" 0:1", b"0:-1", b"0:1:2",
+                                 b",".join(b"%d:1" % i for i in range(1025))])
+def test_positions_are_bounded_before_converting(raw: bytes) -> None:
+    with pytest.raises(BadHeader):
+        c.parse_position(raw)
+
+
+def test_positions() -> None:
+    assert c.parse_position(b"0:1200,3:57") == {0: 1200, 3: 57}
+    assert c.parse_position(c.format_position({2: 5, 0: 1})) == {0: 1, 2: 5}
+
+
+def big_reply(n: int, metadata_bytes: int) -> dict:
+    results = [{"item_id": f"item-{i}", "score": 1 - i / 100, "metadata": {"title": "x" * metadata_bytes}}
+               for i in range(n)]
+    return c.ok_reply("r1", results, model_version="m", index_version="m/1", index_position={0: 5},
+                      timings_ms={"search": 0.4})
+
+
+def test_a_reply_over_its_budget_loses_metadata_from_the_bottom() -> None:
+    reply = big_reply(20, 60_000)
+    data = c.fit_reply(reply, 500_000)
+    assert len(c.encode_reply(reply)) > 1_000_000 and len(data) <= 500_000
+    doc = json.loads(data)
+    jsonschema.validate(doc, c.schema("reply"))
+    assert doc["status"] == "ok" and doc["metadata_trimmed"] is True
+    assert [r["item_id"] for r in doc["results"]] == [f"item-{i}" for i in range(20)]  # every result stays
+    kept = [bool(r["metadata"]) for r in doc["results"]]
+    assert kept[0] and not kept[-1] and kept == sorted(kept, reverse=True)  # the best keep theirs
+    assert c.fit_reply(big_reply(3, 10), 500_000) == c.encode_reply(big_reply(3, 10))  # small: untouched
+
+
+def test_a_reply_that_cannot_fit_is_too_large() -> None:
+    reply = big_reply(3, 10)
+    reply["results"] = [{"item_id": "i" * 200, "score": 0.5, "metadata": {}}] * 200
+    doc = json.loads(c.fit_reply(reply, 20_000))
+    jsonschema.validate(doc, c.schema("reply"))
+    assert doc["status"] == "error" and doc["error"]["code"] == "too_large" and doc["request_id"] == "r1"
+
+
+def test_replies_read_back_are_checked_for_what_their_readers_use() -> None:
+    good = c.encode_reply(big_reply(2, 5))
+    assert c.parse_reply(good)["results"][0]["item_id"] == "item-0"
+    assert c.parse_reply(c.encode_reply(c.error_reply("r", "not_ready", "later")))["error"]["code"] == "not_ready"
+    doc = json.loads(good)
+    for broken in ({**doc, "results": [{"item_id": 1, "score": 0.5}]}, {**doc, "results": [{"item_id": "a"}]},
+                   {**doc, "results": [{"item_id": "a", "score": True}]}, {**doc, "results": {}},
+                   {**doc, "index_position": {"0": -1}}, {**doc, "index_position": {"p": 1}},
+                   {**doc, "timings_ms": {"t": [1]}}, {**doc, "error": "oops"}, {**doc, "status": "maybe"},
+                   {**doc, "request_id": None}, {**doc, "model_version": 7}):
+        with pytest.raises(InvalidMessage):
+            c.parse_reply(json.dumps(broken).encode())

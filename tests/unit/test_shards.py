@@ -15,6 +15,7 @@ from indexer.service import Indexer
 from indexer.shards import Gatherer, merge, own_position
 from indexer.versions import VersionIndex
 from lookalike import contracts as c
+from lookalike.errors import InvalidMessage
 from lookalike.rollout import RolloutState
 from lookalike.settings import IndexerSettings
 from lookalike.status import IndexerStatus, VersionFacts, whole_index
@@ -113,17 +114,38 @@ def test_more_like_this_items_are_looked_up_then_searched_everywhere() -> None:
     assert done is not None and done.reply["error"]["code"] == "not_ready"
 
 
-def test_bad_partials_are_dropped_not_fatal() -> None:
+def test_bad_partials_are_refused_not_fatal() -> None:
     g = Gatherer(2)
     good = c.encode_reply(ok([("a", 0.8)], {0: 3}))
-    assert g.add(0, 0, b"r", b"{not json", part_headers(0), None, 1.0) is None
-    assert g.add(0, 1, b"r", good, part_headers(0, shards=3), None, 1.0) is None  # another shard count
-    assert g.add(0, 2, b"r", good, {c.H_SHARD: b"0/2"}, None, 1.0) is None  # headers missing
-    assert g.add(0, 3, None, good, part_headers(0), None, 1.0) is None
-    assert g.add(0, 4, b"r", good, part_headers(0, phase="guess"), None, 1.0) is None
-    assert g.add(0, 5, b"r", good, {**part_headers(0), c.H_GATHER_WAIT_MS: b"soon"}, None, 1.0) is None
-    assert g.add(0, 6, b"r", good, {**part_headers(0), c.H_QUERY_TS: b"\xff"}, None, 1.0) is None
-    assert g.dropped == 7 and not g.pending and g.commit_offsets() == {0: 7}
+    bad = [
+        (b"r", b"{not json", part_headers(0)),
+        (b"r", good, part_headers(0, shards=3)),  # another shard count
+        (b"r", good, {c.H_SHARD: b"0/2"}),  # headers missing
+        (None, good, part_headers(0)),
+        (b"r", good, part_headers(0, phase="guess")),
+        (b"r", good, {**part_headers(0), c.H_GATHER_WAIT_MS: b"soon"}),
+        (b"r", good, {**part_headers(0), c.H_QUERY_TS: b"\xff"}),
+        (b"r", good, {**part_headers(0), c.H_GATHER_WAIT_MS: b"9" * 400}),  # digits bounded before int()
+        (b"r", good, {**part_headers(0), c.H_SHARD: b"0/" + b"9" * 5000}),
+        (b"r", b"[" * 100_000 + b"]" * 100_000, part_headers(0)),  # nesting bounded before json.loads
+        (b"r", json.dumps({**json.loads(good), "results": [{"item_id": "a"}]}).encode(), part_headers(0)),  # no score
+        (b"r", json.dumps({**json.loads(good), "index_position": {"x": 1}}).encode(), part_headers(0)),
+        (b"r", json.dumps({**json.loads(good), "timings_ms": {"a": "slow"}}).encode(), part_headers(0)),
+        (b"r", json.dumps([1, 2]).encode(), part_headers(0)),
+    ]
+    for offset, (key, value, headers) in enumerate(bad):
+        with pytest.raises(InvalidMessage):
+            g.add(0, offset, key, value, headers, None, 1.0)
+    assert g.dropped == len(bad) and not g.pending and g.commit_offsets() == {0: len(bad)}
+
+
+def test_a_huge_gather_wait_is_capped() -> None:
+    g = Gatherer(2, max_wait_s=2.0)
+    good = c.encode_reply(ok([("a", 0.8)], {0: 3}))
+    assert g.add(0, 0, b"r", good, {**part_headers(0), c.H_GATHER_WAIT_MS: b"9" * 18}, None, 1.0) is None
+    assert g.next_deadline() == 3.0
+    (late,) = g.expired(3.0)
+    assert late.reply["partial"] is True and late.reply["shards"] == {"answered": [0], "of": 2}
 
 
 def test_revoked_partitions_forget_their_requests() -> None:
@@ -141,6 +163,7 @@ def shard_indexer(shard: int, items: dict[str, np.ndarray]) -> Indexer:
     vi.index = VectorIndex(DIM, capacity=16)
     vi.index.apply([Upsert(i, v, {}) for i, v in items.items()], {shard: len(items)}, {shard: len(items)})
     vi.index_version = "m/x"
+    vi.caught_up.set()  # its feed has read to the end seen at start
     indexer.versions["m"] = vi
     indexer.state = RolloutState(serving="m")
     return indexer
