@@ -84,7 +84,8 @@ class Aggregator:
                 request_id = c.decode_key(key)
                 item = headers.get(c.H_ITEM_ID)
                 model = headers.get(c.H_MODEL_VERSION, b"").decode() or None
-                dim = int(headers.get(c.H_VECTOR_DIM, b"0") or 0) or (len(value) // 4 if value else 0)
+                dim = c.parse_int(headers.get(c.H_VECTOR_DIM, str(len(value or b"") // 4).encode()),
+                                  what="vector-dim", lo=1, hi=c.MAX_VECTOR_DIM) if value else 0
                 vector = c.decode_vector(value, dim) if value else None
                 self.store.record_query(request_id, model, item.decode() if item else None, vector, timestamp_ms)
             except (InvalidMessage, UnicodeDecodeError, ValueError) as exc:
@@ -97,7 +98,9 @@ class Aggregator:
                 model = headers.get(c.H_MODEL_VERSION, b"").decode()
                 if not model:
                     continue
-                vector = c.decode_vector(value, len(value) // 4) if value else None
+                dim = c.parse_int(headers.get(c.H_VECTOR_DIM, b""), what="vector-dim", lo=1,
+                                  hi=c.MAX_VECTOR_DIM) if value else 0
+                vector = c.decode_vector(value, dim) if value else None
                 self.store.record_catalog_vector(item_id, model, vector)
             except (InvalidMessage, UnicodeDecodeError, ValueError) as exc:
                 log.debug("catalog vector skipped: %s", exc)

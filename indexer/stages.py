@@ -13,7 +13,6 @@ from indexer.index import Delete, Mutation, Upsert, VectorIndex
 from lookalike import contracts as c
 from lookalike.errors import ErrorCode, InvalidMessage, ModelMismatch
 
-MAX_DIM = 4096  # a vector-dim header above this is refused before anything is allocated
 MAX_K = 10_000  # the settings' own bound on max_k; the worker checked the client's k against max_k
 MAX_TIMINGS_BYTES = 4096
 
@@ -40,7 +39,7 @@ def parse_vector_record(key: bytes | None, value: bytes | None, headers: Mapping
         source = next(iter(position.items()))
     if value is None:
         return VectorEvent(Delete(item_id), model_version, None, source)
-    dim = c.parse_int(headers.get(c.H_VECTOR_DIM), what="vector-dim", lo=1, hi=MAX_DIM)
+    dim = c.parse_int(headers.get(c.H_VECTOR_DIM), what="vector-dim", lo=1, hi=c.MAX_VECTOR_DIM)
     vector = c.decode_vector(value, dim)
     if not np.isfinite(vector).all():
         raise InvalidMessage("vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)

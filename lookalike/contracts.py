@@ -58,6 +58,7 @@ METADATA_FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 _K_PATTERN = re.compile(rb"[0-9]{1,9}")
 VECTOR_DTYPE = "float32"
+MAX_VECTOR_DIM = 4096  # a vector-dim header above this is refused before anything is allocated
 
 Headers = Sequence[tuple[str, bytes | None]]
 

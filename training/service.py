@@ -42,7 +42,7 @@ from lookalike.errors import InvalidMessage, LookalikeError
 from lookalike.events import Trigger, decision_event, parse_trigger
 from lookalike.ledger import FeedbackLedger, trainer_decision
 from lookalike.registry import Registry
-from lookalike.runtime import Loop, Output, Record, Sender, Source, run_forever
+from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
 from lookalike.settings import TrainerSettings
 from lookalike.status import indexer_status
 from training.train import TrainConfig, train
@@ -174,12 +174,14 @@ class Trainer:
         while Redis is away it waits and tries again, so nothing is committed before the
         training and its bookkeeping are done."""
         loop = asyncio.get_running_loop()
+        dead: list[Output] = []
         for record in records:
             try:
                 trigger = parse_trigger(record.value)
             except InvalidMessage as exc:
                 log.warning("trigger %s refused: %s", record.where(), exc)
                 self.store.count("trainer_invalid_triggers")
+                dead.append(dead_letter(self.settings.deadletter_topic, record, exc))
                 continue
             while True:
                 try:
@@ -188,7 +190,11 @@ class Trainer:
                 except redis.RedisError as exc:  # the lease and the bookkeeping live there: wait for it
                     log.warning("trigger %s: Redis is unavailable (%s); retrying", trigger.trigger_id, exc)
                     await asyncio.sleep(2.0)
-        return []
+        return dead
+
+    def failed(self, record: Record, exc: Exception) -> list[Output]:
+        """A trigger the stage failed on: dead-lettered with its reason (the loop goes on)."""
+        return [dead_letter(self.settings.deadletter_topic, record, exc)]
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Consume triggers until ``stop`` is set; each is committed after it was handled (a
@@ -204,6 +210,7 @@ class Trainer:
         async def serve() -> None:
             sender = Sender(s)
             triggers = Loop(name="triggers", service="trainer", sender=sender, handle=self.handle_records,
+                            on_error=self.failed,
                             source=Source(s, group=s.trainer_group, name="triggers",
                                           **{"max.poll.interval.ms": min(s.max_training_s * 1000, 86_400_000)}),
                             topics=[s.triggers_topic], batch_max=1)
