@@ -68,6 +68,8 @@ def parse_query_vector(
     """A query-vector record (written by a worker) -> what to search for and where to reply."""
     request_id = c.decode_key(key, "request id (key)")
     reply_to = headers.get(c.H_REPLY_TO, default_reply_to.encode()).decode("utf-8", "replace")
+    if not c.valid_topic_name(reply_to):  # the worker checked the client's; this one came another way
+        raise InvalidMessage(f"reply-to {reply_to[:100]!r} is not a topic name", code=ErrorCode.BAD_HEADER)
     k = c.parse_int(headers.get(c.H_K, b"5"), what="k", lo=1, hi=MAX_K)
     ts = c.parse_int(headers[c.H_QUERY_TS], what="query-timestamp-ms", lo=0, hi=2**62) if c.H_QUERY_TS in headers else None
     timings = c.parse_json(headers.get(c.H_TIMINGS, b"{}"), what="timings header", max_bytes=MAX_TIMINGS_BYTES,

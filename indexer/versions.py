@@ -20,8 +20,8 @@ from indexer.snapshot import SnapshotError, SnapshotStore
 from lookalike import metrics
 from lookalike.artifacts import ModelStore
 from lookalike.clients import redis_client
-from lookalike.errors import ConfigError, InvalidMessage, ModelArtifactError
-from lookalike.runtime import Loop, Output, Record, Sender, Source
+from lookalike.errors import ConfigError, ErrorCode, InvalidMessage, ModelArtifactError, ModelMismatch
+from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter
 from lookalike.settings import IndexerSettings
 from lookalike.snapshots import SnapshotManifest, snapshot_namespace
 from lookalike.status import VersionFacts
@@ -58,30 +58,36 @@ class VersionIndex:
         self.last_snapshot_at: float | None = None
         self.last_snapshot_items = 0
         self.caught_up = asyncio.Event()
+        self.model_dim: int | None = None  # from the model card, once read: no record sets another
         self.skipped = 0
         self.task: asyncio.Task[None] | None = None
 
     # -- feed ---------------------------------------------------------------------
-    def apply_records(self, records: list[Record]) -> None:
-        """Decode and apply a batch of fetched records, in order (runs in the writer thread)."""
+    def apply_records(self, records: list[Record]) -> list[tuple[Record, InvalidMessage]]:
+        """Decode and apply a batch of fetched records, in order (runs in the writer thread);
+        returns the records skipped, with why (the feed dead-letters them)."""
         mutations: list[Mutation] = []
         catalog_position: dict[int, int] = {}
         position: dict[int, int] = {}
+        skipped: list[tuple[Record, InvalidMessage]] = []
         for record in records:
             position[record.partition] = record.offset + 1
             try:
                 event = stages.parse_vector_record(record.key, record.value, record.headers)
+                if event.model_version != self.version and event.dim is not None:
+                    raise ModelMismatch(f"vector for {event.mutation.item_id} from model {event.model_version}: "
+                                        f"{self.topic} holds model {self.version}")
+                want = self.index.dim if self.index is not None else self.model_dim
+                if event.dim is not None and want is not None and event.dim != want:
+                    raise InvalidMessage(f"vector of dim {event.dim}; model {self.version} embeds in {want} "
+                                         "dimensions", code=ErrorCode.BAD_VECTOR)
             except InvalidMessage as exc:
                 self.skipped += 1
                 log.warning("vector %s@%d skipped: %s", record.partition, record.offset, exc)
+                skipped.append((record, exc))
                 continue
             if event.source is not None:
                 catalog_position[event.source[0]] = max(event.source[1] + 1, catalog_position.get(event.source[0], 0))
-            if event.model_version != self.version and event.dim is not None:
-                self.skipped += 1
-                log.warning("vector for %s from model %s skipped: %s holds model %s",
-                            event.mutation.item_id, event.model_version, self.topic, self.version)
-                continue
             if event.dim is not None and self.index is None:
                 self._create_index(event.dim)
             mutations.append(event.mutation)
@@ -92,6 +98,7 @@ class VersionIndex:
         else:  # only tombstones so far: nothing to delete, but the positions move on
             self.pending_position.update(position)
             self.pending_catalog_position.update(catalog_position)
+        return skipped
 
     def _create_index(self, dim: int) -> None:
         s = self.settings
@@ -136,6 +143,7 @@ class VersionIndex:
         s = self.settings
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, ensure_vectors_topic, s, self.version)
+        self.model_dim = await loop.run_in_executor(None, self.expected_dim)
         if s.snapshots:
             await loop.run_in_executor(self.pools.write, self.restore)
         source = Source(s, group=f"{s.query_group}.feed", name=f"feed-{self.version}",
@@ -151,9 +159,9 @@ class VersionIndex:
                  s.index_shard, s.index_shards, sum(start_ends[p] - restored.get(p, 0) for p in partitions))
 
         async def apply(records: list[Record]) -> list[Output]:
-            await loop.run_in_executor(self.pools.write, self.apply_records, records)
+            skipped = await loop.run_in_executor(self.pools.write, self.apply_records, records)
             self.position_changed.set()
-            return []
+            return [dead_letter(s.deadletter_topic, record, exc) for record, exc in skipped]
 
         async def check_caught_up(_records: list[Record]) -> None:
             """Caught up once every record up to the ends seen at start is read *and* applied."""

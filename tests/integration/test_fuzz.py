@@ -9,8 +9,10 @@ good queries for known items are mixed in between. Randomly mutated images (byte
 flipped, cut, spliced) may or may not still decode: for those alone the expected verdict
 comes from :func:`lookalike.imaging.decode_image` run here on the same bytes.
 
-Every batch goes to a running worker and indexer on the real broker; the test then checks
-that every query got exactly the reply it should (error code, or the right item first),
+The run is seeded (``LOOKALIKE_FUZZ_SEED``, else a random seed, printed either way), so a
+failure can be replayed with the same messages. Every batch goes to a running worker and
+indexer on the real broker; the test then checks that every query got exactly the reply
+it should (error code, or the right item first),
 that the dead-letter topic holds exactly the bad catalog events with their codes, that no
 reply leaked into the catalog, that the index holds exactly the good catalog items, and
 that both services are still alive.
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +34,7 @@ import jsonschema
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -539,6 +543,8 @@ def send_and_check(fuzz: Fuzzing, batch: list[Message]) -> None:
 
 def test_fuzzed_hostile_messages_never_crash_the_services(fuzzing: Fuzzing) -> None:
     fuzz = fuzzing
+    fuzz_seed = int(os.environ.get("LOOKALIKE_FUZZ_SEED") or secrets.randbits(32))
+    print(f"\nfuzz seed {fuzz_seed} (replay: LOOKALIKE_FUZZ_SEED={fuzz_seed})")
 
     @st.composite
     def batches(draw: st.DrawFn) -> list[Message]:
@@ -553,6 +559,7 @@ def test_fuzzed_hostile_messages_never_crash_the_services(fuzzing: Fuzzing) -> N
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
               phases=[Phase.generate],  # no shrinking: each example costs a round trip through the services
               suppress_health_check=list(HealthCheck))
+    @seed(fuzz_seed)
     @given(batches())
     def run(batch: list[Message]) -> None:
         send_and_check(fuzz, batch)
@@ -573,7 +580,7 @@ def test_fuzzed_hostile_messages_never_crash_the_services(fuzzing: Fuzzing) -> N
 
     t = fuzz.tally
     crashes = sum(proc.poll() is not None for proc in fuzz.pipeline.procs.values())  # services that exited
-    print(f"\nfuzz: {t.fuzzed} messages in {t.batches} batches ({t.catalog} catalog, {t.queries} queries); "
+    print(f"\nfuzz (seed {fuzz_seed}): {t.fuzzed} messages in {t.batches} batches ({t.catalog} catalog, {t.queries} queries); "
           f"crashes {crashes}; error replies {t.error_replies}; ok replies {t.ok_replies}; dead letters {t.dead_letters} "
           f"(+{t.broker_refused} key-less catalog records refused by the broker) "
           f"= bad catalog events {t.bad_catalog}; good items indexed {len(t.good_items)}; codes {dict(sorted(t.codes.items()))}")
