@@ -65,8 +65,8 @@ def mean_cosine_drift(queries: np.ndarray, catalog: np.ndarray) -> float | None:
     0 when queries look, on average, like the catalog; it grows as they move away
     (up to 2). Coarse by design: it sees a shift of the whole query population, not of a niche.
     """
-    if len(queries) == 0 or len(catalog) == 0:
-        return None
+    if len(queries) == 0 or len(catalog) == 0 or queries.shape[1] != catalog.shape[1]:
+        return None  # nothing to compare, or samples of two sizes (a hostile record's): no figure
     q = np.asarray(queries, np.float64).mean(axis=0)
     c = np.asarray(catalog, np.float64).mean(axis=0)
     nq, nc = np.linalg.norm(q), np.linalg.norm(c)

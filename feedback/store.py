@@ -31,6 +31,7 @@ import hashlib
 import json
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -244,9 +245,18 @@ class FeedbackStore(FeedbackLedger):
         pipe = self.r.pipeline(transaction=False)
         for b in buckets:
             pipe.lrange(self.key("wq", model, b), 0, -1)
-        vectors = [np.frombuffer(v, "<f4") for rows in pipe.execute() for v in rows]
-        return np.stack(vectors) if vectors else np.empty((0, 0), np.float32)
+        return sample_matrix([v for rows in pipe.execute() for v in rows])
 
     def catalog_sample(self, model: str) -> np.ndarray:
-        vectors = [np.frombuffer(v, "<f4") for v in self.r.hvals(self.key("catalog", model))]
-        return np.stack(vectors) if vectors else np.empty((0, 0), np.float32)
+        return sample_matrix(self.r.hvals(self.key("catalog", model)))
+
+
+def sample_matrix(raw: list[bytes]) -> np.ndarray:
+    """Stored vectors -> an (N, D) matrix of the finite ones of the commonest size: a record
+    of another size or with NaNs (anyone who can write a vector topic can send one) must not
+    stop the drift measure for good."""
+    vectors = [v for v in (np.frombuffer(r, "<f4") for r in raw if len(r) % 4 == 0) if len(v) and np.isfinite(v).all()]
+    if not vectors:
+        return np.empty((0, 0), np.float32)
+    dim = Counter(len(v) for v in vectors).most_common(1)[0][0]
+    return np.stack([v for v in vectors if len(v) == dim])

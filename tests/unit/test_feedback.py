@@ -202,3 +202,15 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOKALIKE_FEEDBACK_TOPIC", "x.feedback")
     s = FeedbackSettings()
     assert TriggerPolicy.from_settings(s).min_feedback == 7 and s.feedback_topic == "x.feedback"
+
+
+def test_a_hostile_vector_of_another_size_does_not_stop_the_drift_measure() -> None:
+    from feedback.policy import mean_cosine_drift
+    from feedback.store import sample_matrix
+
+    good = [np.ones(4, "<f4").tobytes() for _ in range(3)]
+    hostile = [np.ones(2, "<f4").tobytes(), np.full(4, np.nan, "<f4").tobytes(), b"abc", b""]
+    sample = sample_matrix(good + hostile)
+    assert sample.shape == (3, 4)
+    assert mean_cosine_drift(sample, sample) == 0.0
+    assert mean_cosine_drift(sample, sample_matrix([np.ones(2, "<f4").tobytes()])) is None  # two sizes: no figure
