@@ -186,6 +186,45 @@ def test_read_your_writes_with_min_position(pipeline) -> None:  # type: ignore[n
 
 
 
+def test_a_waiting_query_holds_no_other_query(pipeline) -> None:  # type: ignore[no-untyped-def]
+    """Issue #13's first confirmed case, over the wire: a query waiting on a position holds
+    nobody else, and a position on a partition the catalog lacks is refused at once."""
+    image = jpeg_bytes(seed=999)
+    with pipeline.client() as client:
+        far = client.send(image, min_position={0: 10**12})  # reachable in principle: it waits its 2 s
+        missing = client.send(image, min_position={999: 0})
+        time.sleep(0.2)
+        started = time.monotonic()
+        plain = client.send(image)
+        assert client.wait(plain, timeout_s=10)["status"] == "ok"
+        print(f"\nthe plain query, sent 0.2 s after two waiting ones: answered in {(time.monotonic() - started) * 1000:.0f} ms")
+        assert not client.book.has(far.encode())  # the plain query did not wait behind the far one
+        refused = client.wait(missing, timeout_s=10)
+        assert refused["error"]["code"] == "bad_header" and "partition 999" in refused["error"]["message"]
+        assert client.wait(far, timeout_s=10)["error"]["code"] == "not_ready"
+
+
+def test_a_big_answer_is_trimmed_not_lost(pipeline) -> None:  # type: ignore[no-untyped-def]
+    """Issue #13's second confirmed case: twenty items with ~60 KB of metadata each, then a
+    k=20 query for them; the ~1.2 MB answer is over the reply budget."""
+    feed = pipeline.feed()
+    run = uuid.uuid4().hex[:6]
+    images = {f"big-{run}-{i}": jpeg_bytes(seed=7_000 + i) for i in range(20)}
+    for item_id, image in images.items():
+        feed.publish(item_id, image, {"title": item_id, "notes": "x" * 60_000})
+    feed.flush()
+    indexer_pid = pipeline.procs["indexer"].pid
+    with pipeline.client() as client:
+        reply = client.ask(next(iter(images.values())), k=20, min_position=feed.positions, timeout_s=30)
+        raw = client.last_reply_bytes
+    assert reply["status"] == "ok", reply
+    assert len(reply["results"]) == 20 and reply["metadata_trimmed"] is True
+    assert raw is not None and len(raw) <= c.MAX_REPLY_BYTES
+    jsonschema.validate(reply, c.schema("reply"))
+    assert reply["results"][0]["metadata"]["notes"]  # the best keep their metadata
+    assert pipeline.alive() and pipeline.procs["indexer"].pid == indexer_pid
+
+
 def test_cli_query_prints_the_reply_json_exactly(pipeline, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import subprocess
     import sys
