@@ -243,6 +243,14 @@ class VectorIndex:
                 raise UnknownItem(f"item {item_id!r} is not in the index")
             return np.asarray(self._index.get_items([label]), dtype=np.float32)[0]
 
+    def metadata(self, item_id: str) -> Mapping[str, Any]:
+        """The metadata stored with an item."""
+        with self._lock.read():
+            label = self._labels.get(item_id)
+            if label is None:
+                raise UnknownItem(f"item {item_id!r} is not in the index")
+            return self._metadata.get(label, {})
+
     def search(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[Hit]:
         """The k nearest live items by cosine similarity, best first. k is clamped to the live count."""
         query = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
