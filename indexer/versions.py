@@ -241,17 +241,17 @@ class VersionIndex:
         """Hold this namespace's writer lease: renew it every third of its TTL, or try to take
         it; on taking it, remove what crashed writers left. True: this replica is the writer
         (runs in the snapshot thread)."""
-        lease = self.lease
-        if lease.confirmed_at is not None and time.monotonic() - lease.confirmed_at < lease.ttl_ms / 3000:
+        lease, now = self.lease, time.monotonic()
+        if lease.confirmed_at is not None and now - lease.confirmed_at < lease.ttl_ms / 3000:
             return True
+        if self._next_lease_try > now:  # one Redis call per third of the TTL, also while Redis is away
+            return lease.held
+        self._next_lease_try = now + lease.ttl_ms / 3000
         if lease.held:
             if lease.renew():
                 return True
             log.warning("snapshot writer lease of %s lost (expired or taken by %s)", self.version, lease.holder())
             return False
-        if self._next_lease_try > time.monotonic():
-            return False
-        self._next_lease_try = time.monotonic() + lease.ttl_ms / 3000
         if not lease.acquire():
             return False
         log.info("snapshot writer of %s (lease %s)", self.version, lease.token)
