@@ -29,6 +29,7 @@ from lookalike.clients import confluent_config
 from lookalike.runtime import Record
 from lookalike.settings import IndexerSettings
 from lookalike.snapshots import snapshot_namespace
+from lookalike.topics import topic_delete_retention_ms
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, wait_status, warm_up
@@ -481,3 +482,33 @@ def test_two_replicas_one_snapshot_writer(snapshotting: Pipeline, cluster: Clust
     wait_status(pipeline, lambda s: s.items == 32 and s.snapshot_items == 32, 60,
                 "the other replica taking over the snapshots", name=other)
     assert writer() == other and "snapshot writer of" in pipeline.log_text(other)
+
+
+def test_a_snapshot_older_than_the_tombstone_retention_is_not_used(snapshotting: Pipeline, cluster: Cluster) -> None:
+    """The vector topic keeps tombstones for delete.retention.ms (set explicitly); a snapshot
+    older than that less the margin is refused and the topic replayed from the start. Here
+    the margin leaves a snapshot one second of life (24 h retention, margin 24 h - 1 s)."""
+    pipeline = snapshotting
+    feed = pipeline.feed()
+    for i in range(20):
+        feed.publish(f"t{i}", small_image(60_000 + i), {})
+    feed.remove("t3")
+    feed.flush()
+    status = wait_status(pipeline, lambda s: s.snapshot_items == 20 and s.items == 20, 60, "a snapshot of 20 items")
+    settings = indexer_settings(pipeline)
+    vectors = f"{settings.catalog_vectors_topic}.{status.model_version}"
+    assert topic_delete_retention_ms(settings, vectors) == settings.delete_retention_ms == 24 * 3600 * 1000
+    assert topic_delete_retention_ms(settings, settings.catalog_topic) == settings.delete_retention_ms
+
+    pipeline.kill("indexer")
+    store = snapshot_store(pipeline, cluster.redis_url, status.model_version)
+    current = store.current()
+    pipeline.service_env["indexer"] = {"LOOKALIKE_SNAPSHOT_RETENTION_MARGIN_S": str(24 * 3600 - 1)}
+    wait_for(lambda: time.time() - store.read_manifest(current).created_at > 1.5, 10, "the snapshot older than 1 s")
+    pipeline.start("indexer")
+    wait_status(pipeline, lambda s: s.caught_up and s.items == 20 and s.items_digest ==
+                digest({"warm-up", *(f"t{i}" for i in range(20) if i != 3)}), 60, "recovery by a full replay")
+    log = pipeline.log_text("indexer")
+    assert f"snapshot {current} refused: " in log and "tombstones compacted since may be missing" in log
+    assert "full replay" in log
+    assert log.count("restored snapshot") == 0
