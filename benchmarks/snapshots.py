@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -81,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - started
 
     client = redis.Redis.from_url(args.redis_url, socket_timeout=120)
-    store = SnapshotStore(client, f"lookalike:bench:{int(time.time())}", chunk_bytes=settings.snapshot_chunk_bytes,
-                          keep=1)
+    store = SnapshotStore(client, f"lookalike:bench:{int(time.time())}", key=secrets.token_bytes(32),
+                          chunk_bytes=settings.snapshot_chunk_bytes, keep=1)
+    lease = store.lease("bench", ttl_s=600)
+    assert lease.acquire(), "a fresh namespace has no writer"
     load = QueryLoad(index, unit_vectors(rng, 1000, args.dim))
     for thread in load.threads:
         thread.start()
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     snap_start = time.perf_counter()
     index_bytes, items_bytes, facts = index.export()
     exported = time.perf_counter()
-    manifest = store.write(index_bytes, items_bytes, facts, model_version="bench")
+    manifest = store.write(index_bytes, items_bytes, facts, lease=lease, model_version="bench")
     snap_end = time.perf_counter()
     time.sleep(1)
     load.stop.set()
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     for q in probes])
     redis_peak = client.info("memory").get("used_memory_peak", 0)
     store.delete(manifest.id)
+    lease.release()
     client.delete(store._key("current"), store._key("history"))
 
     size_mb = (manifest.index.bytes + manifest.items.bytes) / 1e6

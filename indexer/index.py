@@ -20,6 +20,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
+from indexer.hnsw_file import check_file
 from lookalike.errors import UnknownItem
 from lookalike.snapshots import IndexFacts
 
@@ -242,6 +243,14 @@ class VectorIndex:
                 raise UnknownItem(f"item {item_id!r} is not in the index")
             return np.asarray(self._index.get_items([label]), dtype=np.float32)[0]
 
+    def metadata(self, item_id: str) -> Mapping[str, Any]:
+        """The metadata stored with an item."""
+        with self._lock.read():
+            label = self._labels.get(item_id)
+            if label is None:
+                raise UnknownItem(f"item {item_id!r} is not in the index")
+            return self._metadata.get(label, {})
+
     def search(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[Hit]:
         """The k nearest live items by cosine similarity, best first. k is clamped to the live count."""
         query = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
@@ -286,7 +295,21 @@ class VectorIndex:
     def restore(cls, index_bytes: bytes, items_bytes: bytes, facts: IndexFacts,
                 ef_search: int | None = None) -> VectorIndex:
         """Rebuild from :meth:`export` output. ef is set again (hnswlib does not save it):
-        ``ef_search`` when given (the setting of the restoring indexer), else the snapshot's."""
+        ``ef_search`` when given (the setting of the restoring indexer), else the snapshot's.
+
+        The hnswlib bytes are checked against ``facts`` and the items map before hnswlib's
+        loader sees them (:func:`indexer.hnsw_file.check_file`); raises HnswFileError or
+        ValueError saying what does not fit."""
+        items = json.loads(items_bytes)
+        item_of = {int(label): str(item_id) for label, item_id in items["items"].items()}
+        free_slots = int(items["free_slots"])
+        if len(item_of) != facts.item_count or len(set(item_of.values())) != len(item_of) or free_slots < 0:
+            raise ValueError(f"snapshot items ({len(item_of)}, {free_slots} free slots) do not match the manifest's "
+                             f"{facts.item_count} items")
+        layout = check_file(index_bytes, dim=facts.dim, m=facts.m, ef_construction=facts.ef_construction,
+                            capacity=facts.capacity, elements=facts.item_count + free_slots)
+        if layout.live_labels() != set(item_of) or int(layout.deleted.sum()) != free_slots:
+            raise ValueError("the hnswlib file's live labels are not the snapshot's items")
         index = cls(facts.dim, m=facts.m, ef_construction=facts.ef_construction,
                     ef_search=ef_search or facts.ef_search, capacity=16)
         with tempfile.TemporaryDirectory(prefix="lookalike-index-") as tmp:
@@ -295,14 +318,13 @@ class VectorIndex:
             index._index = hnswlib.Index(space="cosine", dim=index.dim)
             index._index.load_index(str(path), max_elements=facts.capacity, allow_replace_deleted=True)
         index._index.set_ef(index.ef_search)
-        items = json.loads(items_bytes)
-        index._item_of = {int(label): item_id for label, item_id in items["items"].items()}
-        index._labels = {item_id: label for label, item_id in index._item_of.items()}
+        index._item_of = item_of
+        index._labels = {item_id: label for label, item_id in item_of.items()}
         index._metadata = {int(label): meta for label, meta in items["metadata"].items()}
         index._next_label = int(items["next_label"])
-        index._free_slots = int(items["free_slots"])
+        index._free_slots = free_slots
         index._position = dict(facts.position)
         index._catalog_position = dict(facts.catalog_position)
-        if len(index._labels) != facts.item_count or index._index.dim != index.dim:
+        if (len(layout.labels) and int(layout.labels.max()) >= index._next_label) or index._index.dim != index.dim:
             raise ValueError("snapshot items do not match the index they came with")
         return index

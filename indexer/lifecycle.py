@@ -13,6 +13,7 @@ import redis
 from indexer import stages
 from indexer.versions import Pools, VersionIndex
 from lookalike import rollout
+from lookalike.errors import LookalikeError
 from lookalike.rollout import RolloutController, RolloutState
 from lookalike.runtime import Sender
 from lookalike.settings import IndexerSettings
@@ -78,7 +79,7 @@ class Lifecycle:
         live = state.active(time.time(), self.settings.rollout_grace_s)
         for version in live:
             if version not in self.versions:
-                vi = VersionIndex(self.settings, version, self.pools)
+                vi = VersionIndex(self.settings, version, self.pools, owner=self.instance)
                 assert self.sender is not None, "reconcile runs inside run()"
                 vi.task = asyncio.create_task(vi.run_feed(self.sender), name=f"feed-{version}")
                 vi.task.add_done_callback(self._feed_done)
@@ -123,25 +124,35 @@ class Lifecycle:
 
     # -- snapshots --------------------------------------------------------------------
     async def run_snapshots(self) -> None:
-        """Snapshot each version on a schedule and on mutation counts; Redis being away only delays it."""
+        """Snapshot each version on a schedule and on mutation counts, as that version's one
+        writer (a Redis lease per namespace: another replica holding it writes for both);
+        Redis being away only delays it. Leases are released on the way out."""
         s = self.settings
         loop = asyncio.get_running_loop()
         last: dict[str, float] = {}
-        while True:
-            await asyncio.sleep(0.5)
-            for version, vi in list(self.versions.items()):
-                last.setdefault(version, time.monotonic())
-                changed = vi.applied_since_snapshot
-                interval_over = time.monotonic() - last[version] >= s.snapshot_interval_s
-                due = changed >= s.snapshot_every_items or (changed and interval_over)
-                if not vi.caught_up.is_set() or not (due or interval_over):
-                    continue
-                try:
-                    if not due and not await loop.run_in_executor(self.pools.snapshot, vi.snapshot_lost):
-                        last[version] = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                for version, vi in list(self.versions.items()):
+                    last.setdefault(version, time.monotonic())
+                    if not vi.caught_up.is_set():
                         continue
-                    await loop.run_in_executor(self.pools.snapshot, vi.snapshot)
-                except (redis.RedisError, OSError) as exc:
-                    log.warning("snapshot of %s failed (%s); queries go on from memory, next try in %.0fs",
-                                version, exc, s.snapshot_interval_s)
-                last[version] = time.monotonic()
+                    try:
+                        if not await loop.run_in_executor(self.pools.snapshot, vi.keep_lease):
+                            continue  # another replica writes this namespace's snapshots
+                        changed = vi.applied_since_snapshot
+                        interval_over = time.monotonic() - last[version] >= s.snapshot_interval_s
+                        due = changed >= s.snapshot_every_items or (changed and interval_over)
+                        if not (due or interval_over):
+                            continue
+                        if not due and not await loop.run_in_executor(self.pools.snapshot, vi.snapshot_lost):
+                            last[version] = time.monotonic()
+                            continue
+                        await loop.run_in_executor(self.pools.snapshot, vi.snapshot)
+                    except (redis.RedisError, OSError, LookalikeError) as exc:
+                        log.warning("snapshot of %s failed (%s); queries go on from memory, next try in %.0fs",
+                                    version, exc, s.snapshot_interval_s)
+                    last[version] = time.monotonic()
+        finally:
+            for vi in list(self.versions.values()):
+                vi.release_lease()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +18,16 @@ import redis
 from indexer import stages
 from indexer.index import Mutation, VectorIndex
 from indexer.shards import own_position
-from indexer.snapshot import SnapshotError, SnapshotStore
+from indexer.snapshot import SnapshotError, SnapshotStore, WriterLease
 from lookalike import metrics
 from lookalike.artifacts import ModelStore
 from lookalike.clients import redis_client
 from lookalike.errors import ConfigError, ErrorCode, InvalidMessage, ModelArtifactError, ModelMismatch
 from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter
 from lookalike.settings import IndexerSettings
-from lookalike.snapshots import SnapshotManifest, snapshot_namespace
+from lookalike.snapshots import SnapshotManifest, load_snapshot_key, snapshot_namespace, too_old
 from lookalike.status import VersionFacts
-from lookalike.topics import ensure_vectors_topic, vectors_topic
+from lookalike.topics import ensure_vectors_topic, topic_delete_retention_ms, vectors_topic
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,10 @@ class VersionIndex:
     """The index of one model version, its position in that version's vector topic, and
     its snapshots."""
 
-    def __init__(self, settings: IndexerSettings, version: str, pools: Pools) -> None:
+    def __init__(self, settings: IndexerSettings, version: str, pools: Pools, owner: str = "") -> None:
         self.settings = settings
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}"  # names the writer lease's holder
+        self._next_lease_try = 0.0
         self.version = version
         self.pools = pools
         self.topic = vectors_topic(settings, version)
@@ -179,11 +183,17 @@ class VersionIndex:
     # -- snapshots ----------------------------------------------------------------
     @cached_property
     def snapshots(self) -> SnapshotStore:
-        """One client (and connection pool) for every snapshot read, write and check."""
+        """One client (and connection pool) for every snapshot read, write and check. Raises
+        ConfigError when there is no manifest key."""
         s = self.settings
         client = redis_client(s, socket_timeout=30)
-        return SnapshotStore(client, snapshot_namespace(s.query_group, self.version),
+        key = load_snapshot_key(s.snapshot_key, s.snapshot_key_file, s.home)
+        return SnapshotStore(client, snapshot_namespace(s.query_group, self.version), key=key,
                              chunk_bytes=s.snapshot_chunk_bytes, keep=s.snapshot_keep)
+
+    @cached_property
+    def lease(self) -> WriterLease:
+        return self.snapshots.lease(self.owner, self.settings.snapshot_lease_ttl_s)
 
     def expected_dim(self) -> int | None:
         """The embedding size of this version's model card, when the model store is reachable."""
@@ -192,18 +202,30 @@ class VersionIndex:
         except (ModelArtifactError, OSError, ValueError):
             return None
 
+    def tombstone_retention_ms(self) -> int:
+        """How long this version's vector topic keeps tombstones: the setting, or the topic's
+        own ``delete.retention.ms`` when that is shorter (a topic made before it was set)."""
+        found = topic_delete_retention_ms(self.settings, self.topic)
+        return min(self.settings.delete_retention_ms, found if found is not None else self.settings.delete_retention_ms)
+
     def restore(self) -> None:
         """Load the newest usable snapshot (runs before the feed starts). Falls back to older
         ones, then to a full replay; every refusal is logged with its reason."""
         try:
             store = self.snapshots
             candidates = store.history()
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ConfigError) as exc:
             log.warning("snapshots unavailable (%s): full replay of %s", exc, self.topic)
             return
         dim = self.expected_dim()
+        retention_ms = self.tombstone_retention_ms() if candidates else self.settings.delete_retention_ms
         for snapshot_id in candidates:
             try:
+                manifest = store.read_manifest(snapshot_id)
+                stale = too_old(manifest.created_at, time.time(), retention_ms, self.settings.snapshot_retention_margin_s)
+                if stale:  # the older ones are older still: replay from the start
+                    log.warning("snapshot %s refused: %s; not trying older ones", snapshot_id, stale)
+                    break
                 snap = store.read(snapshot_id)
                 manifest = snap.manifest
                 if manifest.model_version != self.version or (dim is not None and manifest.dim != dim):
@@ -220,25 +242,52 @@ class VersionIndex:
             self.last_snapshot_items = len(index)
             log.info("restored snapshot %s: %d items of model %s at %s", snapshot_id, len(index),
                      self.version, index.position)
-            break
-        else:
-            log.info("no usable snapshot of %s (%d tried): full replay of %s", self.version, len(candidates), self.topic)
+            return
+        log.info("no usable snapshot of %s (%d found): full replay of %s", self.version, len(candidates), self.topic)
+
+    def keep_lease(self) -> bool:
+        """Hold this namespace's writer lease: renew it every third of its TTL, or try to take
+        it; on taking it, remove what crashed writers left. True: this replica is the writer
+        (runs in the snapshot thread)."""
+        lease, now = self.lease, time.monotonic()
+        if lease.confirmed_at is not None and now - lease.confirmed_at < lease.ttl_ms / 3000:
+            return True
+        if self._next_lease_try > now:  # one Redis call per third of the TTL, also while Redis is away
+            return lease.held
+        self._next_lease_try = now + lease.ttl_ms / 3000
+        if lease.held:
+            if lease.renew():
+                return True
+            log.warning("snapshot writer lease of %s lost (expired or taken by %s)", self.version, lease.holder())
+            return False
+        if not lease.acquire():
+            return False
+        log.info("snapshot writer of %s (lease %s)", self.version, lease.token)
         try:
-            removed = store.remove_orphans()
+            removed = self.snapshots.remove_orphans(lease)
             if removed:
                 log.info("removed %d unfinished snapshots", removed)
-        except (redis.RedisError, OSError) as exc:
+        except SnapshotError as exc:
             log.warning("cannot clean unfinished snapshots: %s", exc)
+        return lease.held
+
+    def release_lease(self) -> None:
+        """Give the writer lease up (stopping), so another replica need not wait for its TTL."""
+        if "lease" in self.__dict__ and self.lease.confirmed_at is not None:
+            try:
+                self.lease.release()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("cannot release the snapshot writer lease of %s: %s", self.version, exc)
 
     def snapshot(self) -> SnapshotManifest | None:
-        """Write a snapshot of the current state (runs in the snapshot thread)."""
+        """Write a snapshot of the current state as the lease holder (runs in the snapshot thread)."""
         if self.index is None:
             return None
         started = time.perf_counter()
         applied = self.applied_since_snapshot
         index_bytes, items_bytes, facts = self.index.export()
         exported = time.perf_counter()
-        manifest = self.snapshots.write(index_bytes, items_bytes, facts, model_version=self.version,
+        manifest = self.snapshots.write(index_bytes, items_bytes, facts, lease=self.lease, model_version=self.version,
                                         index_version=self.index_version)
         self.applied_since_snapshot -= applied
         self.last_snapshot_id, self.last_snapshot_at = manifest.id, manifest.created_at
@@ -249,7 +298,8 @@ class VersionIndex:
         return manifest
 
     def snapshot_lost(self) -> bool:
-        """Is our last snapshot no longer current (Redis restarted empty, or it was deleted)?"""
+        """Is our last snapshot no longer current (Redis restarted empty, or it was deleted)?
+        Asked by the lease holder only: another replica's newer snapshot is not a loss to it."""
         if self.index is None or self.last_snapshot_id is None:
             return self.index is not None
         return self.snapshots.current() != self.last_snapshot_id

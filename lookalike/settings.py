@@ -63,6 +63,9 @@ class CommonSettings(BaseSettings):
     models_topic: str = "lookalike.models"  # the trainer's gate decisions
     partitions: int = Field(4, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1, le=16)
+    # How long compaction keeps a tombstone on the compacted topics (catalog, vectors): set on
+    # them explicitly (Kafka's default is also 24 h); a snapshot older than this is not used.
+    delete_retention_ms: int = Field(24 * 3600 * 1000, ge=60_000)
 
     max_image_bytes: int = Field(8 * MiB, ge=1024)  # a catalog image
     max_query_image_bytes: int = Field(8 * MiB, ge=1024)  # a query image (the limit of the queries topic)
@@ -147,6 +150,14 @@ class IndexerSettings(CommonSettings):
     snapshot_every_items: int = Field(10_000, ge=1)  # or as soon as this many mutations were applied
     snapshot_keep: int = Field(3, ge=1)
     snapshot_chunk_bytes: int = Field(16 * MiB, ge=1024)
+    # Manifests are authenticated with this key (never stored in Redis): the key itself, or a
+    # file holding it; neither set: <home>/secrets/snapshot.key, made on first use (docs/durability.md).
+    snapshot_key: SecretStr | None = None
+    snapshot_key_file: Path | None = None
+    # One snapshot writer per namespace: a Redis lease, renewed every third of this.
+    snapshot_lease_ttl_s: float = Field(30.0, ge=1)
+    # A snapshot older than delete_retention_ms minus this may miss tombstones: replay instead.
+    snapshot_retention_margin_s: float = Field(3600.0, ge=0)
     min_position_wait_s: float = Field(5.0, ge=0)  # how long a query may wait for its min-position
     catch_up_wait_s: float = Field(30.0, ge=0)  # how long a query may wait for a (re)starting index; then not_ready
     query_concurrency: int = Field(256, ge=1)  # queries handled at once, each waiting alone

@@ -24,13 +24,21 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+def compacted_config(settings: CommonSettings) -> dict[str, str]:
+    """The compacted topics' policy. ``delete.retention.ms`` is set explicitly: how long a
+    tombstone outlives compaction, so how old a snapshot's position may be before a restore
+    from it could miss a delete (the indexer refuses older snapshots, docs/durability.md)."""
+    return {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000",
+            "delete.retention.ms": str(settings.delete_retention_ms)}
+
+
 def topic_specs(settings: CommonSettings) -> list[TopicSpec]:
     """The topics of a deployment that do not depend on a model version. Catalog topics are
     compacted: the latest image per item is the catalog, and a tombstone deletes it. Each
     model version's catalog-vector topic is made by :func:`ensure_vectors_topic`."""
     big = str(max_message_bytes(settings))
     p = settings.partitions
-    compacted = {"cleanup.policy": "compact", "max.message.bytes": big, "min.compaction.lag.ms": "60000"}
+    compacted = {**compacted_config(settings), "max.message.bytes": big}
     transient = {"cleanup.policy": "delete", "retention.ms": str(24 * HOUR_MS), "max.message.bytes": big}
     return [
         TopicSpec(settings.catalog_topic, p, compacted),
@@ -92,8 +100,24 @@ def vectors_topic_spec(settings: CommonSettings, version: str, partitions: int) 
     """A model version's catalog-vector topic: compacted like the catalog (the latest vector
     per item is the index), and with the catalog's partitions (catalog partition p's vectors
     go to partition p)."""
-    config = {"cleanup.policy": "compact", "max.message.bytes": str(1024 * 1024), "min.compaction.lag.ms": "60000"}
+    config = {**compacted_config(settings), "max.message.bytes": str(1024 * 1024)}
     return TopicSpec(vectors_topic(settings, version), partitions, config)
+
+
+def topic_delete_retention_ms(settings: CommonSettings, topic: str, timeout_s: float = 10.0) -> int | None:
+    """The ``delete.retention.ms`` the broker applies to ``topic`` (a topic made before it was
+    set explicitly has the broker's default), or None when it cannot be read (no
+    DescribeConfigs grant, broker away)."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    admin = AdminClient(confluent_config(settings))
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout=timeout_s)
+        return int(configs["delete.retention.ms"].value)
+    except (KafkaException, KeyError, ValueError, TypeError, TimeoutError) as exc:
+        log.warning("cannot read delete.retention.ms of %s: %s", topic, exc)
+        return None
 
 
 def ensure_vectors_topic(settings: CommonSettings, version: str, timeout_s: float = 30.0) -> str:

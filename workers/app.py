@@ -131,7 +131,10 @@ class EmbeddingWorker:
         """
         embedder = self.models.get(version)
         images: list[CatalogImage] = []
-        out: list[tuple[int, OutRecord]] = []
+        # In catalog order: a removal keeps its place among the images (None: the next image's
+        # vector), else an upsert then a delete of one item in one batch would come out as the
+        # delete then the upsert, and the deleted item would come back.
+        slots: list[tuple[int, OutRecord] | None] = []
         dead: list[OutRecord] = []
         for key, value, headers, source in events:
             try:
@@ -144,12 +147,17 @@ class EmbeddingWorker:
                     dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
                 continue
             if isinstance(parsed, CatalogRemoval):
-                out.append((source.partition, stages.removal_record(parsed, embedder.version)))
+                slots.append((source.partition, stages.removal_record(parsed, embedder.version)))
             else:
                 images.append(parsed)
-        if images:
-            records = stages.embed_catalog(embedder, images)
-            out.extend((img.source.partition, record) for img, record in zip(images, records, strict=True))
+                slots.append(None)
+        vectors = iter(zip(images, stages.embed_catalog(embedder, images) if images else [], strict=True))
+        out = []
+        for slot in slots:
+            if slot is None:
+                img, record = next(vectors)
+                slot = (img.source.partition, record)
+            out.append(slot)
         return out, dead
 
     def query_batch(self, events: Sequence[Event]):

@@ -1,23 +1,40 @@
-"""Index durability: snapshots in Redis, exact recovery after kill -9, corrupt snapshots, Redis away."""
+"""Index durability: snapshots in Redis, exact recovery after kill -9 (of the indexer, and of
+the worker mid-ingestion) checked item by item against a fresh replay, corrupt and forged
+snapshots, one snapshot writer among replicas, Redis away."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import re
+import socket
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from indexer.index import VectorIndex
 from indexer.snapshot import SnapshotError, SnapshotStore
+from indexer.versions import Pools, VersionIndex
+from lookalike import contracts as c
+from lookalike.clients import confluent_config
+from lookalike.runtime import Record
+from lookalike.settings import IndexerSettings
 from lookalike.snapshots import snapshot_namespace
+from lookalike.topics import topic_delete_retention_ms
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, wait_status, warm_up
 from tests.integration.steady import SteadyStream
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +45,10 @@ SNAPSHOT_ENV = {
     "LOOKALIKE_STATUS_DIGEST": "1",
     "LOOKALIKE_STATUS_INTERVAL_S": "0.5",
     "LOOKALIKE_CATALOG_BATCH_MAX": "128",
+    "LOOKALIKE_SNAPSHOT_KEY": "recovery-test-snapshot-key-0123456789",
+    "LOOKALIKE_SNAPSHOT_LEASE_TTL_S": "2",  # a killed writer's lease lapses soon: its successor snapshots
 }
+SNAPSHOT_KEY = SNAPSHOT_ENV["LOOKALIKE_SNAPSHOT_KEY"].encode()
 
 
 def digest(ids: set[str]) -> str:
@@ -43,7 +63,90 @@ def snapshot_store(pipeline: Pipeline, cluster_redis: str, version: str | None =
     """The snapshots of the serving model's index (or of ``version``'s)."""
     client = redis.Redis.from_url(cluster_redis)
     version = version or pipeline.status().model_version
-    return SnapshotStore(client, snapshot_namespace(pipeline.env["LOOKALIKE_INDEXER_GROUP"], version))
+    return SnapshotStore(client, snapshot_namespace(pipeline.env["LOOKALIKE_INDEXER_GROUP"], version), key=SNAPSHOT_KEY)
+
+
+def indexer_settings(pipeline: Pipeline) -> IndexerSettings:
+    fields = IndexerSettings.model_fields
+    return IndexerSettings(**{k[len("LOOKALIKE_"):].lower(): v for k, v in pipeline.env.items()
+                              if k.startswith("LOOKALIKE_") and k[len("LOOKALIKE_"):].lower() in fields})
+
+
+def ends_of(settings: IndexerSettings, topic: str) -> dict[int, int]:
+    """The end offset of each partition of ``topic`` now."""
+    consumer = Consumer(confluent_config(settings, **{"group.id": f"ends-{uuid.uuid4().hex[:8]}"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions}
+    finally:
+        consumer.close()
+
+
+def fresh_replay(pipeline: Pipeline, version: str) -> tuple[VectorIndex, dict[int, int], int]:
+    """What a new indexer without snapshots builds: ``version``'s vector topic read from its
+    beginning to its end as of now, applied by the indexer's own code. Returns the index,
+    the ends and how many upserts repeated the vector and metadata an item already had."""
+    settings = indexer_settings(pipeline)
+    vi = VersionIndex(settings, version, Pools(), owner="fresh-replay")
+    ends = ends_of(settings, vi.topic)
+    consumer = Consumer(confluent_config(settings, **{"group.id": f"replay-{uuid.uuid4().hex[:8]}",
+                                                      "enable.auto.commit": False}))
+    consumer.assign([TopicPartition(vi.topic, p, OFFSET_BEGINNING) for p in ends])
+    read = dict.fromkeys(ends, 0)
+    last: dict[str, tuple[bytes | None, bytes | None]] = {}
+    repeats = 0
+    deadline = time.monotonic() + 120
+    try:
+        while any(read[p] < ends[p] for p in ends):
+            assert time.monotonic() < deadline, f"replay of {vi.topic} stuck at {read} of {ends}"
+            records = []
+            for msg in consumer.consume(1000, timeout=1.0):
+                if msg.error() is not None or msg.offset() >= ends[msg.partition()]:
+                    continue
+                read[msg.partition()] = msg.offset() + 1
+                record = Record.of(msg)
+                seen = (record.value, record.headers.get(c.H_METADATA))
+                repeats += record.value is not None and last.get(record.key.decode()) == seen
+                last[record.key.decode()] = seen
+                records.append(record)
+            vi.apply_records(records)
+    finally:
+        consumer.close()
+    assert vi.index is not None, f"{vi.topic} holds no vectors"
+    return vi.index, ends, repeats
+
+
+def snapshot_at(pipeline: Pipeline, store: SnapshotStore, position: dict[int, int], timeout_s: float) -> VectorIndex:
+    """The running indexer's index, from the snapshot it writes once it has applied the vector
+    topic up to ``position`` (restoring it also checks hnswlib's live elements are exactly
+    the items: none lost, none left over)."""
+    def current_at_position() -> str | None:
+        current = store.current()
+        if current is None or store.read_manifest(current).position != position:
+            return None
+        status = pipeline.status()
+        return current if status is not None and status.snapshot == current else None
+
+    snapshot_id = wait_for(current_at_position, timeout_s, f"a snapshot of the running indexer at {position}",
+                           pipeline, alive=True)
+    snap = store.read(snapshot_id)
+    return VectorIndex.restore(snap.index_bytes, snap.items_bytes, snap.manifest.facts())
+
+
+def contents(index: VectorIndex) -> dict[str, tuple[np.ndarray, Mapping[str, Any]]]:
+    return {item_id: (index.vector(item_id), index.metadata(item_id)) for item_id in index.item_ids()}
+
+
+def assert_same_items(recovered: VectorIndex, replayed: VectorIndex) -> None:
+    """Every item's vector and metadata, not only the ids."""
+    mine, theirs = contents(recovered), contents(replayed)
+    assert mine.keys() == theirs.keys(), (sorted(mine.keys() - theirs.keys())[:10],
+                                          sorted(theirs.keys() - mine.keys())[:10])
+    other_metadata = [i for i in mine if mine[i][1] != theirs[i][1]]
+    assert not other_metadata, [(i, mine[i][1], theirs[i][1]) for i in other_metadata[:5]]
+    gaps = {i: float(np.abs(mine[i][0] - theirs[i][0]).max()) for i in mine}
+    worst = max(gaps, key=gaps.__getitem__)
+    assert gaps[worst] <= 1e-6, f"{worst}: vector differs by {gaps[worst]}"
 
 
 @pytest.fixture
@@ -101,12 +204,21 @@ def test_kill_9_at_random_moments_recovers_the_exact_catalog(snapshotting: Pipel
             pipeline.kill("indexer")
             kills["random"] += 1
             pipeline.start("indexer")
-        # Kills while a snapshot is being written: chunks of an id that is not (yet) in the history.
-        deadline = time.monotonic() + 60
+        # Kills while a snapshot is being written: chunks of an id that is not (yet) in the
+        # history. (The id is the first part after the namespace; new items keep snapshots coming.)
+        deadline = time.monotonic() + 90
+        filler, next_filler = pipeline.feed(), time.monotonic()
         while kills["mid_snapshot"] < 2 and time.monotonic() < deadline:
+            if time.monotonic() >= next_filler:
+                item_id, seed = f"f{len(latest)}", 4 * 10**6 + len(latest)
+                filler.publish(item_id, small_image(seed), {"seed": seed})
+                filler.flush()
+                latest[item_id] = seed
+                next_filler = time.monotonic() + 0.5
             known = set(store.history())
-            writing = {k.decode().split(":")[3] for k in store.client.scan_iter(f"{store.ns}:*:index:*", count=1000)}
-            if writing - known - {"current", "history"}:
+            chunk_keys = store.client.scan_iter(f"{store.ns}:*:index:*", count=1000)
+            writing = {k.decode()[len(store.ns) + 1 :].split(":", 1)[0] for k in chunk_keys}
+            if writing - known:
                 pipeline.kill("indexer")
                 kills["mid_snapshot"] += 1
                 pipeline.start("indexer")
@@ -115,15 +227,32 @@ def test_kill_9_at_random_moments_recovers_the_exact_catalog(snapshotting: Pipel
     finally:
         publisher.join()
 
+    # One item after the last kill: the snapshot that holds it is the running process's memory.
+    feed = pipeline.feed()
+    feed.publish("sentinel", small_image(3 * 10**6), {"seed": 3 * 10**6})
+    feed.flush()
+    latest["sentinel"] = 3 * 10**6
+    settings = indexer_settings(pipeline)
+    catalog_end = ends_of(settings, settings.catalog_topic)
     status = wait_status(
-        pipeline, lambda s: s.caught_up and s.items_digest == digest(set(latest)), 120,
-        "the restarted indexer serving exactly the catalog",
+        pipeline, lambda s: s.caught_up and s.items_digest == digest(set(latest))
+        and all(s.catalog_position.get(p, 0) >= end for p, end in catalog_end.items() if end), 120,
+        "the restarted indexer serving exactly the catalog, every catalog record reflected",
     )
     assert status.items == len(latest)
     assert kills["random"] == 3
     assert kills["mid_snapshot"] >= 1, "no kill landed during a snapshot write"
     log = pipeline.log_text("indexer")
     assert "restored snapshot" in log
+
+    # Item by item, vector and metadata: the recovered index is what a fresh replay builds.
+    replayed, ends, repeats = fresh_replay(pipeline, status.model_version)
+    recovered = snapshot_at(pipeline, store, ends, 120)
+    assert_same_items(recovered, replayed)
+    assert {i: recovered.metadata(i).get("seed") for i in latest if i != "warm-up"} == \
+        {i: seed for i, seed in latest.items() if i != "warm-up"}
+    print(f"\nkill -9 of the indexer: {kills}; {len(latest)} items equal to a fresh replay of {sum(ends.values())} "
+          f"vector records ({repeats} repeated upserts)")
 
     # Each sampled item answers to its latest image, and removed items to nothing.
     removed = {item_id for item_id, seed in events if seed is None} - set(latest)
@@ -149,16 +278,31 @@ def test_corrupted_chunk_is_refused_and_recovery_is_still_exact(snapshotting: Pi
     wait_status(pipeline, lambda s: s.snapshot_items == len(latest) and s.items_digest == digest(latest),
                 60, "a snapshot of every item")
     store = snapshot_store(pipeline, cluster.redis_url)
-    for snapshot_id in store.history():  # every snapshot is broken: recovery must replay the catalog
+    pipeline.kill("indexer")  # first: a live writer would replace the broken snapshots with good ones
+    current, *older = store.history()
+    # The current one re-signed by someone without the key (its item count raised), every
+    # older one with a corrupted chunk: recovery must replay the catalog.
+    envelope = json.loads(store.client.get(f"{store.ns}:{current}:manifest"))
+    body = json.loads(envelope["manifest"])
+    body["item_count"] += 1
+    envelope["manifest"] = json.dumps(body)
+    envelope["mac"] = hashlib.sha256(envelope["manifest"].encode()).hexdigest()
+    store.client.set(f"{store.ns}:{current}:manifest", json.dumps(envelope))
+    with pytest.raises(SnapshotError, match="MAC does not verify"):
+        store.read(current)
+    for snapshot_id in older:
         store.client.setrange(f"{store.ns}:{snapshot_id}:index:0", 100, b"\x00\xff\x00\xff")
         with pytest.raises(SnapshotError, match="checksum"):
             store.read(snapshot_id)
-    pipeline.kill("indexer")
     pipeline.start("indexer")
     wait_status(pipeline, lambda s: s.caught_up and s.items_digest == digest(latest), 60,
                 "recovery from the catalog")
     log = pipeline.log_text("indexer")
-    assert "fails its checksum" in log and "full replay" in log
+    assert f"snapshot {current} refused: snapshot {current}: manifest MAC does not verify" in log
+    assert all(f"snapshot {i} refused" in log for i in older) and "full replay" in log
+    assert "restored snapshot" not in log
+    if older:
+        assert "fails its checksum" in log
 
 
 def test_redis_away_30s_queries_go_on_and_snapshots_resume(cluster: Cluster, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -229,11 +373,142 @@ def test_snapshot_of_another_model_is_refused(snapshotting: Pipeline, cluster: C
     pipeline.kill("indexer")
     store = snapshot_store(pipeline, cluster.redis_url, version)
     genuine = store.read(store.current())
-    forged = store.write(genuine.index_bytes, genuine.items_bytes, genuine.manifest.facts(),
+    lease = store.lease("test", ttl_s=30)
+    wait_for(lease.acquire, 30, "the killed indexer's writer lease lapsing")
+    forged = store.write(genuine.index_bytes, genuine.items_bytes, genuine.manifest.facts(), lease=lease,
                          model_version="20990101T000000Z-00000000")
+    lease.release()
     pipeline.start("indexer")
     status = wait_status(pipeline, lambda s: s.caught_up and s.items == 21, 60, "recovery")
     log = pipeline.log_text("indexer")
     assert f"snapshot {forged.id} refused" in log and f"this index is for {version}" in log
     assert f"restored snapshot {genuine.manifest.id}" in log
     assert status.model_version == version
+
+
+def test_kill_9_of_the_worker_mid_ingestion_loses_and_duplicates_nothing(cluster: Cluster, tiny_model,  # type: ignore[no-untyped-def]
+                                                                          tmp_path: Path) -> None:
+    """The worker is killed while catalog records are waiting to be embedded; the restarted
+    one takes over. Every live item ends up once, with its latest image's vector and
+    metadata, equal item by item to a fresh replay; removed items stay removed."""
+    pipeline = start_pipeline(cluster, tiny_model[0], tmp_path, {**SNAPSHOT_ENV, "LOOKALIKE_SESSION_TIMEOUT_S": "6"})
+    try:
+        warm_up(pipeline, small_image(10_000))
+        rng = random.Random(20261130)
+        events, latest = catalog_script(rng, items=900)
+        settings = indexer_settings(pipeline)
+
+        def publish() -> None:
+            feed = pipeline.feed()
+            for start in range(0, len(events), 60):
+                for item_id, seed in events[start : start + 60]:
+                    if seed is None:
+                        feed.remove(item_id)
+                    else:
+                        feed.publish(item_id, small_image(seed), {"seed": seed})
+                feed.flush()
+                time.sleep(0.3)
+
+        def reflected() -> int:
+            status = pipeline.status()
+            return sum(status.catalog_position.values()) if status else 0
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        waiting_at_kill = []
+        try:
+            for _ in range(3):  # kill a worker that is embedding: the index moved since it (re)started
+                before = reflected()
+                wait_for(lambda before=before: reflected() > before, 120, "the worker making progress", pipeline,
+                         alive=True)
+                waiting_at_kill.append(sum(ends_of(settings, settings.catalog_topic).values()) - reflected())
+                pipeline.kill("worker")
+                pipeline.start("worker")
+        finally:
+            publisher.join()
+        catalog_end = ends_of(settings, settings.catalog_topic)
+        status = wait_status(pipeline, lambda s: all(s.catalog_position.get(p, 0) >= end
+                                                     for p, end in catalog_end.items() if end),
+                             180, "every catalog record reflected in the index")
+        print(f"\nkill -9 of the worker: catalog records not yet in the index at each kill: {waiting_at_kill}")
+        assert sum(1 for n in waiting_at_kill if n > 0) >= 2, f"kills did not land mid-ingestion: {waiting_at_kill}"
+        assert status.items == len(latest) and status.items_digest == digest(set(latest))
+
+        replayed, ends, repeats = fresh_replay(pipeline, status.model_version)
+        recovered = snapshot_at(pipeline, snapshot_store(pipeline, cluster.redis_url), ends, 120)
+        assert_same_items(recovered, replayed)
+        seeds = {i: recovered.metadata(i).get("seed") for i in recovered.item_ids() if i != "warm-up"}
+        assert seeds == {i: seed for i, seed in latest.items() if i != "warm-up"}, "an item holds an older image"
+        print(f"{len(latest)} items, each with its latest image, equal to a fresh replay of {sum(ends.values())} "
+              f"vector records ({repeats} repeated upserts from re-embedded batches)")
+    finally:
+        stop_pipeline(pipeline)
+
+
+def test_two_replicas_one_snapshot_writer(snapshotting: Pipeline, cluster: Cluster) -> None:
+    """Two indexers of one group hold the same index: one holds the writer lease and writes,
+    the other never rewrites (it used to take the other's snapshot for lost, every interval,
+    forever); killed, the writer is replaced by the other once its lease lapses."""
+    pipeline = snapshotting
+    pipeline.start("indexer-2")
+    feed = pipeline.feed()
+    for i in range(30):
+        feed.publish(f"w{i}", small_image(40_000 + i), {})
+    feed.flush()
+    for name in ("indexer", "indexer-2"):
+        wait_status(pipeline, lambda s: s.caught_up and s.items == 31, 90, f"{name} holding every item", name=name)
+    store = snapshot_store(pipeline, cluster.redis_url)
+    host = socket.gethostname()
+    owners = {f"{host}-{pipeline.procs[name].pid}": name for name in ("indexer", "indexer-2")}
+
+    def writer() -> str | None:
+        holder = store.client.get(f"{store.ns}:writer")
+        return owners.get(holder.decode().split("/")[0]) if holder else None
+
+    first = wait_for(writer, 30, "a snapshot writer")
+    other = "indexer-2" if first == "indexer" else "indexer"
+    wait_status(pipeline, lambda s: s.snapshot_items == 31, 60, "a snapshot of every item", name=first)
+    current, history = store.current(), store.history()
+    time.sleep(6 * float(SNAPSHOT_ENV["LOOKALIKE_SNAPSHOT_INTERVAL_S"]))  # no change: nothing to write
+    assert store.current() == current and store.history() == history, "snapshots rewritten with nothing changed"
+    assert writer() == first
+    assert "snapshot writer of" not in pipeline.log_text(other)
+    assert not re.search(r"snapshot \S+ of \S+: \d+ items,", pipeline.log_text(other)), "the other replica wrote"
+
+    pipeline.kill(first)
+    del pipeline.procs[first]  # dead on purpose: the waits below check the others are alive
+    feed.publish("w-after", small_image(40_100), {})
+    feed.flush()
+    wait_status(pipeline, lambda s: s.items == 32 and s.snapshot_items == 32, 60,
+                "the other replica taking over the snapshots", name=other)
+    assert writer() == other and "snapshot writer of" in pipeline.log_text(other)
+
+
+def test_a_snapshot_older_than_the_tombstone_retention_is_not_used(snapshotting: Pipeline, cluster: Cluster) -> None:
+    """The vector topic keeps tombstones for delete.retention.ms (set explicitly); a snapshot
+    older than that less the margin is refused and the topic replayed from the start. Here
+    the margin leaves a snapshot one second of life (24 h retention, margin 24 h - 1 s)."""
+    pipeline = snapshotting
+    feed = pipeline.feed()
+    for i in range(20):
+        feed.publish(f"t{i}", small_image(60_000 + i), {})
+    feed.remove("t3")
+    feed.flush()
+    status = wait_status(pipeline, lambda s: s.snapshot_items == 20 and s.items == 20, 60, "a snapshot of 20 items")
+    settings = indexer_settings(pipeline)
+    vectors = f"{settings.catalog_vectors_topic}.{status.model_version}"
+    assert topic_delete_retention_ms(settings, vectors) == settings.delete_retention_ms == 24 * 3600 * 1000
+    assert topic_delete_retention_ms(settings, settings.catalog_topic) == settings.delete_retention_ms
+
+    pipeline.kill("indexer")
+    store = snapshot_store(pipeline, cluster.redis_url, status.model_version)
+    current = store.current()
+    pipeline.service_env["indexer"] = {"LOOKALIKE_SNAPSHOT_RETENTION_MARGIN_S": str(24 * 3600 - 1)}
+    wait_for(lambda: time.time() - store.read_manifest(current).created_at > 1.5, 10, "the snapshot older than 1 s")
+    pipeline.start("indexer")
+    wait_status(pipeline, lambda s: s.caught_up and s.items == 20 and s.items_digest ==
+                digest({"warm-up", *(f"t{i}" for i in range(20) if i != 3)}), 60, "recovery by a full replay")
+    log = pipeline.log_text("indexer")
+    assert f"snapshot {current} refused: " in log and "tombstones compacted since may be missing" in log
+    assert "full replay" in log
+    assert log.count("restored snapshot") == 0
