@@ -128,6 +128,11 @@ class WorkerSettings(CommonSettings):
     rate_limit: bool = False
     rate_limit_per_s: float = Field(20.0, gt=0)  # tokens a client earns per second
     rate_limit_burst: int = Field(40, ge=1)  # bucket size: queries a client may send at once
+    # Redis must answer a take within this, else this process's own bucket decides and Redis is
+    # left alone for rate_limit_redis_retry_s (lookalike/ratelimit.py): a hung Redis costs one
+    # timeout per retry period, not a stall per query.
+    rate_limit_redis_timeout_s: float = Field(0.25, gt=0, le=5)
+    rate_limit_redis_retry_s: float = Field(5.0, gt=0)
     worker_metrics_port: int = Field(9410, ge=0, le=65535)  # /metrics and /healthz; 0: off
 
 
