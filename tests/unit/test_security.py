@@ -269,11 +269,26 @@ def test_acl_grants_are_least_privilege() -> None:
             if g.operation == "WRITE":
                 assert g.name in {"lookalike.replies", "lookalike.catalog.vectors.", "lookalike.queries.vectors",
                                   "lookalike.deadletter", "lookalike.queries", "lookalike.catalog",
-                                  "lookalike.queries.partials", "lookalike.feedback"}
+                                  "lookalike.queries.partials", "lookalike.feedback", "lookalike.triggers",
+                                  "lookalike.models"}
+                assert g.name != "lookalike.triggers" or service == "feedback"
+                assert g.name != "lookalike.models" or service == "trainer"
                 assert g.name != "lookalike.catalog" or service == "catalog-feed"
                 assert "catalog.vectors" not in g.name or service == "worker"
     # The indexer writes replies, and with index shards partial answers and resolved item queries.
     assert {name for op, name, _ in indexer if op == "WRITE"} == {
         "lookalike.replies", "lookalike.queries.partials", "lookalike.queries.vectors"}
+    # The feedback loop and the gateway (they had no grants before).
+    feedback = {(g.resource, g.operation, g.name) for g in grants("feedback", s)}
+    assert {("topic", "READ", "lookalike.feedback"), ("topic", "READ", "lookalike.replies"),
+            ("topic", "READ", "lookalike.queries.vectors"), ("topic", "READ", "lookalike.catalog.vectors."),
+            ("topic", "WRITE", "lookalike.triggers"), ("group", "READ", "lookalike-feedback")} <= feedback
+    assert {(g.resource, g.operation, g.name) for g in grants("trainer", s)} == {
+        ("topic", "READ", "lookalike.triggers"), ("topic", "WRITE", "lookalike.models"),
+        ("group", "READ", "lookalike-trainer")}
+    gateway = {(g.operation, g.name, g.pattern) for g in grants("gateway", s)}
+    assert ("READ", "lookalike.replies.gateway-", "prefixed") in gateway  # its own reply topics only
+    assert ("CREATE", "lookalike.replies.gateway-", "prefixed") in gateway
+    assert not any(g.resource == "group" for g in grants("gateway", s))  # assigned partitions, no commits
     line = kafka_acls_commands("User:w", grants("worker", s))[0]
     assert "--operation Describe --topic lookalike. --resource-pattern-type prefixed" in line
