@@ -243,7 +243,7 @@ def _shoppers(args: argparse.Namespace) -> int:
 
 
 def _acls(args: argparse.Namespace) -> int:
-    from lookalike.acls import bindings, grants, kafka_acls_commands, topic_namespace
+    from lookalike.acls import bindings, grants, kafka_acls_commands, topic_namespace, wait_until_enforced
     from lookalike.settings import CommonSettings, IndexerSettings, TrainerSettings, WorkerSettings
 
     group = {"worker": lambda: WorkerSettings().worker_group, "indexer": lambda: IndexerSettings().indexer_group,
@@ -263,8 +263,10 @@ def _acls(args: argparse.Namespace) -> int:
     from lookalike.clients import confluent_config
 
     admin = AdminClient(confluent_config(settings))  # as the admin principal these settings authenticate
-    for future in admin.create_acls(bindings(args.principal, wanted), request_timeout=30).values():
+    acl_bindings = bindings(args.principal, wanted)
+    for future in admin.create_acls(acl_bindings, request_timeout=30).values():
         future.result(timeout=30)
+    wait_until_enforced(admin, acl_bindings)
     print(f"{len(wanted)} ACLs for {args.principal} ({args.service})")
     return 0
 

@@ -151,3 +151,33 @@ def kafka_acls_commands(principal: str, service_grants: list[Grant], bootstrap: 
                      f"--allow-principal {principal} --operation {operation} {target} "
                      f"--resource-pattern-type {g.pattern}   # {g.why}")
     return lines
+
+
+def wait_until_enforced(admin: object, acl_bindings: list, timeout_s: float = 30.0) -> None:
+    """Block until the broker's authorizer lists every binding (``describe_acls`` is answered
+    from the broker's own ACL cache). With KRaft, ``create_acls`` returns once the controller
+    committed them; a client that starts right after could still be refused for a moment."""
+    import time
+
+    from confluent_kafka.admin import AclBindingFilter, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    def key(b) -> tuple:  # type: ignore[no-untyped-def]
+        return (b.restype, b.name, b.resource_pattern_type, b.principal, b.operation, b.permission_type)
+
+    wanted = {key(b) for b in acl_bindings}
+    principals = {b.principal for b in acl_bindings}
+    deadline = time.monotonic() + timeout_s
+    missing = wanted
+    while True:
+        listed = set()
+        for principal in principals:
+            found = admin.describe_acls(  # type: ignore[attr-defined]
+                AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, principal, None, AclOperation.ANY,
+                                 AclPermissionType.ANY), request_timeout=10).result(timeout=15)
+            listed |= {key(b) for b in found}
+        missing = wanted - listed
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} ACL(s) not enforced by the broker within {timeout_s:g}s")
+        time.sleep(0.2)

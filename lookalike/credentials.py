@@ -357,6 +357,7 @@ def provision(admin_settings: CommonSettings, users: Mapping[str, str], *,
     Idempotent (ACLs that exist are left as they are). Returns the ACL count per identity."""
     from confluent_kafka.admin import AdminClient
 
+    from lookalike.acls import wait_until_enforced
     from lookalike.clients import confluent_config
     from lookalike.topics import ensure_topics
 
@@ -367,10 +368,12 @@ def provision(admin_settings: CommonSettings, users: Mapping[str, str], *,
     upsert_scram_users(admin_settings, {i.name: users[i.name] for i in identities})
     ensure_topics(admin_settings)
     admin = AdminClient(confluent_config(admin_settings))
-    counts = {}
+    counts, every = {}, []
     for identity in identities:
         acl_bindings = identity_bindings(admin_settings, identity, groups)
         for future in admin.create_acls(acl_bindings, request_timeout=30).values():
             future.result(timeout=30)
         counts[identity.name] = len(acl_bindings)
+        every += acl_bindings
+    wait_until_enforced(admin, every)  # the services start as soon as this returns
     return counts
