@@ -490,27 +490,18 @@ def identity_checks(s: ClientSettings, prefix: str, gateway_topic: str, vectors:
     ]
 
 
-def test_every_identity_does_exactly_its_job(servers: Servers) -> None:
-    """The compose deployment's identities (lookalike/credentials.py) provisioned as
-    ``lookalike secrets provision`` does it, on this broker with the authorizer on: each one
-    can do what its service's code does, and nothing of the rest."""
-    from concurrent.futures import ThreadPoolExecutor
-    from dataclasses import replace
-
-    from lookalike import credentials
-
-    prefix = f"acl-{uuid.uuid4().hex[:8]}"
+def acl_test_names(prefix: str) -> dict[str, str]:
+    """Topic and group names of their own, reply-to topics only under <prefix>.replies."""
     names = {k[len("LOOKALIKE_"):].lower(): v for k, v in naming_env(prefix).items()}
     names["reply_topic_prefix"] = f"{prefix}.replies"
-    admin = ClientSettings(_env_file=None, kafka_bootstrap=servers.broker.bootstrap, partitions=1,
-                           **{k: v for k, v in names.items() if k in ClientSettings.model_fields})
-    identities = [replace(i, name=f"{prefix}-{i.name}") for i in credentials.IDENTITIES]
-    users = {i.name: secrets.token_urlsafe(24) for i in identities}
-    groups = {service: f"{prefix}-{service}" for service in ("worker", "indexer", "feedback", "trainer")}
-    counts = credentials.provision(admin, users, groups=groups, identities=identities)
-    assert set(counts) == set(users) and all(counts.values())
+    return {k: v for k, v in names.items() if k in ClientSettings.model_fields}
 
-    # A record on every topic to read (the admin is ANONYMOUS on loopback PLAINTEXT, a super user).
+
+def check_identities(admin: ClientSettings, prefix: str, as_identity) -> list[str]:  # type: ignore[no-untyped-def]
+    """Put a record on every topic to read (as ``admin``), run :func:`identity_checks` with
+    ``as_identity(name)``'s settings; returns the mismatches, and prints the counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
     vectors, gateway_topic = f"{admin.catalog_vectors_topic}.v1", f"{admin.reply_topic_prefix}.gateway-acl"
     ensure_topics(admin, [TopicSpec(vectors, 1), TopicSpec(gateway_topic, 1)])
     markers = Producer(producer_config(admin))
@@ -519,12 +510,6 @@ def test_every_identity_does_exactly_its_job(servers: Servers) -> None:
     for topic in readable:
         markers.produce(topic, key=b"marker", value=b"{}", partition=0)
     assert markers.flush(30) == 0
-
-    def as_identity(name: str) -> ClientSettings:
-        return admin.model_copy(update={
-            "kafka_bootstrap": f"127.0.0.1:{SASL_SSL}", "kafka_security_protocol": "SASL_SSL",
-            "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": f"{prefix}-{name}",
-            "kafka_sasl_password": SecretStr(users[f"{prefix}-{name}"]), "kafka_ssl_ca_file": servers.tls.ca_file})
 
     def run(check: Check) -> tuple[Check, bool | str]:
         name, action, topic, group, _allowed = check
@@ -538,15 +523,128 @@ def test_every_identity_does_exactly_its_job(servers: Servers) -> None:
         except AssertionError as exc:  # reported with the others below
             return check, f"no answer: {exc}"
 
+    from lookalike import credentials
+
     checks = identity_checks(admin, prefix, gateway_topic, vectors)
     assert {c[0] for c in checks} == {i.name for i in credentials.IDENTITIES}  # every identity is exercised
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(run, checks))
-    wrong = [f"{name} {action} {topic} (group {group}): "
-             f"{got if isinstance(got, str) else 'allowed' if got else 'refused'}, "
-             f"expected {'allowed' if allowed else 'refused'}"
-             for (name, action, topic, group, allowed), got in outcomes if got is not allowed]
-    assert not wrong, "\n".join(wrong)
     allowed_count = sum(1 for (*_, allowed), _got in outcomes if allowed)
-    print(f"{len(outcomes)} checks over {len(identities)} identities: {allowed_count} allowed, "
-          f"{len(outcomes) - allowed_count} refused, all as expected")
+    print(f"{len(outcomes)} checks over {len(credentials.IDENTITIES)} identities: {allowed_count} to be allowed, "
+          f"{len(outcomes) - allowed_count} to be refused")
+    return [f"{name} {action} {topic} (group {group}): "
+            f"{got if isinstance(got, str) else 'allowed' if got else 'refused'}, "
+            f"expected {'allowed' if allowed else 'refused'}"
+            for (name, action, topic, group, allowed), got in outcomes if got is not allowed]
+
+
+def test_every_identity_does_exactly_its_job(servers: Servers) -> None:
+    """The compose deployment's identities (lookalike/credentials.py) provisioned as
+    ``lookalike secrets provision`` does it, on this broker with the authorizer on: each one
+    can do what its service's code does, and nothing of the rest."""
+    from dataclasses import replace
+
+    from lookalike import credentials
+
+    prefix = f"acl-{uuid.uuid4().hex[:8]}"
+    admin = ClientSettings(_env_file=None, kafka_bootstrap=servers.broker.bootstrap, partitions=1,
+                           **acl_test_names(prefix))
+    identities = [replace(i, name=f"{prefix}-{i.name}") for i in credentials.IDENTITIES]
+    users = {i.name: secrets.token_urlsafe(24) for i in identities}
+    groups = {service: f"{prefix}-{service}" for service in ("worker", "indexer", "feedback", "trainer")}
+    counts = credentials.provision(admin, users, groups=groups, identities=identities)
+    assert set(counts) == set(users) and all(counts.values())
+
+    def as_identity(name: str) -> ClientSettings:
+        return admin.model_copy(update={
+            "kafka_bootstrap": f"127.0.0.1:{SASL_SSL}", "kafka_security_protocol": "SASL_SSL",
+            "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": f"{prefix}-{name}",
+            "kafka_sasl_password": SecretStr(users[f"{prefix}-{name}"]), "kafka_ssl_ca_file": servers.tls.ca_file})
+
+    wrong = check_identities(admin, prefix, as_identity)
+    assert not wrong, "\n".join(wrong)
+
+
+# -- the broker as docker-compose.yml configures it ----------------------------------------
+# BROKER (SASL_SSL), CONTROLLER (mutual TLS), INTERNAL (mutual TLS), HOST (SASL_SSL): this test's own.
+COMPOSE_BROKER, COMPOSE_CONTROLLER, COMPOSE_INTERNAL, COMPOSE_HOST = 29230, 29231, 29232, 29233
+
+
+@dataclass
+class ComposeBroker(KafkaBroker):
+    """The local broker started from the server.properties `lookalike secrets init` writes for
+    the compose kafka service (listeners on this test's ports, host names localhost/127.0.0.1)."""
+
+    properties: str = ""
+    admin: ClientSettings | None = None
+
+    def server_properties(self) -> str:
+        return self.properties
+
+    def scram_arguments(self) -> list[str]:
+        return []  # the SCRAM users are provisioned through the admin API, as in compose
+
+    def answers(self) -> bool:
+        try:
+            AdminClient(confluent_config(self.admin)).list_topics(timeout=2)
+            return True
+        except Exception:
+            return False
+
+
+def test_the_compose_broker_configuration_on_a_real_broker(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What the compose deployment runs, minus Docker: `secrets init` writes the broker's
+    configuration and every identity's secrets, the broker starts from them (TLS controller,
+    no PLAINTEXT listener, authorizer), `secrets provision` works as the certificate admin over
+    mutual TLS, and every identity does exactly its job with the password init made for it."""
+    from lookalike import credentials
+
+    root = tmp_path_factory.mktemp("compose")
+    layout = credentials.BrokerLayout(
+        host="localhost", broker_port=COMPOSE_BROKER, controller_port=COMPOSE_CONTROLLER,
+        internal_port=COMPOSE_INTERNAL, host_port=COMPOSE_HOST, advertised_host="127.0.0.1",
+        secrets_dir=str(root / "secrets" / "kafka"), data_dir=str(root / "stack" / "kafka" / "data"))
+    credentials.init(root / "secrets", layout=layout)
+    secrets_of = root / "secrets"
+    prefix = f"compose-{uuid.uuid4().hex[:8]}"
+    admin = ClientSettings(
+        _env_file=None, kafka_bootstrap=f"localhost:{COMPOSE_INTERNAL}", kafka_security_protocol="SSL",
+        kafka_ssl_ca_file=secrets_of / "admin" / "ca.pem", kafka_ssl_cert_file=secrets_of / "admin" / "admin.pem",
+        kafka_ssl_key_file=secrets_of / "admin" / "admin.key", partitions=1, **acl_test_names(prefix))
+    stack = StackSettings(kafka_port=COMPOSE_BROKER, controller_port=COMPOSE_CONTROLLER,
+                          state_dir=root / "stack", kafka_heap="384m")
+    broker = ComposeBroker(stack, properties=(secrets_of / "kafka" / "server.properties").read_text(), admin=admin)
+    try:
+        broker.up()
+        users = json.loads((secrets_of / "admin" / "scram-users.json").read_text())
+        groups = {service: f"{prefix}-{service}" for service in ("worker", "indexer", "feedback", "trainer")}
+        assert credentials.provision(admin, users, groups=groups)  # what the kafka-setup service runs
+
+        def as_identity(name: str, port: int = COMPOSE_BROKER) -> ClientSettings:
+            folder = secrets_of / name  # the identity's own volume
+            return admin.model_copy(update={
+                "kafka_bootstrap": f"localhost:{port}", "kafka_security_protocol": "SASL_SSL",
+                "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": name,
+                "kafka_sasl_password": SecretStr((folder / "kafka-password").read_text()),
+                "kafka_ssl_ca_file": folder / "ca.pem", "kafka_ssl_cert_file": None, "kafka_ssl_key_file": None})
+
+        wrong = check_identities(admin, prefix, as_identity)
+        assert not wrong, "\n".join(wrong)
+        # The published HOST listener (127.0.0.1, as advertised to the host) takes the host's `client`.
+        host = as_identity("client", COMPOSE_HOST).model_copy(update={"kafka_bootstrap": f"127.0.0.1:{COMPOSE_HOST}"})
+        assert produce_allowed(host, admin.queries_topic)
+        # No listener speaks PLAINTEXT; the INTERNAL one wants a client certificate.
+        for port in (COMPOSE_BROKER, COMPOSE_HOST, COMPOSE_INTERNAL, COMPOSE_CONTROLLER):
+            plain = ClientSettings(_env_file=None, kafka_bootstrap=f"127.0.0.1:{port}")
+            errors, _ = connection_errors(plain, {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+            assert any(e.code() in {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN} for e in errors), (port, errors)
+        anonymous = admin.model_copy(update={"kafka_ssl_cert_file": None, "kafka_ssl_key_file": None})
+        errors, _ = connection_errors(anonymous, {KafkaError._SSL, KafkaError._TRANSPORT})
+        assert any(e.code() in {KafkaError._SSL, KafkaError._TRANSPORT} for e in errors), errors
+        # The broker's log has none of the secrets init made.
+        logged = "".join(p.read_text(errors="replace") for p in (root / "stack").rglob("*.log"))
+        for path in secrets_of.glob("*/kafka-password"):
+            assert path.read_text() not in logged
+        assert (secrets_of / "kafka" / "keystore-password").read_text() not in logged
+    finally:
+        broker.down()
