@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", action="append", metavar="FOLDER=UID[:GID]",
                    help="init: who owns a folder's files (default kafka=1000, redis=999, *=10001)")
     p.add_argument("--rotate", action="append", metavar="NAME",
-                   help="init: a new Kafka password for this identity, or `redis` (then provision, restart)")
+                   help="init: make anew an identity's Kafka password, `redis`, or `signing-key-demo`/`-web` (docs/running.md)")
     p.add_argument("--users-file", default="/secrets/scram-users.json", help="provision: the SCRAM users' passwords")
     p.set_defaults(func=_secrets)
 

@@ -270,12 +270,13 @@ def redis_conf(password: str) -> str:
 def init(root: Path, *, owners: Mapping[str, tuple[int, int]] | None = None, rotate: Iterable[str] = (),
          layout: BrokerLayout | None = None) -> list[str]:
     """Make what is missing under ``root`` (module docstring); ``rotate``: identities whose
-    Kafka password, or ``redis``, made anew. Returns the files written (names, never contents)."""
+    Kafka password is made anew, ``redis``, or ``signing-key-demo`` / ``signing-key-web``.
+    Returns the files written (names, never contents)."""
     layout = layout or BrokerLayout()
     rotate = set(rotate)
-    unknown = rotate - {i.name for i in IDENTITIES} - {"redis"}
-    if unknown:
-        raise ValueError(f"cannot rotate {sorted(unknown)}: one of {[i.name for i in IDENTITIES]} or redis")
+    rotatable = {i.name for i in IDENTITIES} | {"redis"} | {f"signing-key-{c}" for c in SIGNING_CLIENTS}
+    if rotate - rotatable:
+        raise ValueError(f"cannot rotate {sorted(rotate - rotatable)}: one of {sorted(rotatable)}")
     old_umask = os.umask(0o077)  # nothing made here is for anyone but its owner, unless said so
     try:
         return _init(SecretsDir(root, owners), layout, rotate)
@@ -301,10 +302,11 @@ def _init(sd: SecretsDir, layout: BrokerLayout, rotate: set[str]) -> list[str]:
     sd.put("admin", "admin.pem", admin_cert, mode=0o644)
     sd.put("admin", "admin.key", admin_key)
 
-    signing = {client: sd.password("worker", f"signing-key-{client}") for client in SIGNING_CLIENTS}
+    signing = {client: sd.password("worker", f"signing-key-{client}", rotate=f"signing-key-{client}" in rotate)
+               for client in SIGNING_CLIENTS}
     sd.put("worker", "query-keys.json", json.dumps(signing).encode(), replace=True)
     sd.put("gateway", "query-keys.json", json.dumps({"web": signing["web"]}).encode(), replace=True)
-    sd.put("client", "query-key", signing["demo"].encode())
+    sd.put("client", "query-key", signing["demo"].encode(), replace=True)
     sd.put("indexer", "snapshot-key", secrets.token_hex(32).encode())  # manifests' HMAC key (never in Redis)
 
     users = {}

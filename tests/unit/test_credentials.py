@@ -120,6 +120,11 @@ def test_rotation_changes_only_what_was_asked(tmp_path: Path) -> None:
     assert new_redis != redis_before
     assert f"requirepass {new_redis}" in (tmp_path / "redis" / "redis.conf").read_text()
     assert all((tmp_path / i.name / "redis-password").read_text() == new_redis for i in IDENTITIES if i.redis)
+    keys = json.loads((tmp_path / "worker" / "query-keys.json").read_text())
+    init(tmp_path, rotate=["signing-key-web"])
+    rotated = json.loads((tmp_path / "worker" / "query-keys.json").read_text())
+    assert rotated["web"] != keys["web"] and rotated["demo"] == keys["demo"]
+    assert json.loads((tmp_path / "gateway" / "query-keys.json").read_text()) == {"web": rotated["web"]}
     with pytest.raises(ValueError, match="cannot rotate"):
         init(tmp_path, rotate=["nobody"])
 
