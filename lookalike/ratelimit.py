@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 log = logging.getLogger(__name__)
 
 # KEYS[1]: the bucket (a hash: tokens, ts in microseconds). ARGV: rate per second, burst, cost.
@@ -110,8 +112,6 @@ class TokenBucket:
 
     def take(self, client_id: str, cost: int = 1) -> Decision:
         if time.monotonic() >= self._redis_away_until:
-            import redis
-
             try:
                 taken, left, wait_us = self._take(keys=[f"{self.namespace}:{client_id}"],
                                                   args=[repr(self.rate_per_s), self.burst, cost])

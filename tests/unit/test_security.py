@@ -152,6 +152,10 @@ def test_errors_before_authentication_never_go_to_the_callers_reply_to(embedder:
     signed = auth.sign("shop-1", "k" * 32, b"signed", base, image)
     [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
     assert out.topic == chosen
+    # A verification that itself failed proves nothing either.
+    worker.guard.authenticate = lambda *_: (_ for _ in ()).throw(RuntimeError("bug"))  # type: ignore[method-assign]
+    [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
+    assert out.topic == settings.replies_topic
 
 
 def test_broker_secured_listeners_and_scram_users(tmp_path: Path, tls) -> None:  # type: ignore[no-untyped-def]
