@@ -6,10 +6,12 @@ rate-limited queries through all of it. Certificates and passwords are made here
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -617,8 +619,20 @@ def test_the_compose_broker_configuration_on_a_real_broker(tmp_path_factory: pyt
     try:
         broker.up()
         users = json.loads((secrets_of / "admin" / "scram-users.json").read_text())
-        groups = {service: f"{prefix}-{service}" for service in ("worker", "indexer", "feedback", "trainer")}
-        assert credentials.provision(admin, users, groups=groups)  # what the kafka-setup service runs
+        # What the kafka-setup service runs, with its kind of environment (groups: naming_env's).
+        setup_env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")},
+                     **naming_env(prefix), "LOOKALIKE_REPLY_TOPIC_PREFIX": admin.reply_topic_prefix,
+                     "LOOKALIKE_PARTITIONS": "1", "LOOKALIKE_KAFKA_BOOTSTRAP": admin.kafka_bootstrap,
+                     "LOOKALIKE_KAFKA_SECURITY_PROTOCOL": "SSL", "LOOKALIKE_KAFKA_SSL_CA_FILE": str(admin.kafka_ssl_ca_file),
+                     "LOOKALIKE_KAFKA_SSL_CERT_FILE": str(admin.kafka_ssl_cert_file),
+                     "LOOKALIKE_KAFKA_SSL_KEY_FILE": str(admin.kafka_ssl_key_file)}
+        done = subprocess.run([sys.executable, "-m", "control.cli", "secrets", "provision", "--users-file",
+                               str(secrets_of / "admin" / "scram-users.json")], env=setup_env, capture_output=True,
+                              text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "provisioned" in done.stdout
+        for password in users.values():
+            assert password not in done.stdout + done.stderr
 
         def as_identity(name: str, port: int = COMPOSE_BROKER) -> ClientSettings:
             folder = secrets_of / name  # the identity's own volume
