@@ -243,10 +243,12 @@ def _shoppers(args: argparse.Namespace) -> int:
 
 
 def _acls(args: argparse.Namespace) -> int:
-    from lookalike.acls import bindings, grants, kafka_acls_commands, topic_namespace
-    from lookalike.settings import CommonSettings, IndexerSettings, WorkerSettings
+    from lookalike.acls import bindings, grants, kafka_acls_commands, topic_namespace, wait_until_enforced
+    from lookalike.settings import CommonSettings, IndexerSettings, TrainerSettings, WorkerSettings
 
-    group = {"worker": WorkerSettings().worker_group, "indexer": IndexerSettings().indexer_group}.get(args.service)
+    group = {"worker": lambda: WorkerSettings().worker_group, "indexer": lambda: IndexerSettings().indexer_group,
+             "feedback": lambda: TrainerSettings().feedback_group,
+             "trainer": lambda: TrainerSettings().trainer_group}.get(args.service, lambda: None)()
     settings = CommonSettings()
     wanted = grants(args.service, settings, group=group)
     if any(g.operation == "WRITE" and g.pattern == "prefixed" and topic_namespace(settings).startswith(g.name)
@@ -261,8 +263,10 @@ def _acls(args: argparse.Namespace) -> int:
     from lookalike.clients import confluent_config
 
     admin = AdminClient(confluent_config(settings))  # as the admin principal these settings authenticate
-    for future in admin.create_acls(bindings(args.principal, wanted), request_timeout=30).values():
+    acl_bindings = bindings(args.principal, wanted)
+    for future in admin.create_acls(acl_bindings, request_timeout=30).values():
         future.result(timeout=30)
+    wait_until_enforced(admin, acl_bindings)
     print(f"{len(wanted)} ACLs for {args.principal} ({args.service})")
     return 0
 
@@ -270,17 +274,43 @@ def _acls(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     import json
 
-    from lookalike.artifacts import write_atomic
     from lookalike.auth import new_key
+    from lookalike.credentials import write_secret
 
     path = Path(args.file)
     keys = json.loads(path.read_text("utf-8")) if path.is_file() else {}
     if args.client_id in keys and args.if_missing:
         return 0
     keys[args.client_id] = new_key()
-    write_atomic(path, (json.dumps(keys, indent=2) + "\n").encode())
-    path.chmod(0o640)
+    write_secret(path, (json.dumps(keys, indent=2) + "\n").encode(), mode=0o600)  # 0600 from its first byte
     print(f"LOOKALIKE_CLIENT_ID={args.client_id} LOOKALIKE_CLIENT_KEY={keys[args.client_id]}")
+    return 0
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    """``secrets init``: make the compose deployment's secrets; ``secrets provision``: SCRAM
+    users, topics and ACLs on the broker, as the admin these settings authenticate."""
+    import json
+
+    from lookalike import credentials
+
+    if args.action == "init":
+        owners = {}
+        for spec in args.owner or []:
+            folder, _, ids = spec.partition("=")
+            uid, _, gid = ids.partition(":")
+            owners[folder] = (int(uid), int(gid or uid))
+        made = credentials.init(Path(args.root), owners=owners, rotate=args.rotate or [])
+        print(f"secrets under {args.root}: {len(made)} file(s) written" + (f" ({', '.join(made)})" if made else ""))
+        return 0
+    from lookalike.settings import IndexerSettings, TrainerSettings, WorkerSettings
+
+    users = json.loads(Path(args.users_file).read_text("utf-8"))
+    trainer = TrainerSettings()
+    groups = {"worker": WorkerSettings().worker_group, "indexer": IndexerSettings().indexer_group,
+              "feedback": trainer.feedback_group, "trainer": trainer.trainer_group}
+    counts = credentials.provision(trainer, users, groups=groups)
+    print("SCRAM users, topics and ACLs provisioned: " + ", ".join(f"{n} ({c} ACLs)" for n, c in counts.items()))
     return 0
 
 
@@ -367,10 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_trainer)
 
     p = sub.add_parser("acls", help="the Kafka ACLs a component needs (docs/security.md)")
-    p.add_argument("service", choices=["worker", "indexer", "query-client", "catalog-feed", "admin"])
+    p.add_argument("service", choices=["worker", "indexer", "feedback", "trainer", "gateway", "query-client",
+                                       "catalog-feed", "admin"])
     p.add_argument("--principal", required=True, help="e.g. User:lookalike-worker")
     p.add_argument("--apply", action="store_true", help="create them (these settings must authenticate an admin)")
     p.set_defaults(func=_acls)
+
+    p = sub.add_parser("secrets", help="the compose deployment's secrets (docs/running.md)")
+    p.add_argument("action", choices=["init", "provision"])
+    p.add_argument("--root", default="/init", help="init: the folder the secret volumes are mounted under")
+    p.add_argument("--owner", action="append", metavar="FOLDER=UID[:GID]",
+                   help="init: who owns a folder's files (default kafka=1000, redis=999, *=10001)")
+    p.add_argument("--rotate", action="append", metavar="NAME",
+                   help="init: make anew an identity's Kafka password, `redis`, or `signing-key-demo`/`-web` (docs/running.md)")
+    p.add_argument("--users-file", default="/secrets/scram-users.json", help="provision: the SCRAM users' passwords")
+    p.set_defaults(func=_secrets)
 
     p = sub.add_parser("keys", help="add a query-signing key for a client to a keys file")
     p.add_argument("client_id")

@@ -15,8 +15,12 @@ from typing import Literal
 
 from lookalike.settings import CommonSettings
 
-Service = Literal["worker", "indexer", "query-client", "catalog-feed", "admin"]
-SERVICES: tuple[Service, ...] = ("worker", "indexer", "query-client", "catalog-feed", "admin")
+Service = Literal["worker", "indexer", "feedback", "trainer", "gateway", "query-client", "catalog-feed", "admin"]
+SERVICES: tuple[Service, ...] = ("worker", "indexer", "feedback", "trainer", "gateway", "query-client", "catalog-feed",
+                                 "admin")
+# Each service's consumer-group prefix when none is given (the settings' defaults).
+DEFAULT_GROUPS: dict[str, str] = {"worker": "lookalike-worker", "indexer": "lookalike-indexer",
+                                  "feedback": "lookalike-feedback", "trainer": "lookalike-trainer"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ def topic_namespace(settings: CommonSettings) -> str:
 
 def grants(service: Service, settings: CommonSettings, *, group: str | None = None) -> list[Grant]:
     """What ``service`` needs. ``group``: its consumer group (worker_group / indexer_group /
-    the query client's client_id), used as a prefix."""
+    feedback_group / trainer_group), used as a prefix. No service uses transactions; the
+    idempotent producers need no cluster grant (Write on a topic implies IdempotentWrite
+    since Kafka 3.0, KIP-679; the security integration test produces with exactly these)."""
     s = settings
     ns = topic_namespace(s)
     describe = Grant("topic", ns, "prefixed", "DESCRIBE", "see which topics exist (start-up checks, reply-to)")
@@ -77,6 +83,33 @@ def grants(service: Service, settings: CommonSettings, *, group: str | None = No
             Grant("topic", s.partials_topic, "literal", "WRITE", "index shards: this shard's partial answers"),
             *replies("replies (reply-to topics)"),
             Grant("group", group or "lookalike-indexer", "prefixed", "READ", "its consumer groups"),
+        ]
+    if service == "feedback":  # python -m feedback (feedback/service.py)
+        return [
+            Grant("topic", s.feedback_topic, "literal", "READ", "shoppers' feedback and impressions"),
+            Grant("topic", s.replies_topic, "literal", "READ", "replies, to join feedback to what was shown"),
+            Grant("topic", s.query_vectors_topic, "literal", "READ", "query vectors, for drift"),
+            Grant("topic", f"{s.catalog_vectors_topic}.", "prefixed", "READ",
+                  "every version's catalog vectors (a pattern subscription), for drift"),
+            Grant("topic", s.triggers_topic, "literal", "WRITE", "retraining triggers"),
+            Grant("topic", s.deadletter_topic, "literal", "WRITE", "refused feedback records"),
+            Grant("group", group or DEFAULT_GROUPS["feedback"], "prefixed", "READ",
+                  "its groups (feedback, {group}.catalog-vectors)"),
+        ]
+    if service == "trainer":  # python -m training.service
+        return [
+            Grant("topic", s.triggers_topic, "literal", "READ", "retraining triggers"),
+            Grant("topic", s.models_topic, "literal", "WRITE", "the gate's decisions"),
+            Grant("group", group or DEFAULT_GROUPS["trainer"], "prefixed", "READ", "its consumer group"),
+        ]
+    if service == "gateway":  # python -m gateway: each replica its own reply topic, assigned, no group
+        own_replies = f"{s.reply_topic_prefix.rstrip('.')}.gateway-"
+        return [
+            Grant("topic", s.queries_topic, "literal", "WRITE", "publish the HTTP callers' queries"),
+            Grant("topic", s.feedback_topic, "literal", "WRITE", "POST /v1/feedback"),
+            Grant("topic", own_replies, "prefixed", "CREATE", "each replica makes its reply topic at start"),
+            Grant("topic", own_replies, "prefixed", "READ", "and reads its replies from it"),
+            Grant("topic", s.catalog_topic, "literal", "READ", "item pictures for the page"),
         ]
     if service == "query-client":
         return [
@@ -118,3 +151,33 @@ def kafka_acls_commands(principal: str, service_grants: list[Grant], bootstrap: 
                      f"--allow-principal {principal} --operation {operation} {target} "
                      f"--resource-pattern-type {g.pattern}   # {g.why}")
     return lines
+
+
+def wait_until_enforced(admin: object, acl_bindings: list, timeout_s: float = 30.0) -> None:
+    """Block until the broker's authorizer lists every binding (``describe_acls`` is answered
+    from the broker's own ACL cache). With KRaft, ``create_acls`` returns once the controller
+    committed them; a client that starts right after could still be refused for a moment."""
+    import time
+
+    from confluent_kafka.admin import AclBindingFilter, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    def key(b) -> tuple:  # type: ignore[no-untyped-def]
+        return (b.restype, b.name, b.resource_pattern_type, b.principal, b.operation, b.permission_type)
+
+    wanted = {key(b) for b in acl_bindings}
+    principals = {b.principal for b in acl_bindings}
+    deadline = time.monotonic() + timeout_s
+    missing = wanted
+    while True:
+        listed = set()
+        for principal in principals:
+            found = admin.describe_acls(  # type: ignore[attr-defined]
+                AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, principal, None, AclOperation.ANY,
+                                 AclPermissionType.ANY), request_timeout=10).result(timeout=15)
+            listed |= {key(b) for b in found}
+        missing = wanted - listed
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} ACL(s) not enforced by the broker within {timeout_s:g}s")
+        time.sleep(0.2)

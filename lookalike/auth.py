@@ -1,19 +1,20 @@
 """Signed queries: per-client keys and an HMAC-SHA256 over what a query asks.
 
 A client signs the *canonical request* (docs/security.md spells it out for other
-languages)::
+languages): a sequence of netstrings (``<decimal byte length>:<bytes>,``), so no value
+can pose as a boundary between two others::
 
-    LOOKALIKE-HMAC-SHA256
-    <request key>
-    <header name>:<header value>      one line per header but ``signature``, sorted by name
-    <hex SHA-256 of the value>        (of zero bytes when the value is null)
+    ns("LOOKALIKE-HMAC-SHA256-V2") ns(<request key>)
+    ns(<header name>) ns(<header value>)   for every header but ``signature``, sorted by name
+    ns(<hex SHA-256 of the value>)         (of zero bytes when the value is null)
 
-lines joined by ``\\n``, no trailing newline, everything as the raw UTF-8 bytes that
-travel. The headers must include ``client-id`` and ``timestamp-ms`` (milliseconds since
-the epoch); the hex HMAC-SHA256 of the canonical request under the client's key goes
-into ``signature``. The worker refuses a query that is unsigned, signed by an unknown
-client or with the wrong key, altered after signing (key, any header, the image), or
-whose timestamp is further than the replay window from its clock.
+concatenated, everything as the raw bytes that travel. The headers must include
+``client-id`` and ``timestamp-ms`` (milliseconds since the epoch, at most 15 digits); the
+hex HMAC-SHA256 of the canonical request under the client's key goes into ``signature``.
+The worker refuses a query that is unsigned, signed by an unknown client or with the
+wrong key, altered after signing (key, any header, the image), or whose timestamp is
+further than the replay window from its clock. Headers are bounded before they are
+converted, and an unknown client id costs the same HMAC as a known one.
 """
 
 from __future__ import annotations
@@ -32,26 +33,37 @@ from lookalike.errors import ConfigError, Unauthorized
 H_CLIENT_ID = "client-id"
 H_TIMESTAMP = "timestamp-ms"
 H_SIGNATURE = "signature"
-SCHEME = b"LOOKALIKE-HMAC-SHA256"
+SCHEME = b"LOOKALIKE-HMAC-SHA256-V2"  # V1 joined lines with "\n" and had to refuse newlines in headers
 MIN_KEY_CHARS = 16
+MAX_CLIENT_ID_BYTES = 128
+MAX_TIMESTAMP_DIGITS = 15  # milliseconds since the epoch: 13 digits until the year 2286
+SIGNATURE_HEX_CHARS = 64
+# Verifying for an unknown client id costs one HMAC under this key, as a known id does, so
+# the time a refusal takes does not tell which ids exist.
+_DUMMY_KEY = hashlib.sha256(b"lookalike: no such client").hexdigest().encode()
+
+
+def netstring(part: bytes) -> bytes:
+    """``<decimal length>:<bytes>,``: a part that carries its own length (cannot be re-split)."""
+    return str(len(part)).encode("ascii") + b":" + part + b","
 
 
 def canonical_request(key: bytes, headers: Mapping[str, bytes], value: bytes | None) -> bytes:
-    """The bytes a client signs. Raises Unauthorized for a header that would make it ambiguous."""
-    lines = [SCHEME, key]
-    for name in sorted(headers, key=lambda n: n.encode()):
-        if name == H_SIGNATURE:
-            continue
-        raw = headers[name]
-        if "\n" in name or b"\n" in raw:
-            raise Unauthorized(f"header {name[:40]!r} contains a newline, which signed queries cannot carry")
-        lines.append(name.encode() + b":" + raw)
-    lines.append(hashlib.sha256(value or b"").hexdigest().encode())
-    return b"\n".join(lines)
+    """The bytes a client signs (module docstring, docs/security.md)."""
+    parts = [SCHEME, key]
+    for name in sorted(headers, key=lambda n: n.encode("utf-8", "surrogateescape")):
+        if name != H_SIGNATURE:
+            parts += [name.encode("utf-8", "surrogateescape"), headers[name]]
+    parts.append(hashlib.sha256(value or b"").hexdigest().encode("ascii"))
+    return b"".join(netstring(part) for part in parts)
+
+
+def _hmac(secret: bytes, key: bytes, headers: Mapping[str, bytes], value: bytes | None) -> str:
+    return hmac.new(secret, canonical_request(key, headers, value), hashlib.sha256).hexdigest()
 
 
 def signature(secret: str, key: bytes, headers: Mapping[str, bytes], value: bytes | None) -> str:
-    return hmac.new(secret.encode(), canonical_request(key, headers, value), hashlib.sha256).hexdigest()
+    return _hmac(secret.encode(), key, headers, value)
 
 
 def sign(client_id: str, secret: str, key: bytes, headers: Mapping[str, bytes], value: bytes | None,
@@ -69,23 +81,36 @@ def verify(keys: Mapping[str, SecretStr], key: bytes, headers: Mapping[str, byte
     missing = [h for h in (H_CLIENT_ID, H_TIMESTAMP, H_SIGNATURE) if not headers.get(h)]
     if missing:
         raise Unauthorized(f"unsigned query: header(s) {', '.join(missing)} missing (docs/security.md)")
-    try:
-        client_id = headers[H_CLIENT_ID].decode("utf-8")
-        signed_at = int(headers[H_TIMESTAMP].decode("ascii"))
-        claimed = headers[H_SIGNATURE].decode("ascii").strip().lower()
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Unauthorized("client-id, timestamp-ms or signature header is malformed") from exc
+    client_id, signed_at, claimed = _signed_headers(headers)
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     skew_s = (now_ms - signed_at) / 1000
     if abs(skew_s) > window_s:
         when = "old" if skew_s > 0 else "in the future"
         raise Unauthorized(f"timestamp-ms is {abs(skew_s):.0f}s {when}; queries are accepted within ±{window_s:.0f}s")
     secret = keys.get(client_id)
-    expected = signature(secret.get_secret_value(), key, headers, value) if secret is not None else ""
+    expected = _hmac(secret.get_secret_value().encode() if secret is not None else _DUMMY_KEY, key, headers, value)
+    matches = hmac.compare_digest(expected, claimed)
     # One message for an unknown client and a wrong key: the reply does not say which ids exist.
-    if secret is None or not hmac.compare_digest(expected, claimed):
+    if secret is None or not matches:
         raise Unauthorized("signature does not verify (unknown client id, wrong key, or the query was altered)")
     return client_id
+
+
+def _signed_headers(headers: Mapping[str, bytes]) -> tuple[str, int, str]:
+    """client-id, timestamp-ms and signature, each bounded and checked before it is converted."""
+    raw_client, raw_time, raw_signature = headers[H_CLIENT_ID], headers[H_TIMESTAMP], headers[H_SIGNATURE]
+    if len(raw_client) > MAX_CLIENT_ID_BYTES:
+        raise Unauthorized(f"client-id is over {MAX_CLIENT_ID_BYTES} bytes")
+    if len(raw_time) > MAX_TIMESTAMP_DIGITS or not raw_time.isdigit():  # bytes.isdigit: ASCII 0-9 only
+        raise Unauthorized(f"timestamp-ms must be 1 to {MAX_TIMESTAMP_DIGITS} ASCII digits (milliseconds since the epoch)")
+    claimed = raw_signature.strip().lower()
+    if len(claimed) != SIGNATURE_HEX_CHARS or not all(ch in b"0123456789abcdef" for ch in claimed):
+        raise Unauthorized(f"signature must be {SIGNATURE_HEX_CHARS} hex digits (HMAC-SHA256)")
+    try:
+        client_id = raw_client.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Unauthorized("client-id header is not UTF-8") from exc
+    return client_id, int(raw_time), claimed.decode("ascii")
 
 
 def load_keys(inline: Mapping[str, SecretStr], path: Path | None) -> dict[str, SecretStr]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,13 +30,15 @@ def default_home() -> Path:
 class CommonSettings(BaseSettings):
     """What every component needs: brokers, Redis, topics and message limits."""
 
-    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a validation error must not print the (secret-bearing) input.
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", frozen=True, extra="ignore", hide_input_in_errors=True)
 
     kafka_bootstrap: str = "127.0.0.1:19092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None  # or read it from this file (a mounted secret, docker-compose.yml)
     # TLS towards Kafka (SSL, SASL_SSL): the CA bundle to trust (else the system's), a client
     # certificate and key for mutual TLS, and hostname checking (keep it on outside tests).
     kafka_ssl_ca_file: Path | None = None
@@ -49,6 +51,7 @@ class CommonSettings(BaseSettings):
     # the CA to trust for rediss:// URLs (TLS).
     redis_username: str | None = None
     redis_password: SecretStr | None = None
+    redis_password_file: Path | None = None  # or read it from this file
     redis_ssl_ca_file: Path | None = None
 
     catalog_topic: str = "lookalike.catalog"
@@ -93,6 +96,22 @@ class CommonSettings(BaseSettings):
     def models_path(self) -> Path:
         return self.model_dir or self.home / "models"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        """``kafka_sasl_password_file`` / ``redis_password_file``: the secret is the file's
+        content (one trailing newline dropped), unless the secret itself is set too."""
+        if not isinstance(data, dict):
+            return data
+        for secret, path in (("kafka_sasl_password", "kafka_sasl_password_file"), ("redis_password", "redis_password_file")):
+            if data.get(path) and data.get(secret) is None:
+                try:
+                    text = Path(data[path]).read_text("utf-8")
+                except OSError as exc:
+                    raise ValueError(f"{path} {data[path]}: {exc.strerror}") from None
+                data = {**data, secret: text.removesuffix("\n")}
+        return data
+
     @model_validator(mode="after")
     def _kafka_security_is_complete(self) -> CommonSettings:
         sasl = self.kafka_security_protocol.startswith("SASL_")
@@ -131,6 +150,11 @@ class WorkerSettings(CommonSettings):
     rate_limit: bool = False
     rate_limit_per_s: float = Field(20.0, gt=0)  # tokens a client earns per second
     rate_limit_burst: int = Field(40, ge=1)  # bucket size: queries a client may send at once
+    # Redis must answer a take within this, else this process's own bucket decides and Redis is
+    # left alone for rate_limit_redis_retry_s (lookalike/ratelimit.py): a hung Redis costs one
+    # timeout per retry period, not a stall per query.
+    rate_limit_redis_timeout_s: float = Field(0.25, gt=0, le=5)
+    rate_limit_redis_retry_s: float = Field(5.0, gt=0)
     worker_metrics_port: int = Field(9410, ge=0, le=65535)  # /metrics and /healthz; 0: off
 
 

@@ -228,11 +228,11 @@ def main() -> None:
     import signal
 
     from lookalike import logs
-    from lookalike.topics import ensure_topics
+    from lookalike.topics import ensure_topics_if_allowed
 
     settings = TrainerSettings()
     logs.configure(settings.log_format, "trainer")
-    ensure_topics(settings)
+    ensure_topics_if_allowed(settings)  # with ACLs, `lookalike topics create` made them
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -171,8 +171,11 @@ class EmbeddingWorker:
         queries: list[Query] = []
         errors: list[tuple[str, OutRecord]] = []
         for key, value, headers, source in events:
+            authenticated = False
             try:
-                self.guard.admit(key, value, headers)  # signature and rate limit, before decoding anything
+                client_id = self.guard.authenticate(key, value, headers)  # before decoding anything
+                authenticated = True
+                self.guard.limit(client_id)
                 query = stages.parse_query(key, value, headers, source, self.settings)
                 if not self.reply_topics.exists(query.options.reply_to):
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
@@ -182,7 +185,8 @@ class EmbeddingWorker:
                          extra={"request_id": stages.request_id_of(key), "code": exc.code})
                 metrics.observe_error("worker", exc.code)
                 rejected = Rejected(key, value, headers, exc, source)
-                reply_to = stages.reply_destination(headers, self.settings)
+                # Before authentication no header is the caller's to choose: the default reply topic.
+                reply_to = stages.reply_destination(headers, self.settings) if authenticated else self.settings.replies_topic
                 if not self.reply_topics.exists(reply_to):
                     reply_to = self.settings.replies_topic
                 errors.append((reply_to, stages.error_reply_record(rejected, version)))
@@ -231,8 +235,10 @@ class Worker:
                                                                            code=code_of(exc))
         rejected = Rejected(record.key, record.value, record.headers, error,
                             Origin(record.topic, record.partition, record.offset, record.timestamp_ms))
-        reply_to = stages.reply_destination(record.headers, self.settings)
-        reply_to = reply_to if self.embedding.reply_topics.exists(reply_to) else self.settings.replies_topic
+        reply_to = self.settings.replies_topic
+        if self.embedding.guard.authentic(record.key, record.value, record.headers):  # else its reply-to is no one's word
+            wanted = stages.reply_destination(record.headers, self.settings)
+            reply_to = wanted if self.embedding.reply_topics.exists(wanted) else reply_to
         key, value, headers = stages.error_reply_record(rejected, self.models.serving)
         return [Output(reply_to, key, value, headers)]
 

@@ -9,10 +9,7 @@ docker-compose.yml. A refused query gets an ``unauthorized`` or ``rate_limited``
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
-
-import redis
 
 from lookalike import auth
 from lookalike.clients import redis_client
@@ -31,28 +28,40 @@ class QueryGuard:
         if settings.query_auth and not self.keys:
             log.warning("query_auth is on but no client keys are configured: every query will be refused")
         self.bucket = (
-            TokenBucket(redis_client(settings, socket_timeout=2), rate_per_s=settings.rate_limit_per_s,
-                        burst=settings.rate_limit_burst, namespace=f"lookalike:ratelimit:{settings.worker_group}")
+            TokenBucket(redis_client(settings, socket_timeout=settings.rate_limit_redis_timeout_s,
+                                     socket_connect_timeout=settings.rate_limit_redis_timeout_s),
+                        rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst,
+                        namespace=f"lookalike:ratelimit:{settings.worker_group}",
+                        redis_retry_s=settings.rate_limit_redis_retry_s)
             if settings.rate_limit else None
         )
-        self._redis_warned_at = 0.0
 
     def admit(self, key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> str:
         """The client id a query is served as. Raises Unauthorized or RateLimited."""
-        if self.settings.query_auth:
-            client_id = auth.verify(self.keys, key or b"", headers, value, window_s=self.settings.query_replay_window_s)
-        else:  # unsigned: the id is only a claim, good enough to share buckets in a demo
-            client_id = headers.get(auth.H_CLIENT_ID, b"").decode("utf-8", "replace")[:128] or ANONYMOUS
-        if self.bucket is not None:
-            try:
-                decision = self.bucket.take(client_id)
-            except (redis.RedisError, OSError) as exc:
-                # Redis away: serve rather than refuse everyone (availability over limiting), say so.
-                if time.monotonic() - self._redis_warned_at > 10:
-                    self._redis_warned_at = time.monotonic()
-                    log.warning("rate limiting skipped, Redis unavailable: %s", exc)
-                return client_id
-            if not decision.allowed:
-                raise RateLimited(f"client {client_id!r} is over {self.settings.rate_limit_per_s:g} queries/s "
-                                  f"(burst {self.settings.rate_limit_burst}); retry in {decision.retry_after_s:.2f}s")
+        client_id = self.authenticate(key, value, headers)
+        self.limit(client_id)
         return client_id
+
+    def authenticate(self, key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> str:
+        """The client id a query is signed by (query_auth), else the one it claims. Raises Unauthorized."""
+        if self.settings.query_auth:
+            return auth.verify(self.keys, key or b"", headers, value, window_s=self.settings.query_replay_window_s)
+        # unsigned: the id is only a claim, good enough to share buckets in a demo
+        return headers.get(auth.H_CLIENT_ID, b"")[:128].decode("utf-8", "replace") or ANONYMOUS
+
+    def authentic(self, key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> bool:
+        """May this query's own headers (its reply-to) be trusted? Always, without query_auth."""
+        try:
+            self.authenticate(key, value, headers)
+        except Exception:  # Unauthorized, or anything else: not trusted either way
+            return False
+        return True
+
+    def limit(self, client_id: str) -> None:
+        """Take a token from the client's bucket. Raises RateLimited."""
+        if self.bucket is None:
+            return
+        decision = self.bucket.take(client_id)
+        if not decision.allowed:
+            raise RateLimited(f"client {client_id!r} is over {self.settings.rate_limit_per_s:g} queries/s "
+                              f"(burst {self.settings.rate_limit_burst}); retry in {decision.retry_after_s:.2f}s")

@@ -22,10 +22,13 @@ since=$(( $(date +%s%3N) - 1000 ))
 timestamp=$(date +%s%3N)
 image_sha256=$(sha256sum "$IMAGE" | cut -d' ' -f1)
 
-# The canonical request: scheme, key, every header but `signature` as name:value sorted by
-# name (client-id < k < reply-to < timestamp-ms), the image's SHA-256; "\n" between, none after.
-canonical=$(printf 'LOOKALIKE-HMAC-SHA256\n%s\nclient-id:%s\nk:5\nreply-to:%s\ntimestamp-ms:%s\n%s' \
-            "$REQUEST_ID" "$CLIENT_ID" "$REPLIES" "$timestamp" "$image_sha256")
+# The canonical request: netstrings (<byte length>:<bytes>,) of the scheme, the key, every
+# header but `signature` as name then value, sorted by name (client-id < k < reply-to <
+# timestamp-ms), and the image's SHA-256 in hex; nothing between them.
+export LC_ALL=C  # ${#x} counts bytes
+ns() { printf '%d:%s,' "${#1}" "$1"; }
+canonical=$(ns LOOKALIKE-HMAC-SHA256-V2; ns "$REQUEST_ID"; ns client-id; ns "$CLIENT_ID"; ns k; ns 5;
+            ns reply-to; ns "$REPLIES"; ns timestamp-ms; ns "$timestamp"; ns "$image_sha256")
 signature=$(printf '%s' "$canonical" | openssl dgst -sha256 -hmac "$CLIENT_KEY" -r | cut -d' ' -f1)
 
 kcat -P -b "$BOOTSTRAP" "${KCAT_EXTRA[@]}" -t "$QUERIES" -X message.max.bytes=9000000 -k "$REQUEST_ID" \

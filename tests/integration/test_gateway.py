@@ -324,15 +324,35 @@ def test_a_second_replica_with_a_short_deadline_answers_504(shop, gateway: Gatew
 
 
 def test_a_gateway_without_the_clients_signing_key_is_refused_by_the_worker(shop) -> None:
-    """The worker checks signatures, not the gateway: a replica with a wrong key gets 401s."""
+    """The worker checks signatures, not the gateway: a replica with a wrong key is refused.
+    The refusal is not written to the reply-to the unauthenticated query named (the replica's
+    own topic: docs/security.md#signed-queries) but to the default replies topic, so the
+    replica answers 504 and the `unauthorized` reply is found there."""
     pipeline, products, workdir = shop
-    wrong = start_gateway(pipeline, workdir, "c", LOOKALIKE_GATEWAY_IMAGES="0",
+    wrong = start_gateway(pipeline, workdir, "c", LOOKALIKE_GATEWAY_IMAGES="0", LOOKALIKE_GATEWAY_DEADLINE_S="3",
                           LOOKALIKE_QUERY_KEYS=json.dumps({**SIGNING_KEYS, "web": auth.new_key()}))
     try:
         status, _headers, raw = http("GET", f"{wrong.url}/v1/items/{products[0].item_id}/similar")
-        assert (status, reply_of(raw)["error"]["code"]) == (401, "unauthorized"), raw
+        answer = reply_of(raw)
+        assert (status, answer["error"]["code"]) == (504, "timeout"), raw
     finally:
         stop_gateway(wrong)
+    topic = pipeline.settings.replies_topic
+    consumer = Consumer(confluent_config(pipeline.settings, **{"group.id": f"t-{uuid.uuid4().hex}",
+                                                               "enable.auto.commit": False}))
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        found = None
+        deadline = time.monotonic() + 20
+        while found is None and time.monotonic() < deadline:
+            for msg in consumer.consume(200, 0.5):
+                if msg.error() is None and msg.key() == answer["request_id"].encode():
+                    found = json.loads(msg.value())
+    finally:
+        consumer.close()
+    assert found is not None, f"no reply for {answer['request_id']} on {topic}"
+    assert found["error"]["code"] == "unauthorized", found
 
 
 # -- feedback, pictures, operations ------------------------------------------------------

@@ -1,16 +1,23 @@
-"""The token bucket against the real Redis: burst, refill, independence, atomicity under contention."""
+"""The token bucket against the real Redis: burst, refill, independence, atomicity under contention;
+and against a Redis that hangs: a short timeout, then this process's bucket."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
 from lookalike.ratelimit import TokenBucket
+from lookalike.settings import WorkerSettings
 from tests.conftest import Cluster
+from workers.guard import QueryGuard
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +55,50 @@ def test_concurrent_takes_are_atomic(bucket_factory) -> None:  # type: ignore[no
     with ThreadPoolExecutor(8) as pool:
         allowed = list(pool.map(lambda _: bucket.take("crowd").allowed, range(400)))
     assert sum(allowed) == 50
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])  # held open, never read from or written to
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+def test_a_hung_redis_costs_one_short_timeout_then_the_local_bucket_limits(silent_server: str) -> None:
+    """The worker's client settings (guard.py) against a server that never answers: decisions
+    come back at once from this process's bucket, still limited to the burst."""
+    settings = WorkerSettings(_env_file=None, redis_url=silent_server, rate_limit=True, rate_limit_per_s=0.001,
+                              rate_limit_burst=5)
+    bucket = QueryGuard(settings).bucket
+    assert bucket is not None
+    timings, decisions = [], []
+    for _ in range(50):
+        started = time.monotonic()
+        decisions.append(bucket.take("shop"))
+        timings.append(time.monotonic() - started)
+    # The first take waits for the timeout (and no retries on top of it); the other 49 do not try Redis.
+    assert timings[0] < settings.rate_limit_redis_timeout_s * 4, timings[0]
+    assert sum(timings[1:]) < 0.5, sum(timings[1:])
+    assert bucket.redis_failures == 1
+    assert all(d.local for d in decisions)
+    assert [d.allowed for d in decisions] == [True] * 5 + [False] * 45
+    assert decisions[-1].retry_after_s > 0
+    assert bucket.take("another-shop").allowed  # still one bucket per client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import shutil
 import subprocess
@@ -57,8 +58,15 @@ def test_a_signed_query_verifies_as_its_client() -> None:
         pytest.param({k: v for k, v in signed().items() if k != c.H_K}, {}, "does not verify", id="removed-header"),
         pytest.param({**signed(), auth.H_CLIENT_ID: b"shop-2"}, {}, "does not verify", id="other-client-id"),
         pytest.param({**signed(), auth.H_TIMESTAMP: str(NOW + 1).encode()}, {}, "does not verify", id="new-timestamp"),
-        pytest.param({**signed(), auth.H_TIMESTAMP: b"yesterday"}, {}, "malformed", id="bad-timestamp"),
-        pytest.param({**signed(), "note": b"a\nb"}, {}, "newline", id="newline-in-header"),
+        pytest.param({**signed(), auth.H_TIMESTAMP: b"yesterday"}, {}, "ASCII digits", id="bad-timestamp"),
+        # Hundreds of digits: int() of them would work, but the float arithmetic after it raised OverflowError.
+        pytest.param({**signed(), auth.H_TIMESTAMP: b"9" * 400}, {}, "ASCII digits", id="huge-timestamp"),
+        pytest.param({**signed(), auth.H_TIMESTAMP: b"-1800000000000"}, {}, "ASCII digits", id="negative-timestamp"),
+        pytest.param({**signed(), auth.H_TIMESTAMP: "١٨٠٠".encode()}, {}, "ASCII digits", id="arabic-digits"),
+        pytest.param({**signed(), auth.H_SIGNATURE: b"ab" * 1000}, {}, "hex digits", id="long-signature"),
+        pytest.param({**signed(), auth.H_SIGNATURE: b"zz" * 32}, {}, "hex digits", id="non-hex-signature"),
+        pytest.param({**signed(), auth.H_CLIENT_ID: b"c" * 129}, {}, "over 128 bytes", id="long-client-id"),
+        pytest.param({**signed(), auth.H_CLIENT_ID: b"\xff\xfe"}, {}, "not UTF-8", id="non-utf8-client-id"),
     ],
 )
 def test_refusals(headers: dict[str, bytes], kwargs: dict, says: str) -> None:
@@ -80,9 +88,44 @@ def test_unknown_client_and_wrong_key_read_the_same() -> None:
 def test_canonical_request_is_the_documented_one() -> None:
     headers = {"k": b"5", "client-id": b"shop-1", "timestamp-ms": b"1800000000000", "reply-to": b"lookalike.replies",
                "signature": b"ignored"}
-    expected = (b"LOOKALIKE-HMAC-SHA256\nreq-1\nclient-id:shop-1\nk:5\nreply-to:lookalike.replies\n"
-                b"timestamp-ms:1800000000000\n" + hashlib.sha256(IMAGE).hexdigest().encode())
+    expected = (b"24:LOOKALIKE-HMAC-SHA256-V2,5:req-1,9:client-id,6:shop-1,1:k,1:5,8:reply-to,17:lookalike.replies,"
+                b"12:timestamp-ms,13:1800000000000,64:" + hashlib.sha256(IMAGE).hexdigest().encode() + b",")
     assert auth.canonical_request(b"req-1", headers, IMAGE) == expected
+
+
+def test_parts_cannot_be_re_split() -> None:
+    """V1 joined ``name:value`` lines: one header ``a`` of ``1\nb:2`` read like two headers. Now
+    every part carries its length, so moving bytes between parts changes what is signed."""
+    one = auth.canonical_request(b"req-1", {"a": b"1,1:b,1:2"}, IMAGE)
+    two = auth.canonical_request(b"req-1", {"a": b"1", "b": b"2"}, IMAGE)
+    assert one != two
+    assert auth.canonical_request(b"req-1", {"a": b"x"}, IMAGE) != auth.canonical_request(b"req-1x", {"a": b""}, IMAGE)
+    assert auth.canonical_request(b"", {"ab": b"c"}, IMAGE) != auth.canonical_request(b"", {"a": b"bc"}, IMAGE)
+    # A newline in a header is signed like any other byte (V1 had to refuse it).
+    assert check(signed(headers={**BASE, "note": b"a\nb"})) == "shop-1"
+    with pytest.raises(Unauthorized, match="does not verify"):
+        check({**signed(headers={**BASE, "note": b"a\nb"}), "note": b"a\nc"})
+
+
+def test_a_v1_signature_is_refused() -> None:
+    headers = {**BASE, auth.H_CLIENT_ID: b"shop-1", auth.H_TIMESTAMP: str(NOW).encode()}
+    lines = [b"LOOKALIKE-HMAC-SHA256", b"req-1", *(n.encode() + b":" + headers[n] for n in sorted(headers)),
+             hashlib.sha256(IMAGE).hexdigest().encode()]
+    v1 = hmac.new(b"k" * 32, b"\n".join(lines), hashlib.sha256).hexdigest().encode()
+    with pytest.raises(Unauthorized, match="does not verify"):
+        check({**headers, auth.H_SIGNATURE: v1})
+
+
+def test_an_unknown_client_costs_the_same_hmac(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same canonical request is built and MACed for an unknown id as for a known one."""
+    unknown, wrong_key = signed("shop-9"), signed(secret="x" * 32)
+    calls: list[int] = []
+    real = auth._hmac
+    monkeypatch.setattr(auth, "_hmac", lambda secret, *args: calls.append(len(secret)) or real(secret, *args))
+    for headers in (unknown, wrong_key):
+        with pytest.raises(Unauthorized):
+            check(headers)
+    assert calls == [64, 32]  # one HMAC each: the unknown id's under the dummy key, the known one's under its key
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")

@@ -12,18 +12,21 @@ import yaml
 
 from control.cli import build_parser
 from gateway.settings import GatewaySettings
+from lookalike import credentials
 from lookalike.settings import CommonSettings, IndexerSettings, StackSettings, WorkerSettings
 
-COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 FIELDS = set(WorkerSettings.model_fields) | set(IndexerSettings.model_fields) | set(CommonSettings.model_fields)
 FIELDS |= set(GatewaySettings.model_fields)
 
 
 def test_services_and_images() -> None:
-    assert {"kafka", "redis", "topics", "model", "worker", "worker-gpu", "indexer", "feedback", "trainer"} <= set(SERVICES)
+    assert {"secrets", "kafka", "redis", "kafka-setup", "model", "worker", "worker-gpu", "indexer", "feedback",
+            "trainer"} <= set(SERVICES)
     assert SERVICES["kafka"]["image"] == f"apache/kafka:{StackSettings().kafka_version}"
-    assert SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    assert "process.roles=broker,controller" in credentials.server_properties(credentials.BrokerLayout(), "pw")  # KRaft
     assert SERVICES["redis"]["image"].startswith("redis:")
 
 
@@ -73,15 +76,12 @@ def test_gpu_worker_reserves_a_gpu_and_volumes_are_named() -> None:
 
 def test_queries_are_signed_and_rate_limited_in_compose() -> None:
     for name in ("worker", "worker-gpu"):
-        settings = WorkerSettings(_env_file=None, **{k[len("LOOKALIKE_"):].lower(): v
-                                                     for k, v in SERVICES[name]["environment"].items()
-                                                     if k.startswith("LOOKALIKE_") and k != "LOOKALIKE_QUERY_KEYS_FILE"})
+        env = {k[len("LOOKALIKE_"):].lower(): v for k, v in SERVICES[name]["environment"].items()
+               if k.startswith("LOOKALIKE_") and not k.endswith("_FILE") and not k.startswith("LOOKALIKE_KAFKA_")}
+        settings = WorkerSettings(_env_file=None, **env)
         assert settings.query_auth and settings.rate_limit, name
         assert SERVICES[name]["environment"]["LOOKALIKE_QUERY_KEYS_FILE"] == "/secrets/query-keys.json"
-        assert "secrets:/secrets:ro" in SERVICES[name]["volumes"]
-        assert SERVICES[name]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
-    assert SERVICES["keys"]["command"][:2] == ["lookalike", "keys"]
-    assert "/secrets/query-keys.json" in SERVICES["keys"]["command"]
+        assert "worker-secrets:/secrets:ro" in SERVICES[name]["volumes"]
     assert WorkerSettings(_env_file=None).query_auth is False  # the local demo
 
 
@@ -168,3 +168,138 @@ def test_two_gateways_behind_a_proxy_each_with_its_own_reply_topic() -> None:
     for name, g in zip(("gateway-1", "gateway-2"), gateways, strict=True):
         assert f"server {name}:{g['environment']['LOOKALIKE_GATEWAY_PORT']}" in conf
     assert SERVICES["gateway-proxy"]["ports"] == ["127.0.0.1:8480:8080"] and "listen 8080" in conf
+
+
+# -- secure by default (docs/security.md#the-compose-deployment). No Docker engine here: the
+# file is checked against what lookalike/credentials.py writes and what the settings read.
+def lookalike_services() -> dict[str, dict]:
+    """The services that run Lookalike code against Kafka (all on the Lookalike image but the
+    secrets init and the model training, which touch neither Kafka nor Redis)."""
+    return {name: s for name, s in SERVICES.items()
+            if s.get("image", "").startswith("lookalike:") and name not in {"secrets", "model"}}
+
+
+def settings_class(service: dict) -> type[CommonSettings]:
+    from lookalike.settings import TrainerSettings
+
+    command = service["command"]
+    module = command[2] if command[:2] == ["python", "-m"] else None
+    return {"workers": WorkerSettings, "indexer": IndexerSettings, "gateway": GatewaySettings,
+            "feedback": TrainerSettings, "training.service": TrainerSettings}.get(module, CommonSettings)
+
+
+def secrets_volume(service: dict) -> str:
+    [volume] = [v.split(":")[0] for v in service.get("volumes", []) if v.split(":")[1:2] == ["/secrets"]]
+    assert volume.endswith("-secrets") and service["volumes"][[v.split(":")[0] for v in service["volumes"]].index(
+        volume)].endswith(":ro"), volume
+    return volume
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the `secrets` service writes, here under a temporary folder instead of /init."""
+    root = tmp_path_factory.mktemp("compose-secrets")
+    credentials.init(root)
+    return root
+
+
+def test_the_init_service_makes_every_secret_volume(made: Path) -> None:
+    init = SERVICES["secrets"]
+    assert init["command"] == ["lookalike", "secrets", "init", "--root", "/init"]
+    assert init["restart"] == "no" and init["user"] == "0:0"  # root: to give files to kafka's and redis' users
+    mounts = dict(v.split(":")[:2] for v in init["volumes"])
+    assert {volume: path.removeprefix("/init/") for volume, path in mounts.items()} == {
+        f"{p.name}-secrets" if p.name != "ca" else "secrets-ca": p.name for p in made.iterdir()}
+    assert set(mounts) <= set(COMPOSE["volumes"])
+    # Nobody else mounts the CA's key; every other secrets volume is mounted read-only by its users.
+    for name, service in SERVICES.items():
+        if name != "secrets":
+            assert not any(v.startswith("secrets-ca:") for v in service.get("volumes", [])), name
+            assert all(v.endswith(":ro") for v in service.get("volumes", []) if "secrets:" in v), name
+    # Written with their final modes (tests/unit/test_credentials.py checks how).
+    for path in made.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == (0o644 if path.suffix == ".pem" else 0o600), path
+
+
+def test_kafka_has_no_plaintext_listener_and_an_authorizer(made: Path) -> None:
+    kafka = SERVICES["kafka"]
+    assert "environment" not in kafka  # configured only by the server.properties the init service wrote
+    assert kafka["entrypoint"] == ["/bin/sh", "/deploy/start.sh"]
+    assert "kafka-secrets:/secrets:ro" in kafka["volumes"]
+    script = (ROOT / "deploy" / "kafka" / "start.sh").read_text()
+    assert "./deploy/kafka/start.sh:/deploy/start.sh:ro" in kafka["volumes"]
+    assert "conf=/secrets/server.properties" in script and "kafka-server-start.sh \"$conf\"" in script
+    props = dict(line.split("=", 1) for line in (made / "kafka" / "server.properties").read_text().splitlines())
+    protocols = dict(pair.split(":") for pair in props["listener.security.protocol.map"].split(","))
+    assert "PLAINTEXT" not in protocols.values() and "SASL_PLAINTEXT" not in protocols.values()
+    listeners = {entry.split("://")[0]: entry.rsplit(":", 1)[1] for entry in props["listeners"].split(",")}
+    # The one published port is the HOST listener, SASL_SSL, on loopback.
+    published = next(n for n, port in listeners.items() if port == "19092")
+    assert kafka["ports"] == ["127.0.0.1:19092:19092"] and protocols[published] == "SASL_SSL"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    for path in ("ssl.keystore.location", "ssl.truststore.location"):
+        assert (made / "kafka" / Path(props[path]).name).is_file()  # /secrets/... in the container
+    assert "client.properties" in kafka["healthcheck"]["test"][1]  # the health check authenticates too
+    assert (made / "kafka" / "cluster-id").is_file()
+
+
+def test_redis_requires_a_password(made: Path) -> None:
+    redis = SERVICES["redis"]
+    assert redis["command"] == ["redis-server", "/secrets/redis.conf"]
+    assert "redis-secrets:/secrets:ro" in redis["volumes"]
+    conf = (made / "redis" / "redis.conf").read_text()
+    password = (made / "redis" / "password").read_text()
+    assert f"requirepass {password}\n" in conf and len(password) >= 32
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]  # PONG only with the password
+
+
+def test_every_service_has_its_own_credentials(made: Path) -> None:
+    """Each service, with its environment and its own secrets volume (as the init service made
+    it), authenticates to Kafka as its identity over TLS and to Redis with the password."""
+    services = lookalike_services()
+    assert {"kafka-setup", "gateway-1", "gateway-2", "worker", "worker-gpu", "indexer", "feedback", "trainer",
+            "indexer-shard-0", "indexer-shard-1"} <= set(services)
+    users = json.loads((made / "admin" / "scram-users.json").read_text())
+    identities = {i.name: i for i in credentials.IDENTITIES}
+    seen = set()
+    for name, service in services.items():
+        volume = secrets_volume(service)
+        folder = made / volume.removesuffix("-secrets")
+        env = {k[len("LOOKALIKE_"):].lower(): v.replace("/secrets/", f"{folder}/") if isinstance(v, str) else v
+               for k, v in service["environment"].items() if k.startswith("LOOKALIKE_")}
+        settings = settings_class(service)(_env_file=None, **env)
+        assert all(not str(v).startswith("/secrets/") or Path(str(v).replace("/secrets/", f"{folder}/")).is_file()
+                   for v in service["environment"].values()), name
+        if name == "kafka-setup":  # the admin: its client certificate on the INTERNAL (mutual TLS) listener
+            assert settings.kafka_security_protocol == "SSL" and settings.kafka_ssl_cert_file and volume == "admin-secrets"
+            assert settings.kafka_bootstrap == "kafka:9094"
+            continue
+        user = settings.kafka_sasl_username
+        assert settings.kafka_security_protocol == "SASL_SSL" and settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        assert user in identities and volume == f"{user}-secrets", name
+        assert settings.kafka_sasl_password.get_secret_value() == users[user], name  # what kafka-setup provisions
+        assert settings.kafka_ssl_ca_file and settings.kafka_ssl_check_hostname
+        if identities[user].redis:
+            assert settings.redis_password.get_secret_value() == (made / "redis" / "password").read_text(), name
+        else:
+            assert "LOOKALIKE_REDIS_PASSWORD_FILE" not in service["environment"], name
+        for value in service["environment"].values():  # no secret inline in the file
+            assert str(value) not in users.values()
+        seen.add(user)
+    assert seen == set(identities) - {"client"}  # `client` is the host's (docker-compose.yml header)
+    # The gateway signs only as `web`; the worker verifies `demo` and `web`.
+    gateway_keys = json.loads((made / "gateway" / "query-keys.json").read_text())
+    assert set(gateway_keys) == {"web"}
+
+
+def test_services_wait_for_the_setup_and_old_one_shots_are_gone() -> None:
+    assert not {"topics", "keys", "keys-web"} & set(SERVICES)
+    assert "secrets" not in COMPOSE["volumes"]  # the old shared volume
+    for name, service in lookalike_services().items():
+        if name != "kafka-setup":
+            assert service["depends_on"]["kafka-setup"]["condition"] == "service_completed_successfully", name
+    assert SERVICES["kafka-setup"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in ("kafka", "redis"):
+        assert SERVICES[name]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"

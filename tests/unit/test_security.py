@@ -119,6 +119,45 @@ def test_worker_answers_unsigned_and_forged_queries_with_unauthorized(embedder: 
     assert {r["error"]["code"] for r in replies.values()} == {"unauthorized"}
 
 
+def test_errors_before_authentication_never_go_to_the_callers_reply_to(embedder: Embedder) -> None:
+    """An unsigned or forged query naming a reply-to gets its error on the default replies topic;
+    a signed query's errors (here: over its rate) go where it asked."""
+    from workers.app import EmbeddingWorker, ModelSet, Worker
+
+    settings = WorkerSettings(_env_file=None, kafka_bootstrap="127.0.0.1:9", query_auth=True,
+                              query_keys={"shop-1": SecretStr("k" * 32)})
+    worker = EmbeddingWorker(settings, ModelSet(settings, embedder))
+    chosen = f"{settings.reply_topic_prefix}.victim"
+    worker.reply_topics.exists = lambda topic: True  # type: ignore[method-assign]  # every topic exists
+    image = jpeg_bytes(1)
+    base = {c.H_REPLY_TO: chosen.encode(), c.H_K: b"5"}
+    src = Source(settings.queries_topic, 0, 1)
+    cases = [(b"unsigned", image, base, src),
+             (b"forged", image, auth.sign("shop-1", "x" * 32, b"forged", base, image), src),
+             (b"huge-ts", image, {**auth.sign("shop-1", "k" * 32, b"huge-ts", base, image),
+                                  auth.H_TIMESTAMP: b"9" * 400}, src),
+             (b"bad-k", image, auth.sign("shop-1", "k" * 32, b"bad-k", {**base, c.H_K: b"many"}, image), src)]
+    _records, errors = worker.query_batch(cases)
+    where = {json.loads(rec[1])["request_id"]: topic for topic, rec in errors}
+    assert where == {"unsigned": settings.replies_topic, "forged": settings.replies_topic,
+                     "huge-ts": settings.replies_topic, "bad-k": chosen}
+    # The runtime's last-resort path (a stage that raised) decides the same way.
+    from lookalike.runtime import Record
+
+    shell = Worker.__new__(Worker)
+    shell.settings, shell.embedding, shell.models = settings, worker, worker.models
+    for key, value, headers, _src in cases[:2]:
+        [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, key, value, headers), RuntimeError("boom"))
+        assert out.topic == settings.replies_topic
+    signed = auth.sign("shop-1", "k" * 32, b"signed", base, image)
+    [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
+    assert out.topic == chosen
+    # A verification that itself failed proves nothing either.
+    worker.guard.authenticate = lambda *_: (_ for _ in ()).throw(RuntimeError("bug"))  # type: ignore[method-assign]
+    [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
+    assert out.topic == settings.replies_topic
+
+
 def test_broker_secured_listeners_and_scram_users(tmp_path: Path, tls) -> None:  # type: ignore[no-untyped-def]
     settings = StackSettings(kafka_port=29290, controller_port=29291, kafka_sasl_ssl_port=29292, kafka_ssl_port=29293,
                              state_dir=tmp_path, kafka_tls_keystore=tls.keystore,
@@ -234,11 +273,26 @@ def test_acl_grants_are_least_privilege() -> None:
             if g.operation == "WRITE":
                 assert g.name in {"lookalike.replies", "lookalike.catalog.vectors.", "lookalike.queries.vectors",
                                   "lookalike.deadletter", "lookalike.queries", "lookalike.catalog",
-                                  "lookalike.queries.partials", "lookalike.feedback"}
+                                  "lookalike.queries.partials", "lookalike.feedback", "lookalike.triggers",
+                                  "lookalike.models"}
+                assert g.name != "lookalike.triggers" or service == "feedback"
+                assert g.name != "lookalike.models" or service == "trainer"
                 assert g.name != "lookalike.catalog" or service == "catalog-feed"
                 assert "catalog.vectors" not in g.name or service == "worker"
     # The indexer writes replies, and with index shards partial answers and resolved item queries.
     assert {name for op, name, _ in indexer if op == "WRITE"} == {
         "lookalike.replies", "lookalike.queries.partials", "lookalike.queries.vectors"}
+    # The feedback loop and the gateway (they had no grants before).
+    feedback = {(g.resource, g.operation, g.name) for g in grants("feedback", s)}
+    assert {("topic", "READ", "lookalike.feedback"), ("topic", "READ", "lookalike.replies"),
+            ("topic", "READ", "lookalike.queries.vectors"), ("topic", "READ", "lookalike.catalog.vectors."),
+            ("topic", "WRITE", "lookalike.triggers"), ("group", "READ", "lookalike-feedback")} <= feedback
+    assert {(g.resource, g.operation, g.name) for g in grants("trainer", s)} == {
+        ("topic", "READ", "lookalike.triggers"), ("topic", "WRITE", "lookalike.models"),
+        ("group", "READ", "lookalike-trainer")}
+    gateway = {(g.operation, g.name, g.pattern) for g in grants("gateway", s)}
+    assert ("READ", "lookalike.replies.gateway-", "prefixed") in gateway  # its own reply topics only
+    assert ("CREATE", "lookalike.replies.gateway-", "prefixed") in gateway
+    assert not any(g.resource == "group" for g in grants("gateway", s))  # assigned partitions, no commits
     line = kafka_acls_commands("User:w", grants("worker", s))[0]
     assert "--operation Describe --topic lookalike. --resource-pattern-type prefixed" in line
