@@ -287,6 +287,8 @@ def test_every_service_has_its_own_credentials(made: Path) -> None:
             assert "LOOKALIKE_REDIS_PASSWORD_FILE" not in service["environment"], name
         for value in service["environment"].values():  # no secret inline in the file
             assert str(value) not in users.values()
+        if isinstance(settings, IndexerSettings):  # every indexer signs snapshots with the one key init made
+            assert settings.snapshot_key_file == folder / "snapshot-key" and settings.snapshot_key_file.is_file(), name
         seen.add(user)
     assert seen == set(identities) - {"client"}  # `client` is the host's (docker-compose.yml header)
     # The gateway signs only as `web`; the worker verifies `demo` and `web`.
