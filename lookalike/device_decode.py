@@ -22,7 +22,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lookalike.errors import BadImage, MessageTooLarge
@@ -37,6 +36,7 @@ from lookalike.imaging import (
 
 log = logging.getLogger(__name__)
 EXIF_ORIENTATION = 0x0112
+REDUCING_GAP = 2.0  # lookalike.imaging.resize_to_square's
 DEVICE_MODES = frozenset({"RGB", "L"})  # YCbCr and greyscale JPEGs; CMYK/YCCK go to Pillow
 
 
@@ -63,7 +63,17 @@ def device_resize(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
         scale = size / max(w, h)
         out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
     x = image.unsqueeze(0).float()
-    if (out_h, out_w) != (h, w):
+    # Pillow's resize with reducing_gap=2 first averages boxes of an integer factor that keeps
+    # at least twice the output size, then filters: the same here.
+    fy, fx = max(1, int(h / out_h / REDUCING_GAP)), max(1, int(w / out_w / REDUCING_GAP))
+    if fy > 1 or fx > 1:
+        # the last box of a row or column may be partial (averaged over what it covers), and
+        # the filter then maps the reduced picture's first h/fy rows (a fractional box), as Pillow does
+        x = torch.nn.functional.avg_pool2d(x, (fy, fx), stride=(fy, fx), ceil_mode=True)
+        x = torch.nn.functional.interpolate(x, scale_factor=(out_h * fy / h, out_w * fx / w), mode="bilinear",
+                                            antialias=True, align_corners=False, recompute_scale_factor=False)
+        x = x[..., :out_h, :out_w]
+    elif (out_h, out_w) != (h, w):
         x = torch.nn.functional.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True,
                                             align_corners=False)
     x = x.round_().clamp_(0, 255).to(torch.uint8)[0]
@@ -118,8 +128,8 @@ def decode_batch(images: Sequence[bytes], spec: PreprocessSpec, device: torch.de
         on_host.extend(_decode_group(images, group, spec, device, out))
     for i in on_host:
         try:
-            out[i] = torch.from_numpy(decode_pixels(images[i], spec, max_bytes=max_bytes, max_pixels=max_pixels,
-                                                    budget=budget)).to(device)
+            pixels = decode_pixels(images[i], spec, max_bytes=max_bytes, max_pixels=max_pixels, budget=budget)
+            out[i] = torch.tensor(pixels, device=device)  # a copy: Pillow's array is read-only
         except (BadImage, MessageTooLarge) as exc:
             errors[i] = exc
     return DecodedBatch(out, errors)
@@ -153,8 +163,3 @@ def _decode_group(images: Sequence[bytes], group: list[int], spec: PreprocessSpe
     for i, image in zip(group, decoded, strict=True):
         out[i] = device_resize(image, spec)
     return []
-
-
-def to_host(pixels: torch.Tensor) -> np.ndarray:
-    """uint8 (B, S, S, 3) anywhere -> numpy, for tests and the CPU embedder."""
-    return pixels.cpu().numpy()

@@ -126,6 +126,10 @@ class WorkerSettings(CommonSettings):
     # picture is converted): a batch of decompression bombs waits its turn instead of taking
     # 64 x 120 MB; one picture over it is refused as bad_image (docs/security.md).
     catalog_decode_budget_pixels: int = Field(40_000_000, ge=1024)
+    # Where a catalog batch's JPEGs are decoded: "device" on the model's device (nvJPEG on a
+    # GPU: lookalike/device_decode.py), "pillow" on the decode threads; "auto": the device
+    # when the model runs on CUDA.
+    catalog_decode: Literal["auto", "pillow", "device"] = "auto"
     # Who may ask (docs/security.md): signed queries with per-client keys, and a token
     # bucket per client in Redis. Off for the local demo, on in docker-compose.yml.
     query_auth: bool = False

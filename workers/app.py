@@ -165,7 +165,8 @@ class EmbeddingWorker:
                 upserts.append((event, parsed))
         if not upserts:
             return out, dead
-        if embedder.device.type == "cuda":
+        if self.settings.catalog_decode == "device" or (self.settings.catalog_decode == "auto"
+                                                        and embedder.device.type == "cuda"):
             decoded = decode_batch([u.image_bytes for _, u in upserts], spec, embedder.device,
                                    max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
                                    budget=self.decode_budget)
