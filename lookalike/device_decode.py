@@ -54,15 +54,18 @@ class DecodedBatch:
 
 
 def device_resize(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> uint8 (S, S, 3) as :func:`lookalike.imaging.resize_to_square` makes it."""
+    """uint8 (3, H, W) or (N, 3, H, W) of one size, on any device -> uint8 (S, S, 3) or
+    (N, S, S, 3) as :func:`lookalike.imaging.resize_to_square` makes each."""
+    if image.dim() == 3:
+        return device_resize(image.unsqueeze(0), spec)[0]
     size = spec.size
-    _, h, w = image.shape
+    n, _, h, w = image.shape
     if spec.resize == "stretch":
         out_h, out_w = size, size
     else:
         scale = size / max(w, h)
         out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
-    x = image.unsqueeze(0).float()
+    x = image.float()
     # Pillow's resize with reducing_gap=2 first averages boxes of an integer factor that keeps
     # at least twice the output size, then filters: the same here.
     fy, fx = max(1, int(h / out_h / REDUCING_GAP)), max(1, int(w / out_w / REDUCING_GAP))
@@ -76,13 +79,14 @@ def device_resize(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     elif (out_h, out_w) != (h, w):
         x = torch.nn.functional.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True,
                                             align_corners=False)
-    x = x.round_().clamp_(0, 255).to(torch.uint8)[0]
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
     if (out_h, out_w) != (size, size):
-        canvas = torch.tensor(BACKGROUND, dtype=torch.uint8, device=image.device).view(3, 1, 1).repeat(1, size, size)
+        canvas = torch.tensor(BACKGROUND, dtype=torch.uint8, device=image.device).view(1, 3, 1, 1)
+        canvas = canvas.repeat(n, 1, size, size)
         top, left = (size - out_h) // 2, (size - out_w) // 2
-        canvas[:, top:top + out_h, left:left + out_w] = x
+        canvas[:, :, top:top + out_h, left:left + out_w] = x
         x = canvas
-    return x.permute(1, 2, 0).contiguous()
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def _device_candidate(data: bytes, max_bytes: int, max_pixels: int) -> int:
@@ -160,6 +164,10 @@ def _decode_group(images: Sequence[bytes], group: list[int], spec: PreprocessSpe
     except (RuntimeError, ValueError) as exc:
         log.info("device decode of %d JPEGs failed (%s); they go through Pillow", len(group), exc)
         return list(group)
-    for i, image in zip(group, decoded, strict=True):
-        out[i] = device_resize(image, spec)
+    by_size: dict[tuple[int, ...], list[int]] = {}  # a catalog's photos often share a size: one resize call each
+    for j, image in enumerate(decoded):
+        by_size.setdefault(tuple(image.shape), []).append(j)
+    for same in by_size.values():
+        resized = device_resize(torch.stack([decoded[j] for j in same]), spec)
+        out[torch.tensor([group[j] for j in same], device=out.device)] = resized
     return []

@@ -2,8 +2,10 @@
 
 ``decode_image`` turns untrusted bytes into an RGB picture or raises :class:`BadImage`;
 ``preprocess`` turns a picture into the model's input tensor as the artifact's
-:class:`PreprocessSpec` says. Workers and training both call these two, so a model
-sees at serving time exactly what it saw while learning.
+:class:`PreprocessSpec` says; ``decode_pixels`` does both up to the uint8 input, decoding
+a JPEG no larger than the input needs (draft mode) and letting go of the picture at once.
+Workers, training and evaluation all call these, so a model sees at serving time exactly
+what it saw while learning.
 """
 
 from __future__ import annotations
