@@ -81,7 +81,9 @@ def decode_pixels(data: bytes, spec: PreprocessSpec, *, max_bytes: int, max_pixe
     with refusing_decoder_errors():
         img = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, min_size=spec.size)
         with budget.hold(img.width * img.height) if budget is not None else contextlib.nullcontext():
-            return to_uint8(load_rgb(img), spec)
+            pixels = to_uint8(load_rgb(img), spec)
+            img.close()  # the decoded picture goes before the budget is given back, not at return
+        return pixels
 
 
 def open_image(data: bytes, *, max_bytes: int, max_pixels: int, min_size: int | None = None) -> Image.Image:

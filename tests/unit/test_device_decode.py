@@ -93,7 +93,7 @@ def test_the_decode_budget_splits_the_device_batch_and_refuses_what_never_fits()
 def test_device_resize_pads_like_pillow() -> None:
     spec = PreprocessSpec(size=32, resize="pad")
     img = picture((64, 32))
-    arr = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).contiguous()
+    arr = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
     mine = device_resize(arr, spec).numpy().astype(np.int16)
     pillow = to_uint8(img, spec).astype(np.int16)
     assert mine.shape == (32, 32, 3)
