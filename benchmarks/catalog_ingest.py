@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from benchmarks.model_rate import forward_rate
@@ -114,11 +114,14 @@ async def through_kafka(settings: WorkerSettings, models: ModelSet, version: str
     try:
         while time.monotonic() < deadline and done < len(images):
             await asyncio.sleep(0.05)
-            meta = watcher.list_topics(vectors_topic, timeout=5).topics.get(vectors_topic)
-            if meta is None or meta.error is not None:
+            try:
+                meta = watcher.list_topics(vectors_topic, timeout=5).topics.get(vectors_topic)
+                if meta is None or meta.error is not None:
+                    continue
+                done = sum(watcher.get_watermark_offsets(TopicPartition(vectors_topic, p), timeout=5,
+                                                         cached=False)[1] for p in meta.partitions)
+            except KafkaException:  # a new topic's leaders may still be moving: look again
                 continue
-            done = sum(watcher.get_watermark_offsets(TopicPartition(vectors_topic, p), timeout=5, cached=False)[1]
-                       for p in meta.partitions)
             if done and first is None:
                 first = (time.perf_counter(), done)
         finished = time.perf_counter()
