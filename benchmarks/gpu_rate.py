@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_rate --models ~/.lookalike/models --images DIR --out gpu.json
 
-It needs torch with CUDA, numpy, pillow and safetensors (not the services' other
+It needs torch with CUDA, torchvision, numpy, pillow and safetensors (not the services' other
 dependencies), so it runs on a bare GPU machine with the repository on PYTHONPATH. In a
 few minutes it measures, for the model store's champion (or ``--version``):
 
@@ -10,8 +10,12 @@ few minutes it measures, for the model store's champion (or ``--version``):
   and fp16 autocast at batch sizes 256 to 4096 (channels_last, inference mode);
 * ``host_to_host``: what the worker's ``Embedder.embed_pixels`` does per batch: uint8
   pixels from host memory to the GPU, normalised there, forward, vectors back to the host;
-* ``decode``: JPEG bytes → the model's uint8 input on one CPU core (the part the GPU does
-  not do), so it is plain how many decoding cores one GPU needs;
+* ``decode``: JPEG bytes → the model's uint8 input on one CPU core (Pillow, draft mode: the
+  CPU worker's path), so it is plain how many decoding cores one GPU would need without
+  device decoding;
+* ``device_decode``: the GPU worker's path (lookalike/device_decode.py): a batch of JPEG
+  bytes decoded by nvJPEG and resized on the GPU, alone and on to vectors on the host, and
+  the agreement of its vectors with the CPU path's (``device_decode_agreement``);
 * ``agreement``: fp16 and bf16 vectors against float32 ones on real images (cosine, and
   the overlap of each image's 5 nearest neighbours).
 """
@@ -30,8 +34,9 @@ import torch
 
 from benchmarks.model_rate import forward_rate
 from lookalike.artifacts import ModelStore
+from lookalike.device_decode import decode_batch
 from lookalike.embedder import Embedder
-from lookalike.imaging import decode_image, to_uint8
+from lookalike.imaging import decode_pixels
 
 BATCHES = (256, 1024, 4096)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -54,11 +59,34 @@ def host_to_host_rate(embedder: Embedder, batch: int, budget_s: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def decode_pixels(embedder: Embedder, images: list[bytes]) -> tuple[np.ndarray, float]:
+def host_decode(embedder: Embedder, images: list[bytes]) -> tuple[np.ndarray, float]:
+    """The CPU path (Pillow, draft mode) on one core: pixels, images/s."""
     started = time.perf_counter()
-    pixels = np.stack([to_uint8(decode_image(b, max_bytes=1 << 26, max_pixels=1 << 28), embedder.card.preprocess)
+    pixels = np.stack([decode_pixels(b, embedder.card.preprocess, max_bytes=1 << 26, max_pixels=1 << 28)
                        for b in images])
     return pixels, len(images) / (time.perf_counter() - started)
+
+
+def device_decode_rate(embedder: Embedder, images: list[bytes], batch: int, budget_s: float,
+                       embed: bool) -> float:
+    """JPEG bytes -> the model's input on the device (nvJPEG, lookalike.device_decode), and with
+    ``embed`` on to vectors on the host: images/s at ``batch`` images a call."""
+    chunk = [images[i % len(images)] for i in range(batch)]
+    limits = {"max_bytes": 1 << 26, "max_pixels": 1 << 28}
+
+    def step() -> None:
+        decoded = decode_batch(chunk, embedder.card.preprocess, embedder.device, **limits)
+        if embed:
+            embedder.embed_pixels(decoded.pixels)  # vectors back on the host: synchronised
+        elif embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < budget_s:
+        step()
+        done += batch
+    return done / (time.perf_counter() - started)
 
 
 def agreement(reference: np.ndarray, other: np.ndarray, k: int = 5) -> dict[str, float]:
@@ -117,11 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.images:
         files = sorted(args.images.glob("*.jpg"))[:512]
         images = [p.read_bytes() for p in files]
-        pixels, rate = decode_pixels(fast, images)
+        pixels, rate = host_decode(fast, images)
         result["decode"] = {"images": len(images), "images_per_s_one_core": round(rate)}
+        result["device_decode"] = [
+            {"batch": b, "embed": embed, "precision": best["precision"],
+             "images_per_s": round(device_decode_rate(fast, images, b, args.budget, embed))}
+            for b in (256, 1024) for embed in (False, True)
+        ]
+        print(json.dumps(result["device_decode"]), flush=True)
+        device_pixels = decode_batch(images, fast.card.preprocess, fast.device, max_bytes=1 << 26,
+                                     max_pixels=1 << 28).pixels
+        result["device_decode_agreement"] = agreement(embedders["fp32"].embed_pixels(pixels),
+                                                      embedders["fp32"].embed_pixels(device_pixels))
         reference = embedders["fp32"].embed_pixels(pixels)
         result["agreement"] = {p: agreement(reference, embedders[p].embed_pixels(pixels)) for p in ("bf16", "fp16")}
-        print(json.dumps({k: result[k] for k in ("decode", "agreement")}), flush=True)
+        print(json.dumps({k: result[k] for k in ("decode", "agreement", "device_decode_agreement")}), flush=True)
 
     text = json.dumps(result, indent=2)
     print(text)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lookalike.embedder import Embedder
-from lookalike.imaging import decode_image
+from lookalike.imaging import decode_pixels
 from workers.inference import use_layout
 
 if TYPE_CHECKING:
@@ -61,11 +61,13 @@ def forward_rate(embedder: Embedder, batch: int, *, channels_last: bool = True, 
 
 
 def decode_rate(embedder: Embedder, images: Sequence[bytes], batch: int, budget_s: float = 5.0) -> float:
-    """Images per second from JPEG bytes to vectors (decode, preprocess, forward)."""
+    """Images per second from JPEG bytes to vectors (decode at the input's size, preprocess,
+    forward), on one thread: the serving path's work without the worker's decode threads."""
+    spec = embedder.card.preprocess
     done, started, i = 0, time.perf_counter(), 0
     while time.perf_counter() - started < budget_s:
         chunk = [images[(i + j) % len(images)] for j in range(batch)]
-        embedder.embed_images([decode_image(b, max_bytes=1 << 26, max_pixels=1 << 28) for b in chunk])
+        embedder.embed_pixels(np.stack([decode_pixels(b, spec, max_bytes=1 << 26, max_pixels=1 << 28) for b in chunk]))
         done += batch
         i += batch
     return done / (time.perf_counter() - started)

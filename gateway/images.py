@@ -46,7 +46,7 @@ def image_type(data: bytes) -> str | None:
 
 def thumbnail(data: bytes, max_px: int, *, max_bytes: int, max_pixels: int) -> bytes:
     """A JPEG no larger than ``max_px`` on its long side (raises BadImage/MessageTooLarge)."""
-    img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, min_size=max_px)  # a JPEG at its scale
     img.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)

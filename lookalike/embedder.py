@@ -80,12 +80,19 @@ class Embedder:
         """RGB images -> uint8 (B, S, S, 3) as the card's preprocessing says."""
         return np.stack([to_uint8(img, self.card.preprocess) for img in images])
 
-    def to_input(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 (B, S, S, 3) -> the model's normalised float input on the model's device."""
+    def to_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> the model's normalised float input on the model's device.
+
+        ``pixels`` may be a tensor already on the device (decoded there,
+        :mod:`lookalike.device_decode`): it is normalised where it is."""
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         if self.device.type != "cuda":
-            return torch.from_numpy(normalise(pixels, self.card.preprocess)).contiguous(memory_format=layout)
-        raw = torch.from_numpy(pixels).pin_memory().to(self.device, non_blocking=True)
+            host = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels
+            return torch.from_numpy(normalise(host, self.card.preprocess)).contiguous(memory_format=layout)
+        if isinstance(pixels, torch.Tensor):
+            raw = pixels.to(self.device, non_blocking=True)
+        else:
+            raw = torch.from_numpy(pixels).pin_memory().to(self.device, non_blocking=True)
         x = raw.permute(0, 3, 1, 2).float()  # a channels_last view of (B, 3, S, S): no copy
         return ((x - self._mean) / self._std).contiguous(memory_format=layout)
 
@@ -102,8 +109,8 @@ class Embedder:
                 unit = torch.nn.functional.normalize(unit[: len(x)] + unit[len(x) :], dim=1)
             return unit
 
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (B, S, S, 3) -> float32 (B, D), unit length."""
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 (B, S, S, 3), on the host or the device -> float32 (B, D), unit length."""
         return self.forward(self.to_input(pixels)).cpu().numpy()
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:

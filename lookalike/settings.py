@@ -141,6 +141,17 @@ class WorkerSettings(CommonSettings):
     query_batch_wait_ms: int = Field(0, ge=0)  # how long a query may wait for company; 0: none
     catalog_batch_max: int = Field(64, ge=1)
     catalog_batch_wait_ms: int = Field(100, ge=0)
+    # A catalog batch's images are decoded by this many threads (Pillow lets go of the GIL
+    # while it decodes), at the catalog's niceness, each straight down to the model's input.
+    catalog_decode_threads: int = Field(2, ge=1, le=64)
+    # The decoded pixels that may exist at once across those threads (3-8 bytes each while a
+    # picture is converted): a batch of decompression bombs waits its turn instead of taking
+    # 64 x 120 MB; one picture over it is refused as bad_image (docs/security.md).
+    catalog_decode_budget_pixels: int = Field(40_000_000, ge=1024)
+    # Where a catalog batch's JPEGs are decoded: "device" on the model's device (nvJPEG on a
+    # GPU: lookalike/device_decode.py), "pillow" on the decode threads; "auto": the device
+    # when the model runs on CUDA.
+    catalog_decode: Literal["auto", "pillow", "device"] = "auto"
     # Who may ask (docs/security.md): signed queries with per-client keys, and a token
     # bucket per client in Redis. Off for the local demo, on in docker-compose.yml.
     query_auth: bool = False

@@ -1,8 +1,8 @@
 """Training data: labelled catalog items, a reproducible split, and cached pixels.
 
-Pixels are made by :func:`lookalike.imaging.decode_image` and
-:func:`lookalike.imaging.to_uint8`, the functions the workers call on catalog and
-query images, so the model learns on exactly what it will be served. Decoded pixels
+Pixels are made by :func:`lookalike.imaging.decode_pixels`, the function the workers
+call on catalog images (and its parts on query images), so the model learns on exactly
+what it will be served. Decoded pixels
 are cached as ``.npz`` (no pickle) under a key that changes with the item set, the
 files' sizes and mtimes, and the preprocessing.
 """
@@ -26,14 +26,14 @@ from tqdm.auto import tqdm
 
 from lookalike.catalog import CatalogItem, iter_catalog
 from lookalike.errors import BadImage, InvalidMessage
-from lookalike.imaging import PreprocessSpec, decode_image, to_uint8
+from lookalike.imaging import PreprocessSpec, decode_pixels
 from lookalike.settings import default_home
 
 log = logging.getLogger(__name__)
 
 SPLIT_FORMAT = 1  # a random split (``scheme`` "random"): train and test ids
 PERIOD_SPLIT_FORMAT = 2  # a split by product id: also the newest ids and the unseen brands among them
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: JPEGs decoded at the scale the input needs (draft mode)
 # Catalog files are ours, not untrusted queries: generous limits, still bounded.
 # Pillow itself refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179M) as bombs.
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -264,8 +264,7 @@ def pixels_cache_key(items: Sequence[CatalogItem], spec: PreprocessSpec) -> str:
 
 def decode_file(path: Path, spec: PreprocessSpec) -> np.ndarray:
     """One image file -> uint8 (S, S, 3), as serving would preprocess it."""
-    img = decode_image(Path(path).read_bytes(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
-    return to_uint8(img, spec)
+    return decode_pixels(Path(path).read_bytes(), spec, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
 
 
 def _decode_job(job: tuple[str, Path, PreprocessSpec]) -> np.ndarray:

@@ -45,7 +45,7 @@ from PIL import Image
 from lookalike.artifacts import CHAMPION, ModelStore
 from lookalike.catalog import CatalogItem
 from lookalike.errors import LookalikeError
-from lookalike.imaging import PreprocessSpec, decode_image, to_uint8
+from lookalike.imaging import PreprocessSpec, decode_image, decode_pixels
 from lookalike.model import EmbeddingNet
 from lookalike.registry import GATE_METRIC
 from lookalike.settings import CommonSettings, default_data
@@ -142,8 +142,7 @@ def shopper_pixels(path: Path, spec: PreprocessSpec) -> np.ndarray:
     img = decode_image(Path(path).read_bytes(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
     out = io.BytesIO()
     img.resize(INVARIANCE_SIZE, Image.Resampling.BICUBIC).save(out, "JPEG", quality=INVARIANCE_JPEG_QUALITY)
-    query = decode_image(out.getvalue(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)
-    return to_uint8(query, spec)
+    return decode_pixels(out.getvalue(), spec, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_FILE_PIXELS)  # as served
 
 
 def load_split(store: ModelStore, card_training: dict[str, Any], split_sha256: str | None) -> Split:

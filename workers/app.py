@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from confluent_kafka import KafkaException
@@ -32,17 +33,19 @@ from confluent_kafka.admin import AdminClient
 
 from lookalike import metrics, rollout
 from lookalike.clients import confluent_config
+from lookalike.device_decode import decode_batch
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelArtifactError, code_of
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
+from lookalike.imaging import DecodeBudget
 from lookalike.rollout import RolloutState
 from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
 from lookalike.settings import WorkerSettings
 from lookalike.topics import ensure_vectors_topic
 from workers import stages
 from workers.guard import QueryGuard
-from workers.inference import InferenceThread, use_layout
-from workers.stages import CatalogImage, CatalogRemoval, Query, Rejected
+from workers.inference import InferenceThread, nice_thread, use_layout
+from workers.stages import CatalogImage, CatalogRemoval, CatalogUpsert, Query, Rejected
 from workers.stages import Record as OutRecord
 from workers.stages import Source as Origin
 
@@ -115,6 +118,12 @@ class EmbeddingWorker:
         self.settings = settings
         self.models = models
         self.catalog_thread = InferenceThread("embed-catalog", settings.torch_threads, settings.catalog_nice)
+        # Catalog images are decoded by a few threads at the catalog's niceness, while the
+        # pixels they may hold at once stay within the budget (docs/security.md).
+        self.decode_threads = ThreadPoolExecutor(max_workers=settings.catalog_decode_threads,
+                                                 thread_name_prefix="decode-catalog",
+                                                 initializer=nice_thread, initargs=(settings.catalog_nice,))
+        self.decode_budget = DecodeBudget(settings.catalog_decode_budget_pixels)
         self.query_thread = InferenceThread("embed-queries", settings.query_torch_threads or settings.torch_threads)
         self.reply_topics = ReplyTopics(settings)
         self.guard = QueryGuard(settings)
@@ -130,34 +139,73 @@ class EmbeddingWorker:
         re-read of the catalog does not repeat them.
         """
         embedder = self.models.get(version)
-        images: list[CatalogImage] = []
-        # In catalog order: a removal keeps its place among the images (None: the next image's
-        # vector), else an upsert then a delete of one item in one batch would come out as the
-        # delete then the upsert, and the deleted item would come back.
-        slots: list[tuple[int, OutRecord] | None] = []
+        spec = embedder.card.preprocess
         dead: list[OutRecord] = []
-        for key, value, headers, source in events:
+
+        def refuse(key: bytes | None, value: bytes | None, headers: dict[str, bytes], source: Origin,
+                   exc: InvalidMessage) -> None:
+            if dead_letters:
+                log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc,
+                            extra={"item_id": stages.request_id_of(key), "code": exc.code})
+                metrics.observe_error("worker", exc.code)
+                dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
+
+        upserts: list[tuple[Event, CatalogUpsert]] = []
+        slots: list[tuple[int, OutRecord] | None] = []  # catalog order: a removal's record, or None for an upsert
+        for event in events:
+            key, value, headers, source = event
             try:
-                parsed = stages.parse_catalog(key, value, headers, source, self.settings)
+                parsed = stages.parse_catalog_record(key, value, headers, source)
             except InvalidMessage as exc:
-                if dead_letters:
-                    log.warning("catalog %s:%d@%d refused: %s", source.topic, source.partition, source.offset, exc,
-                                extra={"item_id": stages.request_id_of(key), "code": exc.code})
-                    metrics.observe_error("worker", exc.code)
-                    dead.append(stages.deadletter_record(Rejected(key, value, headers, exc, source)))
+                refuse(*event, exc)
                 continue
             if isinstance(parsed, CatalogRemoval):
                 slots.append((source.partition, stages.removal_record(parsed, embedder.version)))
             else:
-                images.append(parsed)
-                slots.append(None)
-        vectors = iter(zip(images, stages.embed_catalog(embedder, images) if images else [], strict=True))
-        out = []
+                upserts.append((event, parsed))
+                slots.append(None)  # the upsert's vector goes here (nothing, if it is refused)
+        vectors: dict[int, tuple[int, OutRecord]] = {}  # index in upserts -> its vector record
+        if upserts and (self.settings.catalog_decode == "device" or (self.settings.catalog_decode == "auto"
+                                                                     and embedder.device.type == "cuda")):
+            decoded = decode_batch([u.image_bytes for _, u in upserts], spec, embedder.device,
+                                   max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
+                                   budget=self.decode_budget)
+            for (event, _), error in zip(upserts, decoded.errors, strict=True):
+                if error is not None:
+                    refuse(*event, error)
+            kept = [upserts[i][1] for i in decoded.ok]
+            if kept:
+                records = stages.catalog_vector_records(embedder, kept, embedder.embed_pixels(decoded.pixels[decoded.ok]))
+                vectors = {int(i): (u.source.partition, record) for i, u, record in zip(decoded.ok, kept, records, strict=True)}
+        elif upserts:
+            def decode(upsert: CatalogUpsert) -> CatalogImage | InvalidMessage:
+                try:
+                    return stages.decode_catalog(upsert, self.settings, spec, self.decode_budget)
+                except InvalidMessage as exc:
+                    return exc
+
+            images: list[tuple[int, CatalogImage]] = []
+            for i, ((event, _), result) in enumerate(zip(upserts, self.decode_threads.map(decode, [u for _, u in upserts]),
+                                                         strict=True)):
+                if isinstance(result, InvalidMessage):
+                    refuse(*event, result)
+                else:
+                    images.append((i, result))
+            if images:
+                records = stages.embed_catalog(embedder, [img for _, img in images])
+                vectors = {i: (img.source.partition, record) for (i, img), record in zip(images, records, strict=True)}
+        # In catalog order: a removal keeps its place among the upserts, else an upsert then a
+        # delete of one item in one batch would come out as the delete then the upsert, and
+        # the deleted item would come back.
+        out: list[tuple[int, OutRecord]] = []
+        upsert_index = 0
         for slot in slots:
             if slot is None:
-                img, record = next(vectors)
-                slot = (img.source.partition, record)
-            out.append(slot)
+                if upsert_index in vectors:
+                    out.append(vectors[upsert_index])
+                upsert_index += 1
+            else:
+                out.append(slot)
         return out, dead
 
     def query_batch(self, events: Sequence[Event]):
@@ -176,7 +224,8 @@ class EmbeddingWorker:
                 client_id = self.guard.authenticate(key, value, headers)  # before decoding anything
                 authenticated = True
                 self.guard.limit(client_id)
-                query = stages.parse_query(key, value, headers, source, self.settings)
+                query = stages.parse_query(key, value, headers, source, self.settings,
+                                           embedder.card.preprocess.size if embedder else None)
                 if not self.reply_topics.exists(query.options.reply_to):
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
                 queries.append(query)

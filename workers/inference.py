@@ -45,6 +45,18 @@ def use_layout(embedder: Embedder, channels_last: bool) -> Embedder:
     return embedder
 
 
+def nice_thread(nice: int, name: str = "") -> None:
+    """Run the calling thread ``nice`` steps below the process's priority (0: leave it). Linux:
+    a thread's niceness is its own, and the OpenMP threads it starts inherit it. Relative to
+    the process's: a service started under `nice` keeps the order of its threads."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           min(os.getpriority(os.PRIO_PROCESS, 0) + nice, 19))
+        except OSError as exc:
+            log.warning("%s thread: cannot set niceness %d: %s", name or threading.current_thread().name, nice, exc)
+
+
 class InferenceThread:
     """One thread that runs model calls with ``torch_threads`` intra-op threads (0: torch's
     default, as it was when the first InferenceThread was made) at niceness ``nice``."""
@@ -60,14 +72,7 @@ class InferenceThread:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._start)
 
     def _start(self) -> None:
-        if self.nice:
-            # Linux: a thread's niceness is its own, and the OpenMP threads it starts inherit it.
-            # Relative to the process's: a service started under `nice` keeps the order of its threads.
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                               min(os.getpriority(os.PRIO_PROCESS, 0) + self.nice, 19))
-            except OSError as exc:
-                log.warning("%s thread: cannot set niceness %d: %s", self.name, self.nice, exc)
+        nice_thread(self.nice, self.name)
 
     def _call(self, fn: Callable[..., R], *args: Any) -> R:
         if torch.get_num_threads() != self.torch_threads:

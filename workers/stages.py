@@ -15,12 +15,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from lookalike import contracts as c
 from lookalike.embedder import Embedder
 from lookalike.errors import ErrorCode, InvalidMessage
-from lookalike.imaging import decode_image
+from lookalike.imaging import DecodeBudget, PreprocessSpec, decode_image, decode_pixels
 from lookalike.settings import CommonSettings
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
@@ -38,10 +39,23 @@ class Source:
 
 
 @dataclass(frozen=True)
-class CatalogImage:
+class CatalogUpsert:
+    """A catalog image whose key and metadata are valid; its bytes not decoded yet."""
+
     item_id: str
-    image: Image.Image
+    image_bytes: bytes
     metadata_raw: bytes  # forwarded as it came, validated JSON
+    source: Source
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    """A catalog image decoded to the model's input: what a batch holds until it is embedded
+    (never the decoded picture, which may be a 40 Mpx bomb)."""
+
+    item_id: str
+    pixels: np.ndarray  # uint8 (S, S, 3)
+    metadata_raw: bytes
     source: Source
 
 
@@ -96,25 +110,42 @@ def own_topics(settings: CommonSettings) -> frozenset[str]:
 
 
 @refusing_unexpected
-def parse_catalog(
-    key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings
-) -> CatalogImage | CatalogRemoval:
-    """A catalog event -> an image to embed, or a removal (tombstone). Raises InvalidMessage."""
+def parse_catalog_record(key: bytes | None, value: bytes | None, headers: Mapping[str, bytes],
+                         source: Source) -> CatalogUpsert | CatalogRemoval:
+    """A catalog event's key and metadata checked, its image not decoded. Raises InvalidMessage."""
     c.check_header_limits(headers)
     item_id = c.decode_key(key, "item id (key)")
     if value is None:
         return CatalogRemoval(item_id, source)
     metadata_raw = headers.get(c.H_METADATA, b"")
     c.decode_metadata(metadata_raw)  # validate only; the indexer stores it
-    image = decode_image(value, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-    return CatalogImage(item_id, image, metadata_raw, source)
+    return CatalogUpsert(item_id, value, metadata_raw, source)
+
+
+@refusing_unexpected
+def decode_catalog(upsert: CatalogUpsert, settings: CommonSettings, spec: PreprocessSpec,
+                   budget: DecodeBudget | None = None) -> CatalogImage:
+    """A checked catalog image -> the model's input, decoded no larger than ``spec`` needs."""
+    pixels = decode_pixels(upsert.image_bytes, spec, max_bytes=settings.max_image_bytes,
+                           max_pixels=settings.max_image_pixels, budget=budget)
+    return CatalogImage(upsert.item_id, pixels, upsert.metadata_raw, upsert.source)
+
+
+def parse_catalog(key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source,
+                  settings: CommonSettings, spec: PreprocessSpec,
+                  budget: DecodeBudget | None = None) -> CatalogImage | CatalogRemoval:
+    """A catalog event -> an image ready to embed, or a removal (tombstone). Raises InvalidMessage."""
+    parsed = parse_catalog_record(key, value, headers, source)
+    return parsed if isinstance(parsed, CatalogRemoval) else decode_catalog(parsed, settings, spec, budget)
 
 
 @refusing_unexpected
 def parse_query(
-    key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings
+    key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings,
+    min_size: int | None = None,
 ) -> Query:
-    """A query -> its options and decoded image. Raises InvalidMessage."""
+    """A query -> its options and decoded image (no smaller than ``min_size``, the model's
+    input side: JPEGs decode at a reduced scale as the catalog's do). Raises InvalidMessage."""
     started = time.perf_counter()
     c.check_header_limits(headers)
     request_id = c.decode_key(key, "request id (key)")
@@ -130,7 +161,8 @@ def parse_query(
     if options.item_id is None:
         if value is None:
             raise InvalidMessage("query has no image and no item-id header", code=ErrorCode.BAD_IMAGE)
-        image = decode_image(value, max_bytes=settings.max_query_image_bytes, max_pixels=settings.max_image_pixels)
+        image = decode_image(value, max_bytes=settings.max_query_image_bytes, max_pixels=settings.max_image_pixels,
+                             min_size=min_size)
     timings = {"decode": (time.perf_counter() - started) * 1000}
     if source.timestamp_ms is not None:
         timings["queue"] = max(0.0, time.time() * 1000 - source.timestamp_ms - timings["decode"])
@@ -161,7 +193,13 @@ def request_id_of(key: bytes | None) -> str:
 
 def embed_catalog(embedder: Embedder, images: Sequence[CatalogImage]) -> list[Record]:
     """Catalog images -> catalog-vector records, keyed by item id."""
-    vectors = embedder.embed_images([img.image for img in images])
+    vectors = embedder.embed_pixels(np.stack([img.pixels for img in images]))
+    return catalog_vector_records(embedder, images, vectors)
+
+
+def catalog_vector_records(embedder: Embedder, items: Sequence[CatalogImage | CatalogUpsert],
+                           vectors: np.ndarray) -> list[Record]:
+    """Each item's vector record: the vector, the model version and the item's metadata."""
     return [
         (
             img.item_id.encode(),
@@ -174,7 +212,7 @@ def embed_catalog(embedder: Embedder, images: Sequence[CatalogImage]) -> list[Re
                 (c.H_SOURCE_OFFSET, f"{img.source.partition}:{img.source.offset}".encode()),
             ],
         )
-        for img, vec in zip(images, vectors, strict=True)
+        for img, vec in zip(items, vectors, strict=True)
     ]
 
 

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lookalike.errors import BadImage, InvalidMessage, MessageTooLarge
-from lookalike.imaging import PreprocessSpec, decode_image, normalise, preprocess, to_uint8
+from lookalike.imaging import (
+    DecodeBudget,
+    PreprocessSpec,
+    decode_image,
+    decode_pixels,
+    normalise,
+    preprocess,
+    to_uint8,
+)
 
 LIMITS = {"max_bytes": 8 * 1024 * 1024, "max_pixels": 40_000_000}
 RED = (220, 20, 20)
@@ -269,3 +280,88 @@ def test_a_decoder_bug_is_a_bad_image(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
     with pytest.raises(BadImage, match="IndexError"):
         decode_image(data, **LIMITS)
+
+
+# -- decoding at the size the model needs (draft mode) and the decode budget -----------------
+
+def smooth(size: tuple[int, int]) -> Image.Image:
+    """A picture with gradients and edges, like a product shot (not flat, not noise)."""
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    arr = np.stack([x * 255, y * 255, ((x + y) % 0.5 > 0.25) * 200 + 30], axis=-1)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def test_a_large_jpeg_decodes_at_the_largest_scale_that_keeps_the_model_input() -> None:
+    data = encode(smooth((800, 600)), "JPEG", quality=90)
+    assert decode_image(data, **LIMITS).size == (800, 600)  # no min_size: the full picture
+    assert decode_image(data, **LIMITS, min_size=64).size == (100, 75)  # 1/8: both sides still >= 64
+    assert decode_image(data, **LIMITS, min_size=100).size == (200, 150)  # 1/4 (1/8 would leave 75 < 100)
+    assert decode_image(data, **LIMITS, min_size=600).size == (800, 600)
+
+
+def test_only_jpegs_are_decoded_at_a_reduced_scale() -> None:
+    for fmt in ("PNG", "WEBP"):
+        assert decode_image(encode(smooth((400, 300)), fmt), **LIMITS, min_size=32).size == (400, 300)
+
+
+def test_decode_pixels_is_decode_image_at_the_input_size_then_to_uint8() -> None:
+    spec = PreprocessSpec(size=48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: drafting must not lose the orientation
+    for data in (encode(smooth((500, 300)), "JPEG", quality=90), encode(smooth((500, 300)), "JPEG", exif=exif),
+                 encode(smooth((120, 90)).convert("RGBA"), "PNG"), encode(smooth((64, 64)), "WEBP")):
+        expected = to_uint8(decode_image(data, **LIMITS, min_size=spec.size), spec)
+        assert np.array_equal(decode_pixels(data, spec, **LIMITS), expected)
+    rotated = decode_image(encode(smooth((500, 300)), "JPEG", exif=exif), **LIMITS, min_size=48)
+    assert rotated.size == (75, 125)  # 1/4 scale, then turned upright
+
+
+def test_draft_decoding_stays_within_a_few_grey_levels_of_the_full_decode() -> None:
+    spec = PreprocessSpec(size=64)
+    data = encode(smooth((448, 448)), "JPEG", quality=90)
+    full = to_uint8(decode_image(data, **LIMITS), spec).astype(np.int16)
+    drafted = decode_pixels(data, spec, **LIMITS).astype(np.int16)
+    assert decode_image(data, **LIMITS, min_size=64).size == (112, 112)  # really drafted (1/4)
+    assert np.abs(full - drafted).mean() < 2.0
+    assert np.abs(full - drafted).max() < 48  # at the sharp edges only
+
+
+def test_decode_pixels_keeps_the_error_contract() -> None:
+    spec = PreprocessSpec(size=32)
+    data = encode(smooth((200, 150)), "JPEG")
+    with pytest.raises(BadImage):
+        decode_pixels(data[: len(data) // 2], spec, **LIMITS)
+    with pytest.raises(BadImage):
+        decode_pixels(b"not an image", spec, **LIMITS)
+    with pytest.raises(MessageTooLarge):
+        decode_pixels(data, spec, max_bytes=len(data) - 1, max_pixels=1_000_000)
+    with pytest.raises(BadImage, match="pixel limit"):
+        decode_pixels(png_claiming(8_000, 6_000), spec, **LIMITS)
+
+
+def test_a_picture_larger_than_the_decode_budget_is_refused_before_it_is_decoded() -> None:
+    spec = PreprocessSpec(size=32)
+    budget = DecodeBudget(max_pixels=10_000)
+    with pytest.raises(BadImage, match="decode budget"):
+        decode_pixels(encode(smooth((200, 150)), "PNG"), spec, **LIMITS, budget=budget)
+    # a JPEG of the same size decodes at 1/4 scale (50 x 38 = 1,900 pixels): within the budget
+    assert decode_pixels(encode(smooth((200, 150)), "JPEG"), spec, **LIMITS, budget=budget).shape == (32, 32, 3)
+    assert budget.held == 0
+
+
+def test_the_decode_budget_bounds_the_pixels_held_at_once_across_threads() -> None:
+    budget = DecodeBudget(max_pixels=100)
+    most = []
+    lock = threading.Lock()
+
+    def work(_: int) -> None:
+        with budget.hold(40):
+            with lock:
+                most.append(budget.held)
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(work, range(32)))
+    assert len(most) == 32 and max(most) <= 100 and max(most) == 80  # two at a time, never three
+    assert budget.held == 0

@@ -23,6 +23,7 @@ from workers.stages import CatalogImage, CatalogRemoval, Rejected, Source
 
 SETTINGS = WorkerSettings(_env_file=None)
 SRC = Source("lookalike.catalog", 1, 42, 1_700_000_000_000)
+INPUT = PreprocessSpec(size=32)  # the test model's
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,10 @@ def embedder() -> Embedder:
 
 
 def test_catalog_image_and_tombstone() -> None:
-    parsed = stages.parse_catalog(b"1163", jpeg_bytes(1), {c.H_METADATA: b'{"title": "t"}'}, SRC, SETTINGS)
-    assert isinstance(parsed, CatalogImage) and parsed.item_id == "1163" and parsed.image.mode == "RGB"
-    assert stages.parse_catalog(b"1163", None, {}, SRC, SETTINGS) == CatalogRemoval("1163", SRC)
+    parsed = stages.parse_catalog(b"1163", jpeg_bytes(1), {c.H_METADATA: b'{"title": "t"}'}, SRC, SETTINGS, INPUT)
+    assert isinstance(parsed, CatalogImage) and parsed.item_id == "1163"
+    assert parsed.pixels.shape == (32, 32, 3) and parsed.pixels.dtype == np.uint8  # the model's input, not the picture
+    assert stages.parse_catalog(b"1163", None, {}, SRC, SETTINGS, INPUT) == CatalogRemoval("1163", SRC)
 
 
 @pytest.mark.parametrize(
@@ -53,12 +55,12 @@ def test_catalog_image_and_tombstone() -> None:
 )
 def test_catalog_refusals(key, value, headers, code) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidMessage) as err:
-        stages.parse_catalog(key, value, headers, SRC, SETTINGS)
+        stages.parse_catalog(key, value, headers, SRC, SETTINGS, INPUT)
     assert err.value.code == code
 
 
 def test_catalog_vectors_are_unit_and_carry_headers(embedder: Embedder) -> None:
-    images = [stages.parse_catalog(str(i).encode(), jpeg_bytes(i), {}, SRC, SETTINGS) for i in range(3)]
+    images = [stages.parse_catalog(str(i).encode(), jpeg_bytes(i), {}, SRC, SETTINGS, INPUT) for i in range(3)]
     records = stages.embed_catalog(embedder, images)  # type: ignore[arg-type]
     key, value, headers = records[0]
     assert key == b"0"
@@ -72,8 +74,8 @@ def test_catalog_vectors_are_unit_and_carry_headers(embedder: Embedder) -> None:
 def test_same_image_same_vector_as_query(embedder: Embedder) -> None:
     """Catalog and query go through one preprocessing: the same bytes give the same vector."""
     image = jpeg_bytes(5)
-    cat = stages.embed_catalog(embedder, [stages.parse_catalog(b"x", image, {}, SRC, SETTINGS)])  # type: ignore[list-item]
-    query = stages.parse_query(b"req", image, {}, SRC, SETTINGS)
+    cat = stages.embed_catalog(embedder, [stages.parse_catalog(b"x", image, {}, SRC, SETTINGS, INPUT)])  # type: ignore[list-item]
+    query = stages.parse_query(b"req", image, {}, SRC, SETTINGS, INPUT.size)
     q_key, q_value, q_headers = stages.embed_queries(embedder, [query])[0]
     assert q_key == b"req"
     np.testing.assert_allclose(c.decode_vector(q_value, 256), c.decode_vector(cat[0][1], 256), atol=1e-6)  # type: ignore[arg-type]
@@ -128,7 +130,7 @@ def test_queries_have_their_own_size_limit() -> None:
     settings = WorkerSettings(_env_file=None, max_query_image_bytes=2048)
     image = jpeg_bytes(1, size=(200, 200))
     assert len(image) > 2048
-    stages.parse_catalog(b"1", image, {}, SRC, settings)  # the catalog limit is another one
+    stages.parse_catalog(b"1", image, {}, SRC, settings, INPUT)  # the catalog limit is another one
     with pytest.raises(InvalidMessage) as err:
         stages.parse_query(b"r", image, {}, SRC, settings)
     assert err.value.code == "too_large"
