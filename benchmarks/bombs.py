@@ -1,7 +1,8 @@
-"""Peak memory of the worker's catalog batch on decompression bombs (issue 13).
+"""Peak memory of the worker's catalog (or query) batch on decompression bombs (issue 13).
 
     python -m benchmarks.bombs --count 64 --megapixels 40 --kind jpeg
     python -m benchmarks.bombs --count 64 --megapixels 40 --kind png
+    python -m benchmarks.bombs --count 16 --megapixels 40 --kind png --path queries
 
 A bomb is a small file that decodes to many pixels: a white picture of ``--megapixels``
 (4:3), JPEG or PNG, 0.1-0.6 MB of bytes and 120 MB of RGB pixels at 40 Mpx. The files
@@ -56,13 +57,16 @@ def measure(files: list[Path], overrides: dict[str, Any]) -> dict[str, Any]:
     from lookalike.model import EmbeddingNet, ModelSpec
     from lookalike.settings import WorkerSettings
     from workers.app import EmbeddingWorker, ModelSet
-    from workers.stages import Source
+    from workers.stages import Source, embed_queries, parse_query
 
+    overrides = dict(overrides)
+    path = overrides.get("path", "catalog")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     spec = ModelSpec(arch="res-cnn", input_size=64, num_classes=3)
     card = ModelCard("bombs-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=64), ["a", "b", "c"], "0" * 64)
-    settings = WorkerSettings(_env_file=None, kafka_bootstrap="127.0.0.1:9", catalog_nice=0, **overrides)
+    settings = WorkerSettings(_env_file=None, kafka_bootstrap="127.0.0.1:9", catalog_nice=0,
+                              **{k: v for k, v in overrides.items() if k != "path"})
     worker = EmbeddingWorker(settings, ModelSet(settings, Embedder(EmbeddingNet(spec), card, torch.device("cpu"))))
     small = io.BytesIO()
     Image.new("RGB", (224, 224), (200, 10, 10)).save(small, "JPEG")
@@ -71,9 +75,14 @@ def measure(files: list[Path], overrides: dict[str, Any]) -> dict[str, Any]:
     before = peak_rss_mb()
     events = [(b"b%d" % i, path.read_bytes(), {}, Source("catalog", 0, i)) for i, path in enumerate(files)]
     before_batch = peak_rss_mb()  # the files' bytes are held from here on, as a fetched batch holds them
-    vectors, dead = worker.catalog_batch(events, "bombs-v1")
+    if overrides.pop("path", "catalog") == "queries":  # what the worker's query batch holds: parse each, then embed
+        queries = [parse_query(key, value, {}, Source("queries", 0, i), settings, card.preprocess)
+                   for i, (key, value, _h, _s) in enumerate(events)]
+        vectors, dead = embed_queries(worker.models.get("bombs-v1"), queries), []
+    else:
+        vectors, dead = worker.catalog_batch(events, "bombs-v1")
     after = peak_rss_mb()
-    return {"peak_rss_mb_before": round(before, 1), "peak_rss_mb_with_bytes": round(before_batch, 1),
+    return {"path": path, "peak_rss_mb_before": round(before, 1), "peak_rss_mb_with_bytes": round(before_batch, 1),
             "peak_rss_mb_after": round(after, 1), "batch_cost_mb": round(after - before_batch, 1),
             "vectors": len(vectors), "dead_letters": len(dead)}
 
@@ -104,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=["jpeg", "png"], default="jpeg")
     parser.add_argument("--count", type=int, default=64, help="bombs in the one catalog batch")
     parser.add_argument("--megapixels", type=float, default=40.0)
+    parser.add_argument("--path", choices=["catalog", "queries"], default="catalog",
+                        help="a catalog batch, or a query batch (each query parsed, then the batch embedded)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.kind, args.count, args.megapixels), indent=2))
+    print(json.dumps(run(args.kind, args.count, args.megapixels, {"path": args.path}), indent=2))
     return 0
 
 

@@ -225,7 +225,7 @@ class EmbeddingWorker:
                 authenticated = True
                 self.guard.limit(client_id)
                 query = stages.parse_query(key, value, headers, source, self.settings,
-                                           embedder.card.preprocess.size if embedder else None)
+                                           embedder.card.preprocess if embedder else None)
                 if not self.reply_topics.exists(query.options.reply_to):
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
                 queries.append(query)

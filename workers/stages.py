@@ -16,12 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from lookalike import contracts as c
 from lookalike.embedder import Embedder
 from lookalike.errors import ErrorCode, InvalidMessage
-from lookalike.imaging import DecodeBudget, PreprocessSpec, decode_image, decode_pixels
+from lookalike.imaging import DecodeBudget, PreprocessSpec, decode_pixels
 from lookalike.settings import CommonSettings
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
@@ -70,7 +69,7 @@ class Query:
     request_key: bytes
     request_id: str
     options: c.QueryOptions
-    image: Image.Image | None  # None for "more like this item"
+    pixels: np.ndarray | None  # the model's uint8 input (size, size, 3); None for "more like this item"
     source: Source
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -142,10 +141,12 @@ def parse_catalog(key: bytes | None, value: bytes | None, headers: Mapping[str, 
 @refusing_unexpected
 def parse_query(
     key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings,
-    min_size: int | None = None,
+    spec: PreprocessSpec | None = None,
 ) -> Query:
-    """A query -> its options and decoded image (no smaller than ``min_size``, the model's
-    input side: JPEGs decode at a reduced scale as the catalog's do). Raises InvalidMessage."""
+    """A query -> its options and the model's uint8 input made from its image (``spec``: the
+    serving model's; JPEGs decode at a reduced scale as the catalog's do, and the decoded
+    picture is let go at once, so a batch of queries holds small arrays, never pictures).
+    Raises InvalidMessage."""
     started = time.perf_counter()
     c.check_header_limits(headers)
     request_id = c.decode_key(key, "request id (key)")
@@ -157,16 +158,16 @@ def parse_query(
         reply_topic_prefix=settings.reply_topic_prefix,
         forbidden_reply_topics=own_topics(settings),
     )
-    image = None
+    pixels = None
     if options.item_id is None:
         if value is None:
             raise InvalidMessage("query has no image and no item-id header", code=ErrorCode.BAD_IMAGE)
-        image = decode_image(value, max_bytes=settings.max_query_image_bytes, max_pixels=settings.max_image_pixels,
-                             min_size=min_size)
+        pixels = decode_pixels(value, spec or PreprocessSpec(), max_bytes=settings.max_query_image_bytes,
+                               max_pixels=settings.max_image_pixels)
     timings = {"decode": (time.perf_counter() - started) * 1000}
     if source.timestamp_ms is not None:
         timings["queue"] = max(0.0, time.time() * 1000 - source.timestamp_ms - timings["decode"])
-    return Query(key or b"", request_id, options, image, source, timings)
+    return Query(key or b"", request_id, options, pixels, source, timings)
 
 
 def reply_destination(headers: Mapping[str, bytes], settings: CommonSettings) -> str:
@@ -224,9 +225,10 @@ def removal_record(removal: CatalogRemoval, model_version: str) -> Record:
 
 def embed_queries(embedder: Embedder, queries: Sequence[Query]) -> list[Record]:
     """Queries -> query-vector records keyed by request id, options and timings in headers."""
-    with_image = [q for q in queries if q.image is not None]
+    with_image = [q for q in queries if q.pixels is not None]
     started = time.perf_counter()
-    vectors = embedder.embed_images([q.image for q in with_image])  # type: ignore[misc]
+    vectors = (embedder.embed_pixels(np.stack([q.pixels for q in with_image])) if with_image  # type: ignore[misc]
+               else np.zeros((0, embedder.dim), np.float32))
     embed_ms = (time.perf_counter() - started) * 1000
     by_id = {id(q): vec for q, vec in zip(with_image, vectors, strict=True)}
     records = []

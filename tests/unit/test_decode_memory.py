@@ -27,3 +27,9 @@ def test_a_batch_of_png_bombs_holds_one_at_a_time_within_the_budget() -> None:
     result = run("png", 16, 10, {"catalog_decode_budget_pixels": 10_000_000, "catalog_decode_threads": 2})
     assert result["vectors"] == 16 and result["dead_letters"] == 0
     assert result["batch_cost_mb"] < 150, result  # one 30 MB picture (and its conversions) at a time
+
+
+def test_a_batch_of_png_bomb_queries_holds_the_model_inputs_not_the_pictures() -> None:
+    result = run("png", 16, 10, {"path": "queries"})
+    assert result["vectors"] == 16
+    assert result["batch_cost_mb"] < 150, result  # 16 x 30 MB of pictures held until the batch is embedded: 480 MB

@@ -75,7 +75,8 @@ def test_same_image_same_vector_as_query(embedder: Embedder) -> None:
     """Catalog and query go through one preprocessing: the same bytes give the same vector."""
     image = jpeg_bytes(5)
     cat = stages.embed_catalog(embedder, [stages.parse_catalog(b"x", image, {}, SRC, SETTINGS, INPUT)])  # type: ignore[list-item]
-    query = stages.parse_query(b"req", image, {}, SRC, SETTINGS, INPUT.size)
+    query = stages.parse_query(b"req", image, {}, SRC, SETTINGS, INPUT)
+    assert query.pixels is not None and query.pixels.shape == (INPUT.size, INPUT.size, 3)  # no picture held
     q_key, q_value, q_headers = stages.embed_queries(embedder, [query])[0]
     assert q_key == b"req"
     np.testing.assert_allclose(c.decode_vector(q_value, 256), c.decode_vector(cat[0][1], 256), atol=1e-6)  # type: ignore[arg-type]
@@ -84,7 +85,7 @@ def test_same_image_same_vector_as_query(embedder: Embedder) -> None:
 
 def test_more_like_this_query_needs_no_image(embedder: Embedder) -> None:
     query = stages.parse_query(b"req", None, {c.H_ITEM_ID: b"1163"}, SRC, SETTINGS)
-    assert query.image is None
+    assert query.pixels is None
     _key, value, headers = stages.embed_queries(embedder, [query])[0]
     assert value is None and dict(headers)[c.H_ITEM_ID] == b"1163"
 
@@ -140,7 +141,7 @@ def test_an_unexpected_failure_is_an_internal_refusal_not_a_crash(monkeypatch: p
     def broken(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise ZeroDivisionError("a decoder bug")
 
-    monkeypatch.setattr(stages, "decode_image", broken)
+    monkeypatch.setattr(stages, "decode_pixels", broken)
     with pytest.raises(InvalidMessage, match="ZeroDivisionError: a decoder bug") as err:
         stages.parse_query(b"r", jpeg_bytes(1), {}, SRC, SETTINGS)
     assert err.value.code == "internal"
