@@ -45,6 +45,7 @@ HELP = {
     "augment": "random flips, crops and brightness/contrast while training",
     "flip": "random horizontal flips while training",
     "shoot_augment": "imitate other shoots: framing, zoom, aspect, light, colour, grey, blur, erasing",
+    "shoot_strength": "--shoot-augment's ranges and chances scaled (1: full, 0.5: half)",
     "aux_labels": "extra styles.csv labels learnt by training-only heads, comma-separated, e.g. "
                   "subCategory,baseColour ('' for none)",
     "aux_weight": "their loss weight",

@@ -97,6 +97,9 @@ class TrainConfig:
     # zoom and aspect, light, saturation, grey, blur, erased patches, flips. Takes precedence
     # over ``augment`` and ``flip``.
     shoot_augment: bool = False
+    # How far from the catalog shot it goes: 1 is the full ranges and chances of
+    # :func:`imitate_shoot`; 0.5 halves each range (in log space for zoom and aspect) and chance.
+    shoot_strength: float = 1.0
     # Extra metadata labels learnt from the same embedding, one cosine head each, weighted by
     # ``aux_weight`` (training only: the heads are not part of the stored model).
     aux_labels: tuple[str, ...] = ()
@@ -278,7 +281,8 @@ def augment(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.Generat
     return (pixels.clamp(0.0, 1.0) - mean) / std
 
 
-def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.Generator) -> torch.Tensor:
+def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.Generator,
+                  strength: float = 1.0) -> torch.Tensor:
     """Each image of a batch as if from another shoot of a product of its kind.
 
     Neighbouring product ids share one shoot (model, pose, light, framing), so a network
@@ -287,10 +291,16 @@ def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.G
     (above 1 the product shrinks on the border colour, the white of a catalog shot) with
     the aspect squeezed or stretched up to 4:3 and the product moved; brightness,
     contrast and saturation 0.7-1.3; grey (p 0.1); a 3x3 blur (p 0.2); one erased
-    rectangle of 2-12% of the area, filled with a flat grey (p 0.25). ``inputs`` is a
-    normalised batch (B, 3, S, S); so is the result.
+    rectangle of 2-12% of the area, filled with a flat grey (p 0.25). ``strength`` scales
+    every range around "unchanged" (zoom and aspect in log space) and every chance but the
+    mirror's: 0.5 is zoom 0.84-1.12, light 0.85-1.15, grey p 0.05 and so on; 1 is the above.
+    The draws are the same for every strength. ``inputs`` is a normalised batch
+    (B, 3, S, S); so is the result.
     """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"need a strength in [0, 1], got {strength}")
     b, device = inputs.shape[0], inputs.device
+    s = strength
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     pixels = inputs * std + mean  # (B, 3, S, S) in [0, 1]
@@ -298,8 +308,8 @@ def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.G
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
         return torch.empty(*shape).uniform_(low, high, generator=generator)
 
-    zoom = torch.exp(uniform(np.log(0.7), np.log(1.25), b))  # sampled side / image side
-    aspect = torch.exp(uniform(np.log(0.75), np.log(4 / 3), b))
+    zoom = torch.exp(uniform(s * np.log(0.7), s * np.log(1.25), b))  # sampled side / image side
+    aspect = torch.exp(uniform(s * np.log(0.75), s * np.log(4 / 3), b))
     scale = torch.stack([zoom * aspect.sqrt(), zoom / aspect.sqrt()], dim=1)  # (B, 2): x, y
     shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - scale).abs()
     flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
@@ -311,14 +321,15 @@ def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.G
     pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     grey = pixels.mean(dim=1, keepdim=True)  # (B, 1, S, S)
-    saturation = uniform(0.7, 1.3, b, 1, 1, 1).to(device)
+    saturation = uniform(1 - 0.3 * s, 1 + 0.3 * s, b, 1, 1, 1).to(device)
     pixels = grey + (pixels - grey) * saturation
-    to_grey = (torch.rand(b, generator=generator) < 0.1).to(device).view(-1, 1, 1, 1)
+    to_grey = (torch.rand(b, generator=generator) < 0.1 * s).to(device).view(-1, 1, 1, 1)
     pixels = torch.where(to_grey, pixels.mean(dim=1, keepdim=True).expand_as(pixels), pixels)
     level = pixels.mean(dim=(1, 2, 3), keepdim=True)
-    pixels = ((pixels - level) * uniform(0.7, 1.3, b, 1, 1, 1).to(device) + level) * uniform(0.7, 1.3, b, 1, 1, 1).to(device)
+    light = 1 - 0.3 * s, 1 + 0.3 * s
+    pixels = ((pixels - level) * uniform(*light, b, 1, 1, 1).to(device) + level) * uniform(*light, b, 1, 1, 1).to(device)
     blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    to_blur = (torch.rand(b, generator=generator) < 0.2).to(device).view(-1, 1, 1, 1)
+    to_blur = (torch.rand(b, generator=generator) < 0.2 * s).to(device).view(-1, 1, 1, 1)
     pixels = torch.where(to_blur, blurred, pixels)
 
     side = pixels.shape[-1]
@@ -332,7 +343,7 @@ def imitate_shoot(inputs: torch.Tensor, spec: PreprocessSpec, generator: torch.G
     cols = torch.arange(side).view(1, 1, side)
     box = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
            & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))  # (B, S, S)
-    erase = box & (torch.rand(b, generator=generator) < 0.25).view(-1, 1, 1)
+    erase = box & (torch.rand(b, generator=generator) < 0.25 * s).view(-1, 1, 1)
     fill = uniform(0.0, 1.0, b, 1, 1, 1).to(device)
     pixels = torch.where(erase.unsqueeze(1).to(device), fill, pixels)
     return (pixels.clamp(0.0, 1.0) - mean) / std
@@ -475,7 +486,7 @@ def train_epoch(
             labels = np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)  # (B, 1 + T)
         inputs, targets = to_batch(data.train_x[idx], labels, spec, device, layout_of(model))
         if config.shoot_augment:
-            inputs = imitate_shoot(inputs, spec, generator)
+            inputs = imitate_shoot(inputs, spec, generator, config.shoot_strength)
         elif config.augment:
             inputs = augment(inputs, spec, generator)
         elif config.flip:

@@ -406,6 +406,25 @@ def test_imitate_shoot_keeps_shape_and_range_and_follows_its_generator() -> None
     assert not torch.allclose(first, inputs, atol=0.05)
 
 
+def test_imitate_shoot_strength_scales_how_far_it_goes() -> None:
+    spec = PreprocessSpec(size=24)
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 24, 24, 3), dtype=np.uint8)
+    inputs = torch.from_numpy(normalise(pixels, spec))
+    none = imitate_shoot(inputs, spec, torch.Generator().manual_seed(1), strength=0.0)
+    for image, original in zip(none, inputs, strict=True):  # strength 0: the image or its mirror image
+        assert torch.allclose(image, original, atol=1e-4) or torch.allclose(image, original.flip(2), atol=1e-4)
+    unflipped = torch.minimum((none - inputs).abs().mean(dim=(1, 2, 3)), (none - inputs.flip(3)).abs().mean(dim=(1, 2, 3)))
+
+    def change(strength: float) -> float:  # mean distance to the image or its mirror image, whichever is nearer
+        out = imitate_shoot(inputs, spec, torch.Generator().manual_seed(1), strength=strength)
+        return float(torch.minimum((out - inputs).abs().mean(dim=(1, 2, 3)),
+                                   (out - inputs.flip(3)).abs().mean(dim=(1, 2, 3))).mean())
+
+    assert float(unflipped.mean()) < 1e-4 < change(0.5) < change(1.0)
+    with pytest.raises(ValueError):
+        imitate_shoot(inputs, spec, torch.Generator().manual_seed(1), strength=1.5)
+
+
 def test_auxiliary_heads_add_their_losses_and_skip_missing_labels() -> None:
     spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
     model = EmbeddingNet(spec)
