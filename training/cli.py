@@ -49,6 +49,8 @@ HELP = {
     "aux_labels": "extra styles.csv labels learnt by training-only heads, comma-separated, e.g. "
                   "subCategory,baseColour ('' for none)",
     "aux_weight": "their loss weight",
+    "batch_loss": "a retrieval loss on the batch's pairs of embeddings, added to CosFace (res-cnn)",
+    "batch_loss_weight": "its weight",
     "ema_decay": "keep an exponential moving average of the weights (0: off)",
     "flip_average": "embed each image and its mirror image and average them, in serving too",
     "threads": "torch threads (0: torch's default)",

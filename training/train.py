@@ -44,7 +44,7 @@ from training.data import (
     select,
     stratified_split,
 )
-from training.losses import CosFaceLoss
+from training.losses import BATCH_LOSSES, CosFaceLoss
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ class TrainConfig:
     # ``aux_weight`` (training only: the heads are not part of the stored model).
     aux_labels: tuple[str, ...] = ()
     aux_weight: float = 0.3
+    # A retrieval loss on the batch's own pairs of unit embeddings, added to the classifier's
+    # (res-cnn only) with weight ``batch_loss_weight``: multi-similarity or supervised
+    # contrastive (:mod:`training.losses`). With ``sampler`` balanced every batch has K
+    # positives per anchor; with shuffle, only the classes that happen to meet in it.
+    batch_loss: Literal["none", "multi-similarity", "supcon"] = "none"
+    batch_loss_weight: float = 1.0
     # Exponential moving average of the weights (decay per step; 0: off). The average is what is kept.
     ema_decay: float = 0.0
     # Embed an image and its mirror image and average them (stored in the model's spec:
@@ -359,15 +365,17 @@ class AuxiliaryHeads(nn.Module):
     """Training only: the embedder with one more cosine head per extra label (``aux_labels``).
 
     forward: (B, 3, S, S) -> (B, C + sum(sizes)) cosines of the unit embedding to the
-    main classes' proxies, then to each extra label's. The heads are dropped when the
-    model is stored; they only shape the embedding.
+    main classes' proxies, then to each extra label's, then (``with_embedding``) the unit
+    embedding itself (B, D), for a loss on the batch's pairs. The heads are dropped when
+    the model is stored; they only shape the embedding.
     """
 
-    def __init__(self, model: EmbeddingNet, sizes: Sequence[int]) -> None:
+    def __init__(self, model: EmbeddingNet, sizes: Sequence[int], with_embedding: bool = False) -> None:
         super().__init__()
         if model.arch.loss != "cosface":
             raise ValueError(f"auxiliary labels need a cosine classifier, which {model.spec.arch} has not")
         self.model = model
+        self.with_embedding = with_embedding
         dim = model.spec.embedding_dim
         self.heads = nn.ParameterList([nn.Parameter(torch.randn(n, dim) / dim**0.5) for n in sizes])
 
@@ -377,18 +385,26 @@ class AuxiliaryHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit = self.model.unit_embedding(x)  # (B, D)
         proxies = [self.model.proxies, *self.heads]
-        return torch.cat([unit @ F.normalize(p, dim=1).T for p in proxies], dim=1)
+        return torch.cat([unit @ F.normalize(p, dim=1).T for p in proxies] + ([unit] if self.with_embedding else []), dim=1)
 
 
 class MultiTaskLoss:
     """The main loss on the first ``num_classes`` columns and target 0, plus ``weight`` times
-    the same loss for each extra label (targets (B, 1 + T); -1: the item has no such label)."""
+    the same loss for each extra label (targets (B, 1 + T); -1: the item has no such label),
+    plus ``batch_weight`` times ``batch_loss(unit embeddings, target 0)`` when the last
+    ``embedding_dim`` columns are the unit embeddings (:class:`AuxiliaryHeads` ``with_embedding``)."""
 
-    def __init__(self, loss_fn: LossFn, num_classes: int, sizes: Sequence[int], weight: float) -> None:
+    def __init__(self, loss_fn: LossFn, num_classes: int, sizes: Sequence[int], weight: float,
+                 batch_loss: LossFn | None = None, batch_weight: float = 1.0, embedding_dim: int = 0) -> None:
         self.loss_fn, self.num_classes, self.sizes, self.weight = loss_fn, num_classes, list(sizes), weight
+        self.batch_loss, self.batch_weight, self.embedding_dim = batch_loss, batch_weight, embedding_dim
+        if batch_loss is not None and embedding_dim < 1:
+            raise ValueError("a batch loss needs the embedding's size")
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(logits[:, : self.num_classes], targets[:, 0])
+        if self.batch_loss is not None:
+            loss = loss + self.batch_weight * self.batch_loss(logits[:, -self.embedding_dim :], targets[:, 0])
         start = self.num_classes
         for column, size in enumerate(self.sizes, start=1):
             known = targets[:, column] >= 0
@@ -482,8 +498,8 @@ def train_epoch(
         if len(idx) < 2:  # batch norm cannot train on one example
             continue
         labels = data.train_y[idx]
-        if isinstance(model, AuxiliaryHeads) and data.train_aux is not None:
-            labels = np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)  # (B, 1 + T)
+        if isinstance(model, AuxiliaryHeads):  # (B, 1 + T)
+            labels = labels[:, None] if data.train_aux is None else np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)
         inputs, targets = to_batch(data.train_x[idx], labels, spec, device, layout_of(model))
         if config.shoot_augment:
             inputs = imitate_shoot(inputs, spec, generator, config.shoot_strength)
@@ -528,10 +544,12 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
     loss_fn = config.loss_fn()
     trained: nn.Module = model
     step_loss: LossFn = loss_fn
-    if config.aux_labels and data.train_aux is not None:
-        sizes = [len(names) for names in data.aux_classes]
-        trained = AuxiliaryHeads(model, sizes).to(next(model.parameters()).device)
-        step_loss = MultiTaskLoss(loss_fn, model.spec.num_classes, sizes, config.aux_weight)
+    batch_loss = BATCH_LOSSES[config.batch_loss] if config.batch_loss != "none" else None
+    if (config.aux_labels and data.train_aux is not None) or batch_loss is not None:
+        sizes = [len(names) for names in data.aux_classes] if data.train_aux is not None else []
+        trained = AuxiliaryHeads(model, sizes, with_embedding=batch_loss is not None).to(next(model.parameters()).device)
+        step_loss = MultiTaskLoss(loss_fn, model.spec.num_classes, sizes, config.aux_weight,
+                                  batch_loss, config.batch_loss_weight, model.spec.embedding_dim)
     ema = None
     if config.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
