@@ -110,7 +110,9 @@ class TrainConfig:
     # positives per anchor; with shuffle, only the classes that happen to meet in it.
     batch_loss: Literal["none", "multi-similarity", "supcon"] = "none"
     batch_loss_weight: float = 1.0
-    # Exponential moving average of the weights (decay per step; 0: off). The average is what is kept.
+    # Exponential moving average of the weights (decay per step; 0: off). The average is what is
+    # kept; the last epoch's plain weights are measured too (the card's ``training.without_ema``),
+    # so one run says what the average bought.
     ema_decay: float = 0.0
     # Embed an image and its mirror image and average them (stored in the model's spec:
     # serving does it too, at twice the cost per query).
@@ -182,6 +184,7 @@ class FitResult:
     val_accuracy: float | None  # None without a validation set
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
+    plain_state: dict[str, torch.Tensor] | None = None  # with EMA: the trained weights of the last epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -605,6 +608,8 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
             break
     if not len(val_y):
         best.val_accuracy = None
+    if ema is not None:
+        best.plain_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     return best
 
 
@@ -708,6 +713,7 @@ def train(
     model.load_state_dict(result.best_state)
     train_seconds = time.perf_counter() - started - load_seconds
 
+    without_ema: dict[str, float] | None = None
     catalog_vecs = embed_all(model, data.train_x, spec)
     query_vecs = embed_all(model, data.test_x, spec)
     _, test_accuracy = evaluate(model, data.test_x, data.test_y, spec, config.loss_fn(), config.batch_size * 4)
@@ -721,6 +727,14 @@ def train(
 
         views = measure_views(model, spec, data.split, data.items, cache_dir=config.cache_dir, hnsw=False)
         metrics |= card_metrics(views)
+    if result.plain_state is not None:  # what the average bought, measured on the same run
+        plain = EmbeddingNet(model_spec).to(device)
+        plain.load_state_dict(result.plain_state)
+        without_ema = retrieval_metrics(embed_all(plain, data.train_x, spec), data.train_y,
+                                        embed_all(plain, data.test_x, spec), data.test_y, k=5)
+        if data.split.scheme == "period":
+            without_ema |= card_metrics(measure_views(plain, spec, data.split, data.items,
+                                                      cache_dir=config.cache_dir, hnsw=False))
     log.info("best epoch %d: %s", result.best_epoch,
              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
@@ -743,6 +757,7 @@ def train(
         "train_seconds": round(train_seconds, 2),
         "curves": CURVES_FILE,  # relative to the model's folder
         **({"feedback_pairs": pair_stats} if pair_stats is not None else {}),
+        **({"without_ema": without_ema} if without_ema is not None else {}),
         **dict(card_extra or {}),
     }
     card = store.save(

@@ -613,6 +613,25 @@ def test_fit_trains_with_a_batch_loss_on_balanced_batches(shapes_catalog: Path, 
     assert any(not torch.equal(before[name], t) for name, t in result.best_state.items())
 
 
+def test_ema_keeps_the_average_and_leaves_the_training_itself_unchanged(shapes_catalog: Path, tmp_path: Path) -> None:
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=2)
+    data = prepare_data(config, progress=False)
+
+    def run(ema_decay: float):
+        seed_everything(0)
+        model = EmbeddingNet(config.model_spec(len(data.split.classes)))
+        return fit(model, data, replace(config, ema_decay=ema_decay), progress=False)
+
+    plain, averaged = run(0.0), run(0.9)
+    assert plain.plain_state is None and averaged.plain_state is not None
+    for name, weights in plain.best_state.items():  # the trained weights follow the same path
+        assert torch.allclose(weights.float(), averaged.plain_state[name].float(), atol=1e-6), name
+    assert any(not torch.allclose(averaged.best_state[name].float(), w.float(), atol=1e-4)
+               for name, w in averaged.plain_state.items() if w.is_floating_point())
+    card = train(replace(config, ema_decay=0.9, epochs=1), ModelStore(tmp_path / "models"), progress=False)
+    assert {"top1_accuracy", "precision_at_5"} <= set(card.training["without_ema"])  # the plain weights, measured
+
+
 # --- CLI -----------------------------------------------------------------------------
 
 
