@@ -63,6 +63,7 @@ SHAPES_CONFIG = TrainConfig(
     batch_size=16,
     lr=3e-3,
     augment=True,  # shapes sit anywhere in the picture: flips and crops help here
+    shoot_augment=False,  # calibrated with --augment (the shoot augmentation would take precedence)
     min_count=5,
     split="random",  # calibrated on the stratified random split (the split by period: test_period_split_*)
     test_fraction=0.2,
