@@ -45,9 +45,12 @@ HELP = {
     "augment": "random flips, crops and brightness/contrast while training",
     "flip": "random horizontal flips while training",
     "shoot_augment": "imitate other shoots: framing, zoom, aspect, light, colour, grey, blur, erasing",
+    "shoot_strength": "--shoot-augment's ranges and chances scaled (1: full, 0.5: half)",
     "aux_labels": "extra styles.csv labels learnt by training-only heads, comma-separated, e.g. "
                   "subCategory,baseColour ('' for none)",
     "aux_weight": "their loss weight",
+    "batch_loss": "a retrieval loss on the batch's pairs of embeddings, added to CosFace (res-cnn)",
+    "batch_loss_weight": "its weight",
     "ema_decay": "keep an exponential moving average of the weights (0: off)",
     "flip_average": "embed each image and its mirror image and average them, in serving too",
     "threads": "torch threads (0: torch's default)",

@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 
 
 # TrainConfig fields added with the split by period, at the values that reproduce older recipes.
-LEGACY_RECIPE: dict[str, Any] = {"split": "random", "shoot_augment": False, "aux_labels": (), "ema_decay": 0.0,
-                                 "flip_average": False}
+LEGACY_RECIPE: dict[str, Any] = {"split": "random", "shoot_augment": False, "shoot_strength": 1.0, "aux_labels": (),
+                                 "ema_decay": 0.0, "flip_average": False}
 
 
 def config_from_card(raw: dict[str, Any], settings: TrainerSettings) -> TrainConfig:

@@ -67,7 +67,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, str, P
     data = make_synthetic_catalog(root / "data", classes=4, per_class=15, size=32, seed=5)
     config = TrainConfig(
         data=data, min_count=2, size=32, channels=(8, 16), embedding_dim=16, epochs=2, batch_size=16,
-        patience=None, cache_dir=root / "cache", threads=2, device="cpu",
+        patience=None, cache_dir=root / "cache", threads=2, device="cpu", shoot_augment=False,
     )  # fmt: skip
     store = ModelStore(root / "models")
     card = train(config, store, progress=False)

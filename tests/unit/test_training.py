@@ -32,7 +32,7 @@ from training.data import (
     period_split,
     stratified_split,
 )
-from training.losses import CosFaceLoss
+from training.losses import CosFaceLoss, multi_similarity_loss, supervised_contrastive_loss
 from training.synthetic import make_synthetic_catalog
 from training.train import (
     AuxiliaryHeads,
@@ -63,6 +63,7 @@ SHAPES_CONFIG = TrainConfig(
     batch_size=16,
     lr=3e-3,
     augment=True,  # shapes sit anywhere in the picture: flips and crops help here
+    shoot_augment=False,  # calibrated with --augment (the shoot augmentation would take precedence)
     min_count=5,
     split="random",  # calibrated on the stratified random split (the split by period: test_period_split_*)
     test_fraction=0.2,
@@ -406,6 +407,25 @@ def test_imitate_shoot_keeps_shape_and_range_and_follows_its_generator() -> None
     assert not torch.allclose(first, inputs, atol=0.05)
 
 
+def test_imitate_shoot_strength_scales_how_far_it_goes() -> None:
+    spec = PreprocessSpec(size=24)
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 24, 24, 3), dtype=np.uint8)
+    inputs = torch.from_numpy(normalise(pixels, spec))
+    none = imitate_shoot(inputs, spec, torch.Generator().manual_seed(1), strength=0.0)
+    for image, original in zip(none, inputs, strict=True):  # strength 0: the image or its mirror image
+        assert torch.allclose(image, original, atol=1e-4) or torch.allclose(image, original.flip(2), atol=1e-4)
+    unflipped = torch.minimum((none - inputs).abs().mean(dim=(1, 2, 3)), (none - inputs.flip(3)).abs().mean(dim=(1, 2, 3)))
+
+    def change(strength: float) -> float:  # mean distance to the image or its mirror image, whichever is nearer
+        out = imitate_shoot(inputs, spec, torch.Generator().manual_seed(1), strength=strength)
+        return float(torch.minimum((out - inputs).abs().mean(dim=(1, 2, 3)),
+                                   (out - inputs.flip(3)).abs().mean(dim=(1, 2, 3))).mean())
+
+    assert float(unflipped.mean()) < 1e-4 < change(0.5) < change(1.0)
+    with pytest.raises(ValueError):
+        imitate_shoot(inputs, spec, torch.Generator().manual_seed(1), strength=1.5)
+
+
 def test_auxiliary_heads_add_their_losses_and_skip_missing_labels() -> None:
     spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
     model = EmbeddingNet(spec)
@@ -422,6 +442,52 @@ def test_auxiliary_heads_add_their_losses_and_skip_missing_labels() -> None:
     assert loss.item() == pytest.approx(expected.item())
     with pytest.raises(ValueError):
         AuxiliaryHeads(EmbeddingNet(ModelSpec(input_size=16, channels=(4, 8), num_classes=3)), [2])
+
+
+def test_auxiliary_heads_pass_the_embedding_to_a_batch_loss() -> None:
+    spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
+    model = EmbeddingNet(spec).eval()
+    net = AuxiliaryHeads(model, [], with_embedding=True)
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (6, 3 + 8) and torch.allclose(out[:, 3:], model.unit_embedding(x), atol=1e-6)
+    targets = torch.tensor([[0], [0], [1], [1], [2], [2]])
+    main = CosFaceLoss()
+    loss = MultiTaskLoss(main, 3, [], 0.3, multi_similarity_loss, 0.5, embedding_dim=8)(out, targets)
+    expected = main(out[:, :3], targets[:, 0]) + 0.5 * multi_similarity_loss(out[:, 3:], targets[:, 0])
+    assert loss.item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError):
+        MultiTaskLoss(main, 3, [], 0.3, multi_similarity_loss)  # no embedding size
+
+
+@pytest.mark.parametrize("loss_fn", [multi_similarity_loss, supervised_contrastive_loss])
+def test_batch_losses_prefer_classes_that_cluster(loss_fn) -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    noise = 0.05 * torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    clustered = torch.nn.functional.normalize(centres[labels] + noise, dim=1)
+    scattered = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    assert loss_fn(clustered, labels).item() < loss_fn(scattered, labels).item()
+    assert loss_fn(scattered, torch.arange(8)).item() == 0.0  # no anchor has a positive
+    moved = scattered.clone().requires_grad_()
+    loss_fn(moved, labels).backward()
+    assert moved.grad is not None and moved.grad.abs().sum() > 0
+
+
+def test_supervised_contrastive_loss_matches_its_definition() -> None:
+    unit = torch.nn.functional.normalize(torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    total, anchors = 0.0, 0
+    for i in range(5):
+        others = [a for a in range(5) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(float(torch.exp(unit[i] @ unit[a] / 0.1)) for a in others)
+        total += -sum(float(unit[i] @ unit[p] / 0.1) - np.log(denominator) for p in positives) / len(positives)
+        anchors += 1
+    assert supervised_contrastive_loss(unit, labels, temperature=0.1).item() == pytest.approx(total / anchors, rel=1e-5)
 
 
 def test_seed_cnn_keeps_its_weight_names() -> None:
@@ -534,6 +600,37 @@ def test_best_epoch_is_picked_on_validation_never_on_the_test_split(
     best = max(accuracies)
     assert result.best_epoch == max(i for i, a in enumerate(accuracies, 1) if a == best)  # ties: the later
     assert result.val_accuracy == best and {"val_loss", "val_accuracy"} <= set(result.history[0])
+
+
+def test_fit_trains_with_a_batch_loss_on_balanced_batches(shapes_catalog: Path, tmp_path: Path) -> None:
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=2, sampler="balanced",
+                     per_class=4, batch_loss="multi-similarity", batch_loss_weight=0.5)
+    data = prepare_data(config, progress=False)
+    model = EmbeddingNet(config.model_spec(len(data.split.classes)))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    result = fit(model, data, config, progress=False)
+    assert result.epochs_run == 2 and all(np.isfinite(row["train_loss"]) for row in result.history)
+    assert set(result.best_state) == set(before)  # the stored model is the embedder alone, no extra columns
+    assert any(not torch.equal(before[name], t) for name, t in result.best_state.items())
+
+
+def test_ema_keeps_the_average_and_leaves_the_training_itself_unchanged(shapes_catalog: Path, tmp_path: Path) -> None:
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path, epochs=2)
+    data = prepare_data(config, progress=False)
+
+    def run(ema_decay: float):
+        seed_everything(0)
+        model = EmbeddingNet(config.model_spec(len(data.split.classes)))
+        return fit(model, data, replace(config, ema_decay=ema_decay), progress=False)
+
+    plain, averaged = run(0.0), run(0.9)
+    assert plain.plain_state is None and averaged.plain_state is not None
+    for name, weights in plain.best_state.items():  # the trained weights follow the same path
+        assert torch.allclose(weights.float(), averaged.plain_state[name].float(), atol=1e-6), name
+    assert any(not torch.allclose(averaged.best_state[name].float(), w.float(), atol=1e-4)
+               for name, w in averaged.plain_state.items() if w.is_floating_point())
+    card = train(replace(config, ema_decay=0.9, epochs=1), ModelStore(tmp_path / "models"), progress=False)
+    assert {"top1_accuracy", "precision_at_5"} <= set(card.training["without_ema"])  # the plain weights, measured
 
 
 # --- CLI -----------------------------------------------------------------------------
