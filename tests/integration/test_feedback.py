@@ -175,7 +175,7 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
     catalog_vectors = {f"k{i}": np.roll(image_vector, i) for i in range(3)}
     for item_id, vector in catalog_vectors.items():
         agg.producer.produce(vectors_topic(s, "mB"), key=item_id.encode(), value=c.encode_vector(vector),
-                             headers=[(c.H_MODEL_VERSION, b"mB")])
+                             headers=[(c.H_MODEL_VERSION, b"mB"), (c.H_VECTOR_DIM, str(len(vector)).encode())])
     agg.producer.produce(vectors_topic(s, "mB"), key=b"k2", value=None, headers=[(c.H_MODEL_VERSION, b"mB")])
     for request, (model, items) in shown.items():
         if request != "r6":  # r6's reply comes after its feedback
