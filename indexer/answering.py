@@ -8,6 +8,8 @@ import contextlib
 import logging
 from collections.abc import Mapping
 
+from confluent_kafka import KafkaException
+
 from indexer import stages
 from indexer.shards import LOOKUP, SEARCH, own_position, partial_headers
 from indexer.versions import Pools, VersionIndex
@@ -73,10 +75,14 @@ class Answering:
         source = Source(s, group=f"{s.query_group}.meta", name="catalog-meta")
         try:
             while True:
-                found = await source.partitions(s.catalog_topic, wait_s=0)
+                try:
+                    found = await source.partitions(s.catalog_topic, wait_s=0)
+                except KafkaException as exc:  # the broker is away: keep what is known, look again later
+                    log.warning("cannot look up the catalog topic's partitions: %s", exc)
+                    found = []
                 if found:
                     self.catalog_partitions = max(found) + 1
-                await asyncio.sleep(30)
+                await asyncio.sleep(30 if found else 5)
         finally:
             await source.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -88,3 +89,37 @@ def test_hostile_query_vector_headers_get_error_replies() -> None:
         assert json.loads(value)["error"]["code"] == "bad_header", name
     nan = c.encode_vector(np.full(DIM, np.nan, dtype=np.float32))
     assert json.loads(ix.answer(b"q1", nan, query_headers())[0][2])["error"]["code"] == "bad_vector"
+
+
+def test_the_partition_lookup_survives_the_broker_being_away(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The lookup runs beside the loops: a broker that is away must not end it (and the indexer with it)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    import indexer.answering as answering
+
+    answers = [KafkaException(KafkaError(KafkaError._TRANSPORT)), [0, 1, 2]]
+
+    class FakeSource:
+        def __init__(self, *_a, **_k) -> None: ...
+
+        async def partitions(self, *_a, **_k):  # type: ignore[no-untyped-def]
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        async def close(self) -> None: ...
+
+    async def fast_sleep(_s: float) -> None:
+        if not answers:
+            raise asyncio.CancelledError  # both looked up: stop the endless loop
+    monkeypatch.setattr(answering, "Source", FakeSource)
+    monkeypatch.setattr(answering.asyncio, "sleep", fast_sleep)
+    ix = indexer()
+    ix.catalog_partitions = None
+
+    async def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await ix.watch_catalog_partitions()
+    asyncio.run(run())
+    assert ix.catalog_partitions == 3
