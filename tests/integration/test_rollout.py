@@ -24,6 +24,7 @@ from lookalike.registry import Registry
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
 from tests.integration.conftest import Pipeline, start_pipeline, stop_pipeline, wait_status, warm_up
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +211,12 @@ def test_feedback_triggers_training_promotion_and_a_live_switch(
         feed.publish_items(items)
         feed.flush()
         with running.client() as client:
-            assert client.ask(images[items[0].item_id], min_position=feed.positions, timeout_s=20)["status"] == "ok"
+            def served() -> dict | None:  # a loaded box may need more than one min-position wait (not_ready)
+                reply = client.ask(images[items[0].item_id], min_position=feed.positions, timeout_s=20)
+                assert reply["status"] == "ok" or reply["error"]["code"] == "not_ready", reply
+                return reply if reply["status"] == "ok" else None
+
+            wait_for(served, 120, "the published catalog served", running)
         stream = QueryStream(running, list(images.values()))
         stream.start()
 
