@@ -107,19 +107,31 @@ MAX_JSON_DEPTH = 32  # nesting of objects and arrays in any JSON read from a top
 MAX_INT_DIGITS = 19  # a header integer: int64's digits (a timestamp in ms has 13)
 _INT_PATTERN = re.compile(rb"-?[0-9]{1,19}")
 _POSITION_PATTERN = re.compile(rb"[0-9]{1,9}:[0-9]{1,19}(?:,[0-9]{1,9}:[0-9]{1,19}){0,1023}")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET_DELTA = np.zeros(256, dtype=np.int8)
 _BRACKET_DELTA[[ord("["), ord("{")]] = 1
 _BRACKET_DELTA[[ord("]"), ord("}")]] = -1
 
 
 def json_depth(raw: bytes) -> int:
-    """How deeply ``raw`` nests objects and arrays, counted on the bytes (strings left out)
-    without parsing: a bound checked before ``json.loads`` recurses."""
-    if not any(b in raw for b in (b"[", b"{")):
+    """How deeply ``raw`` nests objects and arrays, counted on the bytes without parsing (a
+    bound checked before ``json.loads`` recurses), in linear time whatever the bytes (no
+    regular expression: quotes and backslashes can make one take quadratic time).
+
+    Brackets inside strings do not count: a quote opens or closes a string unless an odd
+    run of backslashes precedes it (exact for valid JSON; invalid JSON fails to parse later)."""
+    if b"[" not in raw and b"{" not in raw:
         return 0
-    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    return int(np.cumsum(_BRACKET_DELTA[bare], dtype=np.int64).max(initial=0))
+    b = np.frombuffer(raw, dtype=np.uint8)
+    index = np.arange(len(b))
+    backslash = b == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))  # the last non-backslash at or before i
+    run_before = np.empty(len(b), dtype=np.int64)  # backslashes right before each position
+    run_before[0] = 0
+    run_before[1:] = index[:-1] - last_other[:-1]
+    quote = (b == ord('"')) & (run_before % 2 == 0)
+    inside = (np.cumsum(quote) - quote) % 2 == 1  # after an odd number of real quotes: within a string
+    delta = np.where(inside, 0, _BRACKET_DELTA[b])
+    return int(np.cumsum(delta, dtype=np.int64).max(initial=0))
 
 
 def parse_json(raw: bytes | str | None, *, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,

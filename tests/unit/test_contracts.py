@@ -183,6 +183,14 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
     raw = b'{"a": "[[[[[[[[\\"{{{{", "b": [[1]]}'
     assert c.json_depth(raw) == 3
     assert c.parse_json(raw, what="doc", max_bytes=100) == {"a": '[[[[[[[["{{{{', "b": [[1]]}
+    for raw, depth in [(b'["\\\\", [2]]', 2), (b'["a\\\\\\"["]', 1), (b'"[[["', 0), (b"[[[]]]", 3)]:
+        assert c.json_depth(raw) == depth, raw
+        json.loads(raw)  # each is valid JSON
+
+
+@pytest.mark.timeout(30)  # a scan that backtracks takes hours on this (a regular expression did)
+def test_json_depth_is_linear_on_quotes_and_backslashes() -> None:
+    assert c.json_depth(b"[" + b'\\"' * 500_000) == 1
 
 
 @pytest.mark.parametrize("raw", [b"NaN", b"[Infinity]", b"\xff", b"{", b"x" * 101])
