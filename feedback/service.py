@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import numpy as np
 import redis
 
 from feedback import windows as w
@@ -35,7 +34,7 @@ from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons, emit_decis
 from feedback.report import catalog_items
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
-from lookalike.errors import ErrorCode, InvalidMessage
+from lookalike.errors import InvalidMessage
 from lookalike.events import Trigger, make_trigger, parse_feedback
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
@@ -88,8 +87,6 @@ class Aggregator:
                 dim = c.parse_int(headers.get(c.H_VECTOR_DIM, str(len(value or b"") // 4).encode()),
                                   what="vector-dim", lo=1, hi=c.MAX_VECTOR_DIM) if value else 0
                 vector = c.decode_vector(value, dim) if value else None
-                if vector is not None and not np.isfinite(vector).all():
-                    raise InvalidMessage("vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
                 self.store.record_query(request_id, model, item.decode() if item else None, vector, timestamp_ms)
             except (InvalidMessage, UnicodeDecodeError, ValueError) as exc:
                 log.debug("query vector skipped: %s", exc)
@@ -104,8 +101,6 @@ class Aggregator:
                 dim = c.parse_int(headers.get(c.H_VECTOR_DIM, b""), what="vector-dim", lo=1,
                                   hi=c.MAX_VECTOR_DIM) if value else 0
                 vector = c.decode_vector(value, dim) if value else None
-                if vector is not None and not np.isfinite(vector).all():
-                    raise InvalidMessage("vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
                 self.store.record_catalog_vector(item_id, model, vector)
             except (InvalidMessage, UnicodeDecodeError, ValueError) as exc:
                 log.debug("catalog vector skipped: %s", exc)

@@ -41,8 +41,6 @@ def parse_vector_record(key: bytes | None, value: bytes | None, headers: Mapping
         return VectorEvent(Delete(item_id), model_version, None, source)
     dim = c.parse_int(headers.get(c.H_VECTOR_DIM), what="vector-dim", lo=1, hi=c.MAX_VECTOR_DIM)
     vector = c.decode_vector(value, dim)
-    if not np.isfinite(vector).all():
-        raise InvalidMessage("vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
     metadata = c.decode_metadata(headers.get(c.H_METADATA))
     return VectorEvent(Upsert(item_id, vector, metadata), model_version, dim, source)
 
@@ -83,8 +81,6 @@ def parse_query_vector(
         if value is None or dim is None:
             raise InvalidMessage("query vector is missing", code=ErrorCode.BAD_VECTOR)
         vector = c.decode_vector(value, dim)
-        if not np.isfinite(vector).all():
-            raise InvalidMessage("query vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
     min_position = c.parse_position(headers[c.H_MIN_POSITION]) if c.H_MIN_POSITION in headers else None
     exclude = headers[c.H_LOOKUP_OF].decode("utf-8", "replace") if c.H_LOOKUP_OF in headers else None

@@ -282,10 +282,13 @@ def encode_vector(vector: np.ndarray) -> bytes:
 
 
 def decode_vector(raw: bytes, dim: int) -> np.ndarray:
-    """Inverse of :func:`encode_vector`; checks the length against ``dim``."""
+    """Inverse of :func:`encode_vector`; checks the length against ``dim`` and that every component is finite."""
     if len(raw) != dim * 4:
         raise InvalidMessage(f"vector is {len(raw)} bytes, expected {dim * 4} for dim {dim}", code=ErrorCode.BAD_VECTOR)
-    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.isfinite(vector).all():  # a NaN would poison an index or a drift sample
+        raise InvalidMessage("vector has NaN or infinite components", code=ErrorCode.BAD_VECTOR)
+    return vector
 
 
 @cache
