@@ -125,6 +125,7 @@ class Bench:
     settings: ClientSettings
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     added: list[str] = field(default_factory=list)  # bench item ids to remove at the end
+    rounds: int = 0  # query_latency calls so far
 
     def __post_init__(self) -> None:
         self.replies = Replies(self.settings)
@@ -138,9 +139,10 @@ class Bench:
         skip = int(rate * warmup_s)
         sent: list[tuple[bytes, str, float, float]] = []  # key, item id, scheduled, sent
         start = time.monotonic() + 0.2
+        self.rounds += 1  # keys unique across rounds: a reply of the last round is not one of this one's
         for i in range(total):
             item_id, image = queries[i % len(queries)]
-            key = f"bench-{self.run_id}-q{i}".encode()
+            key = f"bench-{self.run_id}-r{self.rounds}q{i}".encode()
             scheduled = start + i / rate
             sleep_until(scheduled)
             self.replies.expect(key)

@@ -23,8 +23,8 @@ def latency(result: dict[str, Any], path: Path) -> Path:
     ms = sorted(s["ms"] for s in samples)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     a.plot(ms, [i / max(1, len(ms)) for i in range(len(ms))])
-    a.axvline(10, color="green", ls="--", label="p50 target 10 ms")
-    a.axvline(30, color="red", ls="--", label="p99 target 30 ms")
+    a.axvline(8, color="green", ls="--", label="p50 target 8 ms")
+    a.axvline(25, color="red", ls="--", label="p99 target 25 ms")
     a.set_xscale("log")
     a.set_xlabel("publish → reply (ms)")
     a.set_ylabel("fraction of queries")
@@ -59,6 +59,21 @@ def ingestion(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("seconds since the first publish")
     ax.set_ylabel("items")
     ax.set_title(f"ingestion: {result['items']} images, {result['images_per_s']:.0f} images/s")
+    ax.legend()
+    return _save(fig, path)
+
+
+def curve(result: dict[str, Any], path: Path) -> Path:
+    points = result["points"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for q in ("p50", "p99"):
+        ax.plot([p["rate_per_s"] for p in points], [p["latency_ms"].get(q) for p in points], marker="o", label=q)
+    ax.axhline(100, color="red", ls="--", label="p99 limit for capacity, 100 ms")
+    ax.axvline(300, color="grey", ls=":", label="capacity target, 300/s")
+    ax.set_yscale("log")
+    ax.set_xlabel("queries/s (open loop)")
+    ax.set_ylabel("publish → reply (ms)")
+    ax.set_title(f"latency against rate; capacity {result['capacity_per_s'] or '—'}/s")
     ax.legend()
     return _save(fig, path)
 

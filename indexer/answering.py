@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 
 from confluent_kafka import KafkaException
@@ -46,13 +47,15 @@ class Answering:
         it is answered ``not_ready``), then for its ``min-position`` (at most
         ``min_position_wait_s``; a partition the catalog does not have is answered at once)."""
         s = self.settings
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.started.wait(), s.catch_up_wait_s)
+        if not self.started.is_set():  # (wait_for makes a task: not for every query once started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.started.wait(), s.catch_up_wait_s)
         vi = self.version_for(headers)
         if vi is None:
             return  # answered with model_mismatch
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(vi.caught_up.wait(), s.catch_up_wait_s)
+        if not vi.caught_up.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(vi.caught_up.wait(), s.catch_up_wait_s)
         if c.H_MIN_POSITION in headers:  # read-your-writes: wait (bounded) for the index to get there
             with contextlib.suppress(InvalidMessage):  # a malformed one is answered by answer()
                 required = self.check_partitions(c.parse_position(headers[c.H_MIN_POSITION]))
@@ -86,9 +89,11 @@ class Answering:
         finally:
             await source.close()
 
-    def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes]) -> list[Out]:
+    def answer(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes],
+               timings_ms: Mapping[str, float] | None = None) -> list[Out]:
         """One query vector -> the records to produce: its reply (one index), or this shard's
-        partial answer or resolved item (shards, :mod:`indexer.shards`). Never raises."""
+        partial answer or resolved item (shards, :mod:`indexer.shards`). ``timings_ms``: this
+        indexer's own stage timings, added to the reply's. Never raises."""
         s = self.settings
         vi = self.version_for(headers)
         serving = self.state.serving if self.state else None
@@ -103,6 +108,7 @@ class Answering:
             reply = c.error_reply(key.decode("utf-8", "replace") if key else "(missing)", exc.code, str(exc))
             metrics.observe_reply(reply)
             return [(s.replies_topic, key or b"", c.fit_reply(reply, s.max_reply_bytes), [])]
+        query.timings_ms.update(timings_ms or {})
         version = vi.version if vi is not None else serving
         index_version = vi.index_version if vi is not None else None
         phase = LOOKUP if s.sharded and query.item_id is not None else SEARCH
@@ -162,9 +168,12 @@ class Answering:
         metrics.observe_batch("indexer", "query", len(records))
         out: list[Output] = []
         for record in records:
+            # hop: the query vector's produce (the worker's clock) -> here (this one's): the second
+            # Kafka hop, with the event loop's wait for this record.
+            timings = {"hop": max(0.0, time.time() * 1000 - record.timestamp_ms)} if record.timestamp_ms else {}
             await self.ready_for(record.headers)
             answered = await loop.run_in_executor(self.pools.search, self.answer, record.key, record.value,
-                                                  record.headers)
+                                                  record.headers, timings)
             out += [Output(topic, key, value, headers or None, answers=record) for topic, key, value, headers in answered]
         return out
 

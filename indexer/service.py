@@ -123,7 +123,7 @@ class Indexer(Lifecycle, Answering):
         """The query loop plus the rollout, snapshot, status and heartbeat tasks (and the
         gatherer with shards), until cancelled."""
         s = self.settings
-        self.sender = Sender(s)
+        self.sender = Sender(s, **{"linger.ms": 0})  # replies and partial answers: at once, never lingering
         jobs = {"rollout": self.run_rollout(), "status": self.publish_status(), "heartbeat": self.heartbeat(),
                 "queries": self.query_loop().run(), "catalog-partitions": self.watch_catalog_partitions()}
         if s.snapshots:

@@ -265,7 +265,10 @@ class Worker:
         self.settings = settings
         self.models = models
         self.embedding = EmbeddingWorker(settings, models)
-        self.sender = Sender(settings)
+        self.sender = Sender(settings)  # the catalog's vectors and dead letters: batched (linger.ms 2)
+        # Query vectors and error replies leave at once: a lone query would wait out linger.ms
+        # (2 ms) in the producer's queue, at each of the two hops (docs/benchmarks.md).
+        self.query_sender = Sender(settings, **{"linger.ms": 0})
         self.catalog_tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- queries --------------------------------------------------------------------
@@ -293,7 +296,7 @@ class Worker:
 
     def query_loop(self) -> Loop:
         s = self.settings
-        return Loop(name="embed-queries", service="worker", sender=self.sender,
+        return Loop(name="embed-queries", service="worker", sender=self.query_sender,
                     source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
                     handle=self.embed_queries,
                     on_error=self.query_failed, batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000)
@@ -390,4 +393,5 @@ class Worker:
             await run_forever(self.query_loop().run(), self.follow_rollout(), self.heartbeat(),
                               names=("queries", "rollout", "heartbeat"))
         finally:
+            self.query_sender.close()
             self.sender.close()

@@ -96,3 +96,59 @@ def test_put_holds_the_reader_back_while_max_pending_items_wait() -> None:
 def test_max_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_size"):
         MicroBatches(0)
+
+
+def test_an_item_wakes_one_waiting_taker_not_all_of_them() -> None:
+    """256 takers wait (the indexer's query concurrency); each item wakes exactly one, and
+    every item is handed out exactly once."""
+
+    async def scenario() -> tuple[list[list[int]], int]:
+        batches: MicroBatches[int] = MicroBatches(1)
+        taken: list[list[int]] = []
+
+        async def taker() -> None:
+            while True:
+                taken.append(await batches.get())
+
+        takers = [asyncio.ensure_future(taker()) for _ in range(256)]
+        await asyncio.sleep(0.01)
+        # A taker that wakes and finds nothing waits again on a new future: count them.
+        loop = asyncio.get_running_loop()
+        made = 0
+        create_future = loop.create_future
+
+        def counting() -> asyncio.Future[None]:
+            nonlocal made
+            made += 1
+            return create_future()
+
+        loop.create_future = counting  # type: ignore[method-assign]
+        for i in range(100):
+            await batches.put(i)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        loop.create_future = create_future  # type: ignore[method-assign]
+        for t in takers:
+            t.cancel()
+        await asyncio.gather(*takers, return_exceptions=True)
+        return taken, made
+
+    taken, waits = run(scenario())
+    assert sorted(i for batch in taken for i in batch) == list(range(100))
+    # the taker that got an item waits again: about one new wait per item (an Event would
+    # have woken all 256 for each item: ~25,000 new waits)
+    assert waits <= 2 * 100 + 10, waits
+
+
+def test_a_taker_cancelled_after_its_wake_up_passes_the_item_on() -> None:
+    async def scenario() -> list[str]:
+        batches: MicroBatches[str] = MicroBatches(4)
+        first = asyncio.ensure_future(batches.get())
+        second = asyncio.ensure_future(batches.get())
+        await asyncio.sleep(0.01)
+        await batches.put("q")  # wakes the first taker...
+        first.cancel()  # ...which is cancelled before it runs
+        await asyncio.gather(first, return_exceptions=True)
+        return await asyncio.wait_for(second, 1)
+
+    assert run(scenario()) == ["q"]

@@ -84,3 +84,17 @@ def test_query_path_ticker_batches_hold_a_lone_item_until_the_tick() -> None:
 
     batch, waited, held = asyncio.run(scenario())
     assert batch == [1] and waited >= 0.09 and held
+
+
+def test_capacity_is_the_highest_rate_answered_in_full_within_the_p99() -> None:
+    from benchmarks.run import capacity
+
+    def point(rate: float, p99: float, answered: int = 100, timeouts: int = 0, late_p99: float = 1.0) -> dict:
+        return {"rate_per_s": rate, "sent": 100, "answered_ok": answered, "timeouts": timeouts, "errors": {},
+                "latency_ms": {"p99": p99}, "sender_late_ms": {"p99": late_p99}}
+
+    assert capacity([point(100, 20), point(200, 60), point(300, 140)]) == 200
+    assert capacity([point(100, 20), point(200, 60, answered=99)]) == 100  # one lost: not sustained
+    assert capacity([point(100, 20), point(200, 60, timeouts=1)]) == 100
+    assert capacity([point(100, 20), point(200, 60, late_p99=500)]) == 100  # the sender fell behind
+    assert capacity([point(100, 120)]) is None
