@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lookalike.embedder import Embedder
+from lookalike.embedder import Embedder, pick_device, serving_precision
 from lookalike.imaging import decode_pixels
 from workers.inference import use_layout
 
@@ -75,12 +75,14 @@ def decode_rate(embedder: Embedder, images: Sequence[bytes], batch: int, budget_
 
 def measure(settings: WorkerSettings, images: Sequence[bytes] = (), sweep: bool = True,
             budget_s: float = 3.0) -> dict[str, Any]:
+    precision = serving_precision(settings.precision, pick_device(settings.device))  # as the worker embeds
     embedder = use_layout(Embedder.from_store(settings.models_path, settings.model_version, settings.device,
-                                              settings.torch_threads), settings.channels_last)
+                                              settings.torch_threads, precision), settings.channels_last)
     batch = settings.catalog_batch_max
     result: dict[str, Any] = {
         "model_version": embedder.version, "device": str(embedder.device), "threads": torch.get_num_threads(),
         "input_size": embedder.card.preprocess.size, "batch": batch, "channels_last": settings.channels_last,
+        "precision": embedder.precision,
     }
     rates = forward_rate(embedder, batch, channels_last=settings.channels_last, budget_s=budget_s)
     result["forward_images_per_s"] = round(float(np.median(rates)), 1)

@@ -160,7 +160,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 t["requests_per_s"], "req/s")
     m = result.get("model")
     if m:
-        layout = ", channels-last" if m.get("channels_last") else ""
+        layout = (", channels-last" if m.get("channels_last") else "") + (f", {m['precision']}" if m.get("precision") else "")
         row(f"bare model, batch {m['batch']} ({m['device']}, {m['threads']} threads{layout})", m["forward_images_per_s"],
             "images/s")
         if "with_decode_images_per_s" in m:

@@ -1,9 +1,11 @@
 """Batched inference: images in, unit-length 256-d vectors out.
 
 The model runs in inference mode in the channels_last layout (on this 2-core CPU, res-cnn
-at 64x64: 1.4-1.8x the images/s of the default layout; docs/benchmarks.md). On CPU it runs
-in float32; on CUDA under autocast (float16 by default), and the uint8 pixels travel to
-the GPU as they are (a quarter of float32's bytes) and are normalised there.
+at 64x64: 1.4-1.8x the images/s of the default layout; docs/benchmarks.md). On CUDA it runs
+under autocast (float16 by default), and the uint8 pixels travel to the GPU as they are (a
+quarter of float32's bytes) and are normalised there. On CPU it runs in float32, or under
+bfloat16 autocast (``bf16``), which the workers choose where the CPU multiplies bfloat16
+matrices in hardware (Intel AMX: :func:`serving_precision`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,35 @@ def pick_device(wanted: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Does this CPU multiply bfloat16 matrices in hardware (AMX tiles)? There oneDNN's
+    bfloat16 convolutions are 2-3x float32's (res-cnn, batches of 4-64, docs/benchmarks.md);
+    without, bfloat16 is emulated and no faster."""
+    probe = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def serving_precision(wanted: Precision, device: torch.device) -> Precision:
+    """What a worker embeds in: ``auto`` is float16 on CUDA, bfloat16 on a CPU with AMX,
+    float32 elsewhere; anything else as asked."""
+    if wanted != "auto":
+        return wanted
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_has_bf16_matmul() else "fp32"
+
+
 class Embedder:
     """A loaded model in inference mode, with the preprocessing its card names.
 
-    ``precision``: ``auto`` is float16 autocast on CUDA and float32 on CPU; ``fp32``,
-    ``fp16`` and ``bf16`` force one (autocast needs CUDA here: CPU stays float32)."""
+    ``precision``: ``auto`` is float16 autocast on CUDA and float32 on CPU (what training
+    and evaluation use; the workers pass :func:`serving_precision`); ``fp32``, ``bf16`` and,
+    on CUDA, ``fp16`` force one (a CPU has no float16 autocast: it stays float32). Under
+    bfloat16 the vectors differ from float32's by a cosine of 1 - 3e-5 at most (the
+    champion, docs/benchmarks.md), and are still normalised in float32."""
 
     def __init__(self, model: EmbeddingNet, card: ModelCard, device: torch.device,
                  precision: Precision = "auto") -> None:
@@ -47,7 +73,7 @@ class Embedder:
         cuda = device.type == "cuda"
         if precision == "auto":
             precision = "fp16" if cuda else "fp32"
-        self.amp_dtype = _AMP_DTYPES.get(precision) if cuda else None
+        self.amp_dtype = _AMP_DTYPES.get(precision) if cuda or precision == "bf16" else None
         self.precision = precision if self.amp_dtype is not None else "fp32"
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         self.channels_last = True  # the input's layout follows the model's (workers.inference.use_layout)
@@ -101,7 +127,7 @@ class Embedder:
         with torch.inference_mode():
             if self.amp_dtype is None:
                 return self.model.embed(x)
-            with torch.autocast("cuda", dtype=self.amp_dtype):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
                 views = torch.cat([x, x.flip(3)]) if self.model.spec.flip_average else x
                 out = self.model.penultimate(views).float()  # normalised in float32: fp16 sums of squares overflow
             unit = torch.nn.functional.normalize(out, dim=1)

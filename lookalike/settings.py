@@ -137,6 +137,9 @@ class WorkerSettings(CommonSettings):
     # The catalog's inference threads yield the CPU to queries (and to the broker and indexer).
     catalog_nice: int = Field(10, ge=0, le=19)  # 0: the process's priority
     channels_last: bool = True  # the model's layout: faster convolutions on CPU (docs/benchmarks.md)
+    # What the model computes in: "auto" is float16 on CUDA, bfloat16 on a CPU with AMX (2-3x
+    # float32's images/s there; the vectors agree to a cosine of 1 - 3e-5), else float32.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     query_batch_max: int = Field(16, ge=1)
     query_batch_wait_ms: int = Field(0, ge=0)  # how long a query may wait for company; 0: none
     catalog_batch_max: int = Field(64, ge=1)

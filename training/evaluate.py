@@ -178,6 +178,7 @@ def measure_views(
     cache_dir: Path | None = None,
     hnsw: bool = True,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Every view of ``split`` (:func:`view_ids`): its queries, as catalog images and as shopper
     photos, searched exactly among the training split; overall and for the view's largest classes.
@@ -188,7 +189,8 @@ def measure_views(
     """
     catalog_items = select(items, split.train_ids)
     catalog_labels = np.array([item.metadata[split.label] for item in catalog_items])
-    catalog_vecs = embed_all(model, load_pixels(catalog_items, spec, cache_dir, progress=progress), spec)
+    catalog_vecs = embed_all(model, load_pixels(catalog_items, spec, cache_dir, progress=progress), spec,
+                             precision=precision)
     out: dict[str, Any] = {}
     for view, ids in view_ids(split).items():
         if not ids:
@@ -201,7 +203,7 @@ def measure_views(
         recalls: dict[str, float] = {}
         for name, pixels in (("catalog", load_pixels(query_items, spec, cache_dir, progress=progress)),
                              ("invariance", shopper)):
-            queries = embed_all(model, pixels, spec)
+            queries = embed_all(model, pixels, spec, precision=precision)
             exact = exact_neighbours(catalog_vecs, queries, K)
             result[name] = summarise(query_scores(exact, catalog_labels, query_labels), query_labels, largest)
             if hnsw:
@@ -241,12 +243,14 @@ def evaluate(
     flip_average: bool | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The report (plain JSON) for model ``version`` (or alias; None: champion) on its golden split.
 
     ``resize`` ("stretch" or "pad") overrides the card's preprocessing for catalog and
     queries alike, to measure what serving with the other one would give; ``flip_average``
-    overrides the spec's averaging with the mirror image likewise.
+    overrides the spec's averaging with the mirror image likewise; ``precision`` "bf16"
+    embeds catalog and queries under bfloat16 autocast, as workers on CPUs with AMX serve.
     """
     started = time.perf_counter()
     model, card = store.load(version)
@@ -259,13 +263,14 @@ def evaluate(
     if list(split.classes) != list(card.classes):
         raise LookalikeError(f"model {card.version}'s classes differ from its split's")
     items = load_labelled(Path(data_folder), min_count=1, label=split.label)
-    views = measure_views(model, spec, split, items, cache_dir=cache_dir, progress=progress)
+    views = measure_views(model, spec, split, items, cache_dir=cache_dir, progress=progress, precision=precision)
     random_view = views["random"]
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "model_version": card.version,
         "arch": card.spec.arch,
         "flip_average": model.spec.flip_average,
+        "precision": precision,
         "preprocess": spec.to_dict(),
         "card_preprocess_resize": card.preprocess.resize,
         "data": str(data_folder),
@@ -313,7 +318,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Golden split {report['split_sha256'][:12]} ({scheme}): {report['catalog_size']} catalog items (the "
         f"training split); preprocessing {report['preprocess']['resize']} to {report['preprocess']['size']} px"
-        f"{', mirror-averaged embeddings' if report.get('flip_average') else ''}; exact cosine search, judged by "
+        f"{', mirror-averaged embeddings' if report.get('flip_average') else ''}"
+        f"{', embedded under bfloat16 autocast' if report.get('precision') == 'bf16' else ''}; exact cosine search, judged by "
         "articleType; shopper photos: 3:4, 120x160, JPEG q80.",
         "",
         f"| view | queries | photos | top-1 | P@{k} | mAP@{k} | HNSW recall@{k} |",
@@ -372,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--flip-average", action=argparse.BooleanOptionalAction, default=None,
         help="override the spec's averaging with the mirror image (to compare)",
     )
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32",
+        help="embed in float32 (as trained and gated) or under bfloat16 autocast (as a worker on a CPU with AMX)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-pixel cache ($LOOKALIKE_HOME/cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate(
             store, args.model, args.data, resize=args.resize, flip_average=args.flip_average,
-            cache_dir=args.cache_dir, progress=not args.quiet,
+            cache_dir=args.cache_dir, progress=not args.quiet, precision=args.precision,
         )
     except (LookalikeError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ Loss and accuracy per epoch are drawn into ``curves.png`` next to the model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -615,15 +616,21 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
     return best
 
 
-def embed_all(model: EmbeddingNet, pixels: np.ndarray, spec: PreprocessSpec, batch_size: int = 256) -> np.ndarray:
-    """uint8 (N, S, S, 3) -> float32 (N, D) unit vectors, as the workers would embed them."""
+def embed_all(model: EmbeddingNet, pixels: np.ndarray, spec: PreprocessSpec, batch_size: int = 256,
+              precision: str = "fp32") -> np.ndarray:
+    """uint8 (N, S, S, 3) -> float32 (N, D) unit vectors, as the workers would embed them
+    (``precision`` "bf16": under bfloat16 autocast, as a worker on a CPU with AMX does;
+    :func:`lookalike.embedder.serving_precision`)."""
     device = next(model.parameters()).device
     model.eval()
     vectors = np.empty((len(pixels), model.spec.embedding_dim), np.float32)
-    with torch.inference_mode():
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         for idx in batches(len(pixels), batch_size):
             inputs = torch.from_numpy(normalise(pixels[idx], spec)).to(device)
-            vectors[idx] = model.embed(inputs).float().cpu().numpy()
+            out = model.embed(inputs).float()
+            vectors[idx] = torch.nn.functional.normalize(out, dim=1).cpu().numpy()  # in float32
     return vectors
 
 

@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient
 from lookalike import metrics, rollout
 from lookalike.clients import confluent_config
 from lookalike.device_decode import decode_batch
-from lookalike.embedder import Embedder
+from lookalike.embedder import Embedder, pick_device, serving_precision
 from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelArtifactError, code_of
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.imaging import DecodeBudget
@@ -93,7 +93,8 @@ class ModelSet:
         with self._loading:
             if version not in self._loaded:
                 s = self.settings  # threads 0: each inference thread sets its own count
-                embedder = Embedder.from_store(s.models_path, version, s.device, 0)
+                embedder = Embedder.from_store(s.models_path, version, s.device, 0,
+                                               serving_precision(s.precision, pick_device(s.device)))
                 self._loaded[version] = use_layout(embedder, s.channels_last)
             return self._loaded[version]
 

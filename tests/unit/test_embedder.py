@@ -32,7 +32,32 @@ def test_channels_last_gives_the_vectors_of_the_plain_layout() -> None:
         np.testing.assert_allclose(vectors, reference, atol=1e-5)
 
 
-def test_cpu_stays_float32_whatever_precision_is_asked() -> None:
-    for asked in ("auto", "fp16", "bf16", "fp32"):
+def test_cpu_runs_float32_unless_bfloat16_is_asked() -> None:
+    for asked in ("auto", "fp16", "fp32"):
         embedder = make("res-cnn", asked)
         assert embedder.precision == "fp32" and embedder.amp_dtype is None
+    assert make("res-cnn", "bf16").amp_dtype == torch.bfloat16
+
+
+def test_bfloat16_on_cpu_gives_unit_float32_vectors_near_float32s() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    exact = make("res-cnn", "fp32").embed_pixels(pixels)
+    half = make("res-cnn", "bf16").embed_pixels(pixels)
+    assert half.dtype == np.float32 and half.shape == exact.shape
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
+    cosines = (half * exact).sum(axis=1)
+    assert cosines.min() > 0.999, cosines  # bfloat16 keeps 8 bits of mantissa: near, not equal
+    assert not np.array_equal(half, exact)  # it did run in bfloat16
+
+
+def test_workers_choose_bfloat16_only_where_the_cpu_has_it_in_hardware(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lookalike import embedder as module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert module.serving_precision("auto", cuda) == "fp16"
+    monkeypatch.setattr(module, "cpu_has_bf16_matmul", lambda: True)
+    assert module.serving_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(module, "cpu_has_bf16_matmul", lambda: False)
+    assert module.serving_precision("auto", cpu) == "fp32"
+    assert module.serving_precision("bf16", cpu) == "bf16"  # asked for: as asked
+    assert module.serving_precision("fp32", cuda) == "fp32"
