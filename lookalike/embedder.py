@@ -40,7 +40,7 @@ def cpu_has_bf16_matmul() -> bool:
     """Does this CPU multiply bfloat16 matrices in hardware (AMX tiles)? There oneDNN's
     bfloat16 convolutions are 2-3x float32's (res-cnn, batches of 4-64, docs/benchmarks.md);
     without, bfloat16 is emulated and no faster."""
-    probe = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch 2.x; absent: assume not
     try:
         return bool(probe()) if probe is not None else False
     except RuntimeError:

@@ -61,3 +61,16 @@ def test_workers_choose_bfloat16_only_where_the_cpu_has_it_in_hardware(monkeypat
     assert module.serving_precision("auto", cpu) == "fp32"
     assert module.serving_precision("bf16", cpu) == "bf16"  # asked for: as asked
     assert module.serving_precision("fp32", cuda) == "fp32"
+
+
+def test_the_amx_probe_answers_on_this_torch() -> None:
+    """The probe exists in the torch the project pins (a renamed private function would
+    quietly turn bfloat16 off everywhere): it answers what the CPU's flags say."""
+    from pathlib import Path
+
+    from lookalike.embedder import cpu_has_bf16_matmul
+
+    assert hasattr(torch.cpu, "_is_amx_tile_supported")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "flags" in flags:
+        assert cpu_has_bf16_matmul() == (" amx_tile" in flags)
