@@ -413,8 +413,7 @@ class Loop:
                  topics: Sequence[str] | None = None, on_error: OnError = nothing_on_error,
                  batch_max: int = 256, batch_wait_s: float = 0.0,
                  in_flight: int = 1, commit: bool = True, fetch_wait_s: float = 0.1, stage: Stage | None = None,
-                 tick_s: float = 0.1, after_fetch: Callable[[list[Record]], Awaitable[None]] | None = None,
-                 on_fetch: Callable[[list[Record]], None] | None = None) -> None:
+                 tick_s: float = 0.1, after_fetch: Callable[[list[Record]], Awaitable[None]] | None = None) -> None:
         self.name, self.service = name, service
         self.source, self.sender, self.topics = source, sender, topics
         self.handle, self.on_error = handle, on_error
@@ -422,7 +421,6 @@ class Loop:
         self.fetch_wait_s = fetch_wait_s
         self.stage, self.tick_s = stage, tick_s
         self.after_fetch = after_fetch
-        self.on_fetch = on_fetch  # sees fetched records before the stage can (e.g. to start decoding them)
         self.batches: MicroBatches[Record] = MicroBatches(batch_max, batch_wait_s, max_pending=max(4 * batch_max, 256))
         self.offsets = Offsets()
         self.isolated = 0  # records answered by on_error
@@ -476,11 +474,6 @@ class Loop:
             if records:
                 self.offsets.read(records)
                 metrics.RECORDS.labels(self.service, self.name).inc(len(records))
-                if self.on_fetch is not None:
-                    try:
-                        self.on_fetch(records)
-                    except Exception:  # a look-ahead only: the stage still gets every record
-                        log.exception("%s: on_fetch failed", self.name)
                 for record in records:
                     await self.batches.put(record)  # waits while the handlers are behind
             if self.after_fetch is not None:

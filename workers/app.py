@@ -24,8 +24,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from confluent_kafka import KafkaException
@@ -112,40 +112,6 @@ class ModelSet:
             log.info("model %s unloaded", version)
 
 
-class DecodeAhead:
-    """Catalog images decoded as soon as they are fetched, on the decode threads, while the
-    inference thread embeds the batch before them: decoding a JPEG costs about what
-    embedding it does, and done in turn the two leave a core idle half the time.
-
-    ``submit`` starts a record's parse and decode; ``take`` hands its future to the batch
-    that holds the record (once: it is forgotten then). A record the batch finds no
-    future for (e.g. handled again one by one after a failed batch) is decoded then. What
-    is held is bounded by the loop's pending records (each one model input, 12 kB at 64 px)
-    and, while decoding, by the decode budget."""
-
-    def __init__(self, pool: ThreadPoolExecutor, decode: Callable[[Event], object]) -> None:
-        self._pool = pool
-        self._decode = decode
-        self._futures: dict[tuple[str, int, int], Future[object]] = {}
-        self._lock = threading.Lock()
-
-    def submit(self, records: Sequence[Record]) -> None:
-        for event in events_of(records):
-            source = event[3]
-            if event[1] is not None:  # a removal has nothing to decode
-                future = self._pool.submit(self._decode, event)
-                with self._lock:
-                    self._futures[(source.topic, source.partition, source.offset)] = future
-
-    def take(self, source: Origin) -> Future[object] | None:
-        with self._lock:
-            return self._futures.pop((source.topic, source.partition, source.offset), None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._futures)
-
-
 class EmbeddingWorker:
     """The models and the threads they run in; what the agents call for each batch."""
 
@@ -163,42 +129,17 @@ class EmbeddingWorker:
         self.reply_topics = ReplyTopics(settings)
         self.guard = QueryGuard(settings)
 
-    def device_decodes(self, embedder: Embedder) -> bool:
-        """Are catalog JPEGs decoded on the model's device (nvJPEG) rather than by Pillow?"""
-        wanted = self.settings.catalog_decode
-        return wanted == "device" or (wanted == "auto" and embedder.device.type == "cuda")
-
-    def decode_ahead(self, version: str) -> DecodeAhead | None:
-        """A look-ahead decoder for ``version``'s catalog loop (None where the device decodes)."""
-        embedder = self.models.get(version)
-        if self.device_decodes(embedder):
-            return None
-        spec = embedder.card.preprocess
-
-        def decode(event: Event) -> CatalogImage | CatalogRemoval | InvalidMessage:
-            try:
-                parsed = stages.parse_catalog_record(*event)
-                if isinstance(parsed, CatalogRemoval):
-                    return parsed
-                return stages.decode_catalog(parsed, self.settings, spec, self.decode_budget)
-            except InvalidMessage as exc:
-                return exc
-
-        return DecodeAhead(self.decode_threads, decode)
-
     def catalog_batch(self, events: Sequence[Event],
-                      version: str, dead_letters: bool = True, ahead: DecodeAhead | None = None):
+                      version: str, dead_letters: bool = True):
         """-> ([(partition, vector record)], dead-letter records). Runs in the inference thread.
 
         A vector goes to the partition of the catalog record it comes from: partition p of
         the vector topic is then partition p of the catalog, in the same order, which is
         what lets the indexer report (and wait for) positions in catalog offsets. Only the
         serving version's consumer writes dead letters (``dead_letters``), so a rollout's
-        re-read of the catalog does not repeat them. ``ahead``: images being decoded already
-        (:class:`DecodeAhead`); the rest are decoded here.
+        re-read of the catalog does not repeat them.
         """
         embedder = self.models.get(version)
-        started = {event[3]: ahead.take(event[3]) for event in events} if ahead is not None else {}
         spec = embedder.card.preprocess
         dead: list[OutRecord] = []
 
@@ -225,7 +166,8 @@ class EmbeddingWorker:
                 upserts.append((event, parsed))
                 slots.append(None)  # the upsert's vector goes here (nothing, if it is refused)
         vectors: dict[int, tuple[int, OutRecord]] = {}  # index in upserts -> its vector record
-        if upserts and self.device_decodes(embedder):
+        if upserts and (self.settings.catalog_decode == "device" or (self.settings.catalog_decode == "auto"
+                                                                     and embedder.device.type == "cuda")):
             decoded = decode_batch([u.image_bytes for _, u in upserts], spec, embedder.device,
                                    max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
                                    budget=self.decode_budget)
@@ -243,18 +185,13 @@ class EmbeddingWorker:
                 except InvalidMessage as exc:
                     return exc
 
-            def image(upsert: CatalogUpsert) -> Future[object]:
-                future = started.get(upsert.source)
-                return future if future is not None else self.decode_threads.submit(decode, upsert)
-
             images: list[tuple[int, CatalogImage]] = []
-            futures = [image(u) for _, u in upserts]
-            for i, ((event, _), future) in enumerate(zip(upserts, futures, strict=True)):
-                result = future.result()
+            for i, ((event, _), result) in enumerate(zip(upserts, self.decode_threads.map(decode, [u for _, u in upserts]),
+                                                         strict=True)):
                 if isinstance(result, InvalidMessage):
                     refuse(*event, result)
                 else:
-                    images.append((i, result))  # type: ignore[arg-type]
+                    images.append((i, result))
             if images:
                 records = stages.embed_catalog(embedder, [img for _, img in images])
                 vectors = {i: (img.source.partition, record) for (i, img), record in zip(images, records, strict=True)}
@@ -381,13 +318,11 @@ class Worker:
             await asyncio.sleep(5)
             return
 
-        ahead = self.embedding.decode_ahead(version)
-
         async def embed(records: list[Record]) -> list[Output]:
             dead_letters = self.models.serving == version
             started = time.perf_counter()
             vectors, dead = await self.embedding.catalog_thread.run(
-                self.embedding.catalog_batch, events_of(records), version, dead_letters, ahead)
+                self.embedding.catalog_batch, events_of(records), version, dead_letters)
             metrics.observe_batch("worker", "catalog", len(records), time.perf_counter() - started)
             return (outputs(topic, [r for _, r in vectors], [p for p, _ in vectors])
                     + outputs(s.deadletter_topic, dead))
@@ -397,8 +332,7 @@ class Worker:
 
         await Loop(name=f"catalog-{version}", service="worker", sender=self.sender, handle=embed, on_error=failed,
                    source=Source(s, group=self.group(version), name=f"catalog-{version}"), topics=[s.catalog_topic],
-                   batch_max=s.catalog_batch_max, batch_wait_s=max(s.catalog_batch_wait_ms, 1) / 1000,
-                   on_fetch=ahead.submit if ahead is not None else None).run()
+                   batch_max=s.catalog_batch_max, batch_wait_s=max(s.catalog_batch_wait_ms, 1) / 1000).run()
 
     def reconcile(self, versions: Sequence[str]) -> None:
         for version in versions:
