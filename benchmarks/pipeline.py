@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
 
 from lookalike import contracts as c
 from lookalike.catalog import CatalogItem
@@ -53,7 +53,7 @@ class Replies:
         meta = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic]
         tps = []
         for p in meta.partitions:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+            _low, high = self._end(p)
             tps.append(TopicPartition(self.topic, p, high if high >= 0 else OFFSET_END))
         self.consumer.assign(tps)
         self.expected: set[bytes] = set()
@@ -62,6 +62,17 @@ class Replies:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name="bench-replies", daemon=True)
         self.thread.start()
+
+    def _end(self, partition: int, wait_s: float = 30.0) -> tuple[int, int]:
+        """The partition's watermarks; a topic created a moment ago may have no leader yet."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def expect(self, key: bytes) -> None:
         with self.lock:

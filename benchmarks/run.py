@@ -143,6 +143,16 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 lat.get("p50"), f"/ {lat.get('p99')} ms")
         row(f"capacity: highest rate with every query answered and p99 ≤ {TARGETS['capacity_p99_ms']:g} ms",
             curve["capacity_per_s"], "queries/s", TARGETS["capacity_per_s"], higher=True)
+    so = result.get("scale_out")
+    if so:
+        for layout in so["layouts"]:
+            ing = layout["ingestion"]
+            row(f"scale-out: {layout['layout']}, ingestion of {ing.get('delivered')} items", ing.get("images_per_s"),
+                "images/s")
+            row(f"scale-out: {layout['layout']}, capacity (p99 ≤ {TARGETS['capacity_p99_ms']:g} ms, all answered)",
+                layout["capacity_per_s"], "queries/s")
+        row("scale-out: ingestion, 2 workers + 2 shards / 1 + 1", so["ingestion_ratio"], "×")
+        row("scale-out: capacity, 2 workers + 2 shards / 1 + 1", so["capacity_ratio"], "×")
     g = result.get("gateway")
     if g:
         o = g["overhead"]
@@ -224,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingest-items", type=int, default=0, help="0: the whole catalog folder")
     parser.add_argument("--fresh-rate", type=float, default=20.0)
     parser.add_argument("--fresh-items", type=int, default=200)
+    parser.add_argument("--scale-items", type=int, default=3000, help="items each scale-out layout ingests")
+    parser.add_argument("--scale-rates", type=float, nargs="*", default=[200, 400, 600],
+                        help="query rates each scale-out layout is measured at")
     parser.add_argument("--ann-items", type=int, default=1_000_000, help="synthetic vectors; 0 skips")
     parser.add_argument("--ann-kind", choices=["clustered", "uniform"], default="clustered")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["model", "queries", "curve", "gateway", "ingestion", "freshness", "ann-catalog",
-                                 "ann-synthetic"])
+                        choices=["model", "queries", "curve", "gateway", "ingestion", "freshness", "scale-out",
+                                 "ann-catalog", "ann-synthetic"])
     parser.add_argument("--gateway-url", default="http://127.0.0.1:8480", help="the HTTP gateway (skipped when down)")
     parser.add_argument("--gateway-seconds", type=float, default=15.0, help="per concurrency level (1, 4, 16)")
     parser.add_argument("--pid", nargs="*", default=[], metavar="NAME=PID", help="more processes to watch")
@@ -305,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
             monitor.begin("freshness")
             result["freshness"] = bench.freshness(chosen, [images[i.item_id] for i in chosen], args.fresh_rate)
             paths.append(plots.freshness(result["freshness"], args.out / "freshness.png"))
+        if "scale-out" not in args.skip:
+            from benchmarks import scale_out
+
+            print("== scale-out: 1 worker + 1 index, then 2 workers + a 2-shard index, each a pipeline of its own",
+                  flush=True)
+            monitor.begin("scale-out")
+            chosen = items[: args.scale_items]
+            result["scale_out"] = scale_out.measure(settings, chosen, {i.item_id: images[i.item_id] for i in chosen},
+                                                    rates=args.scale_rates, seconds=args.curve_seconds)
         monitor.begin("cleanup")
         print(f"== cleanup: {bench.cleanup()} tombstones for the benchmark's items", flush=True)
         monitor.end()

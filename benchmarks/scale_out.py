@@ -1,0 +1,207 @@
+"""Scale-out on the local stack: one worker and one index against two workers and a 2-shard index.
+
+    python -m benchmarks.scale_out --items 3000 --rates 200 400 600
+    lookalike bench ...                     # its phase "scale-out" runs this
+
+For each layout, a pipeline of its own starts on the running broker and Redis: its own
+topics and consumer groups (``lookalike.topics.naming_env`` under a ``bench-scale-…``
+prefix, 4 partitions), the store's champion, snapshots off; workers are ``python -m
+workers`` processes in one group, the index is one ``python -m indexer`` or two shards
+(``LOOKALIKE_INDEX_SHARDS=2``, each holding half of the catalog's partitions, every shard
+answering every query and the gatherer merging). Measured on each, with the same client
+code as ``lookalike bench``: ingestion (the items published as fast as the producer goes,
+until all are searchable) and queries at each rate (open loop, publish → reply), then the
+ratios of the scaled layout to the single one. The pipelines' topics are deleted after.
+
+On one host the processes share its cores: the ratio shows what a second replica buys
+*here*, which on a 2-core box is at most what an idle core can give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka.admin import AdminClient
+
+from benchmarks.pipeline import Bench
+from lookalike.catalog import CatalogItem
+from lookalike.clients import confluent_config
+from lookalike.settings import ClientSettings
+from lookalike.status import indexer_status
+from lookalike.topics import ensure_topics, naming_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    workers: int
+    shards: int
+
+
+LAYOUTS = (Layout("1 worker, 1 index", 1, 1), Layout("2 workers, 2-shard index", 2, 2))
+
+
+class Pipeline:
+    """Workers and indexers of one layout, on topics and groups of their own."""
+
+    def __init__(self, layout: Layout, base: ClientSettings, workdir: Path) -> None:
+        self.layout = layout
+        self.prefix = f"bench-scale-{uuid.uuid4().hex[:8]}"
+        self.workdir = workdir
+        names = naming_env(self.prefix)
+        self.env = {
+            **os.environ, **names,
+            "LOOKALIKE_PARTITIONS": "4",
+            "LOOKALIKE_SNAPSHOTS": "false",
+            "LOOKALIKE_WORKER_METRICS_PORT": "0", "LOOKALIKE_INDEXER_METRICS_PORT": "0",
+            "LOOKALIKE_MODEL_DIR": str(base.models_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.settings = ClientSettings(**{k[len("LOOKALIKE_"):].lower(): v for k, v in names.items()
+                                          if k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
+        self.group = names["LOOKALIKE_INDEXER_GROUP"]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        ensure_topics(self.settings)
+        for i in range(self.layout.workers):
+            self._spawn(f"worker-{i}", "workers", {})
+        if self.layout.shards == 1:
+            self._spawn("indexer", "indexer", {})
+        for shard in range(self.layout.shards if self.layout.shards > 1 else 0):
+            self._spawn(f"shard-{shard}", "indexer", {"LOOKALIKE_INDEX_SHARDS": str(self.layout.shards),
+                                                       "LOOKALIKE_INDEX_SHARD": str(shard)})
+
+    def _spawn(self, name: str, module: str, extra: dict[str, str]) -> None:
+        with (self.workdir / f"{self.prefix}-{name}.log").open("ab") as log:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", module], env={**self.env, **extra}, cwd=REPO,
+                                               stdout=log, stderr=subprocess.STDOUT))
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def ready(self, bench: Bench, probe: tuple[str, bytes], timeout_s: float = 180) -> None:
+        """Every indexer (shard) has published a caught-up status and a query is answered ok."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"a service of {self.layout.name} died: logs in {self.workdir}")
+            statuses = indexer_status(self.settings, self.group)
+            if len([s for s in statuses if s.caught_up]) >= self.layout.shards:
+                answer = bench.query_latency([probe], rate=5, duration_s=0.2, warmup_s=0, timeout_s=5)
+                if answer["answered_ok"] == answer["sent"] > 0 or answer["errors"].get("empty_index"):
+                    return
+            time.sleep(1)
+        raise RuntimeError(f"{self.layout.name} was not ready within {timeout_s}s: logs in {self.workdir}")
+
+    def reach(self) -> dict[int, int]:
+        reach: dict[int, int] = {}
+        for status in indexer_status(self.settings, self.group):
+            for p, o in status.catalog_position.items():
+                reach[p] = max(o, reach.get(p, 0))
+        return reach
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        admin = AdminClient(confluent_config(self.settings))
+        topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(self.prefix)]
+        if topics:
+            for future in admin.delete_topics(topics, operation_timeout=30).values():
+                with contextlib.suppress(Exception):
+                    future.result()
+
+
+def measure_layout(layout: Layout, base: ClientSettings, items: Sequence[CatalogItem], images: dict[str, bytes],
+                   rates: Sequence[float], seconds: float, workdir: Path) -> dict[str, Any]:
+    from benchmarks.run import capacity
+
+    pipeline = Pipeline(layout, base, workdir)
+    started = time.monotonic()
+    try:
+        pipeline.start()
+        bench = Bench(pipeline.settings)
+        try:
+            probe = (items[0].item_id, images[items[0].item_id])
+            pipeline.ready(bench, probe)
+            print(f"   {layout.name}: ready after {time.monotonic() - started:.0f} s; ingesting {len(items)} items",
+                  flush=True)
+            ingestion = bench.ingestion(items, [images[i.item_id] for i in items], searchable=pipeline.reach)
+            ingestion.pop("progress", None)
+            queries = [(i.item_id, images[i.item_id]) for i in items[:1000]]
+            points = []
+            for rate in rates:
+                point = bench.query_latency(queries, rate, seconds, warmup_s=2.0)
+                point.pop("samples")
+                points.append(point)
+                print(f"   {layout.name}: {rate:g}/s p50 {point['latency_ms'].get('p50')} ms, "
+                      f"p99 {point['latency_ms'].get('p99')} ms, {point['answered_ok']}/{point['sent']} ok", flush=True)
+                if point["timeouts"] or point["latency_ms"].get("p99", float("inf")) > 1000:
+                    break
+        finally:
+            bench.close()
+    finally:
+        pipeline.stop()
+    return {"layout": layout.name, "workers": layout.workers, "shards": layout.shards, "ingestion": ingestion,
+            "curve": points, "capacity_per_s": capacity(points)}
+
+
+def measure(base: ClientSettings, items: Sequence[CatalogItem], images: dict[str, bytes], *,
+            rates: Sequence[float] = (200, 400, 600), seconds: float = 10.0) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="lookalike-scale-out-"))
+    results = [measure_layout(layout, base, items, images, rates, seconds, workdir) for layout in LAYOUTS]
+    one, two = results
+    rate_one = one["ingestion"].get("images_per_s")
+    rate_two = two["ingestion"].get("images_per_s")
+    return {
+        "layouts": results,
+        "logs": str(workdir),
+        "ingestion_ratio": round(rate_two / rate_one, 3) if rate_one and rate_two else None,
+        "capacity_ratio": (round(two["capacity_per_s"] / one["capacity_per_s"], 3)
+                           if one["capacity_per_s"] and two["capacity_per_s"] else None),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import random
+
+    from lookalike.catalog import iter_catalog
+    from lookalike.settings import default_data
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=default_data())
+    parser.add_argument("--items", type=int, default=3000)
+    parser.add_argument("--rates", type=float, nargs="+", default=[200, 400, 600])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    items = list(iter_catalog(args.data))
+    random.Random(0).shuffle(items)
+    items = items[: args.items]
+    images = {i.item_id: Path(i.image_path).read_bytes() for i in items}
+    print(json.dumps(measure(ClientSettings(), items, images, rates=args.rates, seconds=args.seconds), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
