@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from confluent_kafka.admin import AdminClient
 
 from benchmarks.pipeline import Bench
@@ -76,11 +77,15 @@ class Pipeline:
                                           if k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
         self.group = names["LOOKALIKE_INDEXER_GROUP"]
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
 
     def start(self) -> None:
         ensure_topics(self.settings)
+        # Replicas on one host share its cores: each worker's catalog batches get its share of
+        # them (two workers of two torch threads each would contend for two cores).
+        share = {"LOOKALIKE_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // self.layout.workers))}
         for i in range(self.layout.workers):
-            self._spawn(f"worker-{i}", "workers", {})
+            self._spawn(f"worker-{i}", "workers", share if self.layout.workers > 1 else {})
         if self.layout.shards == 1:
             self._spawn("indexer", "indexer", {})
         for shard in range(self.layout.shards if self.layout.shards > 1 else 0):
@@ -89,8 +94,18 @@ class Pipeline:
 
     def _spawn(self, name: str, module: str, extra: dict[str, str]) -> None:
         with (self.workdir / f"{self.prefix}-{name}.log").open("ab") as log:
+            self.names.append(name)
             self.procs.append(subprocess.Popen([sys.executable, "-m", module], env={**self.env, **extra}, cwd=REPO,
                                                stdout=log, stderr=subprocess.STDOUT))
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time each of the layout's processes has used so far."""
+        out = {}
+        for name, proc in zip(self.names, self.procs, strict=True):
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(proc.pid).cpu_times()
+                out[name] = times.user + times.system
+        return out
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
@@ -133,6 +148,11 @@ class Pipeline:
                     future.result()
 
 
+def busy(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Cores each process kept busy over ``wall_s``."""
+    return {name: round((after[name] - before.get(name, 0.0)) / wall_s, 2) for name in after if wall_s > 0}
+
+
 def measure_layout(layout: Layout, base: ClientSettings, items: Sequence[CatalogItem], images: dict[str, bytes],
                    rates: Sequence[float], seconds: float, workdir: Path) -> dict[str, Any]:
     from benchmarks.run import capacity
@@ -147,13 +167,17 @@ def measure_layout(layout: Layout, base: ClientSettings, items: Sequence[Catalog
             pipeline.ready(bench, probe)
             print(f"   {layout.name}: ready after {time.monotonic() - started:.0f} s; ingesting {len(items)} items",
                   flush=True)
+            before, at = pipeline.cpu_seconds(), time.monotonic()
             ingestion = bench.ingestion(items, [images[i.item_id] for i in items], searchable=pipeline.reach)
             ingestion.pop("progress", None)
+            ingestion["cores_busy"] = busy(before, pipeline.cpu_seconds(), time.monotonic() - at)
             queries = [(i.item_id, images[i.item_id]) for i in items[:1000]]
             points = []
             for rate in rates:
+                before, at = pipeline.cpu_seconds(), time.monotonic()
                 point = bench.query_latency(queries, rate, seconds, warmup_s=2.0)
                 point.pop("samples")
+                point["cores_busy"] = busy(before, pipeline.cpu_seconds(), time.monotonic() - at)
                 points.append(point)
                 print(f"   {layout.name}: {rate:g}/s p50 {point['latency_ms'].get('p50')} ms, "
                       f"p99 {point['latency_ms'].get('p99')} ms, {point['answered_ok']}/{point['sent']} ok", flush=True)
