@@ -18,6 +18,7 @@ from PIL import Image
 
 from control.services import LocalServices, indexer_alive
 from control.stack import LocalStack
+from lookalike import rollout
 from lookalike.catalog import CatalogItem, iter_catalog
 from lookalike.settings import ClientSettings, StackSettings
 from lookalike.status import wait_for_index
@@ -67,7 +68,15 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     feed.publish_items(catalog)
     feed.flush()
     indexer = services.daemon("indexer")
-    status = wait_for_index(len(catalog), timeout_s=900, settings=settings, check=lambda: indexer_alive(indexer))
+    # The store's champion is what should answer. A stack that served another model before
+    # (an older champion, or another LOOKALIKE_HOME's store) switches to it by a rollout,
+    # once its index is built: wait for that, not just for an index of the catalog's size.
+    champion = rollout.desired_version(settings)
+    state = rollout.read_state(rollout.redis_client(settings), settings)
+    if state is not None and state.serving and state.serving != champion:
+        print(f"   the stack serves model {state.serving}; waiting for the rollout to {champion}")
+    status = wait_for_index(len(catalog), timeout_s=900, settings=settings, check=lambda: indexer_alive(indexer),
+                            model_version=champion)
     took = time.monotonic() - started
     print(f"   indexed {status.items} items in {took:.1f}s ({len(catalog) / took:.0f} items/s), "
           f"model {status.model_version}")

@@ -127,9 +127,12 @@ def whole_index(statuses: list[IndexerStatus]) -> IndexerStatus | None:
 
 
 def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None = None,
-                   group: str | None = None, check: Callable[[], None] | None = None) -> IndexerStatus:
+                   group: str | None = None, check: Callable[[], None] | None = None,
+                   model_version: str | None = None) -> IndexerStatus:
     """Block until the indexers report at least ``count`` items and are caught up (with index
-    shards: every shard caught up and ``count`` items in all)."""
+    shards: every shard caught up and ``count`` items in all), serving ``model_version``
+    when one is given (a stack that served another model first switches to it by a
+    rollout: docs/rollout.md)."""
     deadline = time.monotonic() + timeout_s
     last: list[IndexerStatus] = []
     while time.monotonic() < deadline:
@@ -138,9 +141,10 @@ def wait_for_index(count: int, timeout_s: float, settings: CommonSettings | None
         except redis.RedisError:
             last = []
         whole = whole_index(last)
-        if whole is not None and whole.items >= count:
+        if whole is not None and whole.items >= count and model_version in (None, whole.model_version):
             return whole
         if check is not None:
             check()  # e.g. the caller's 'is the indexer process still alive', raising if not
         time.sleep(0.5)
-    raise StackError(f"the index did not reach {count} items within {timeout_s:.0f}s (last status: {last})")
+    serving = f" served by model {model_version}" if model_version else ""
+    raise StackError(f"the index did not reach {count} items{serving} within {timeout_s:.0f}s (last status: {last})")
