@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--query-rate", type=float, default=50.0)
     parser.add_argument("--query-seconds", type=float, default=30.0)
-    parser.add_argument("--curve-rates", type=float, nargs="*", default=[100, 200, 300, 400],
+    parser.add_argument("--curve-rates", type=float, nargs="*", default=[100, 200, 300, 400, 500, 600],
                         help="the capacity curve's rates (queries/s), in order; it stops after the first saturated one")
     parser.add_argument("--curve-seconds", type=float, default=15.0, help="per rate of the curve")
     parser.add_argument("--ingest-items", type=int, default=0, help="0: the whole catalog folder")

@@ -71,6 +71,7 @@ class Pipeline:
             "LOOKALIKE_SNAPSHOTS": "false",
             "LOOKALIKE_WORKER_METRICS_PORT": "0", "LOOKALIKE_INDEXER_METRICS_PORT": "0",
             "LOOKALIKE_MODEL_DIR": str(base.models_path),
+            "LOOKALIKE_HOME": str(workdir),  # heartbeats and caches of their own, beside the stack's services
             "PYTHONUNBUFFERED": "1",
         }
         self.settings = ClientSettings(**{k[len("LOOKALIKE_"):].lower(): v for k, v in names.items()
