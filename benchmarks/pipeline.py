@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from lookalike import contracts as c
 from lookalike.catalog import CatalogItem
 from lookalike.clients import confluent_config, producer_config
 from lookalike.settings import ClientSettings
+from lookalike.topics import end_assignment
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -50,29 +51,13 @@ class Replies:
         self.topic = settings.replies_topic
         self.consumer = Consumer(confluent_config(settings, **{
             "group.id": f"bench-{uuid.uuid4().hex}", "enable.auto.commit": False, "fetch.wait.max.ms": 5}))
-        meta = self.consumer.list_topics(self.topic, timeout=10).topics[self.topic]
-        tps = []
-        for p in meta.partitions:
-            _low, high = self._end(p)
-            tps.append(TopicPartition(self.topic, p, high if high >= 0 else OFFSET_END))
-        self.consumer.assign(tps)
+        self.consumer.assign(end_assignment(self.consumer, self.topic, wait_s=30))  # a new topic: its leader may lag
         self.expected: set[bytes] = set()
         self.arrived: dict[bytes, tuple[float, dict[str, Any]]] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name="bench-replies", daemon=True)
         self.thread.start()
-
-    def _end(self, partition: int, wait_s: float = 30.0) -> tuple[int, int]:
-        """The partition's watermarks; a topic created a moment ago may have no leader yet."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                return self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-            except KafkaException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
 
     def expect(self, key: bytes) -> None:
         with self.lock:

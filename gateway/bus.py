@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 from pydantic import SecretStr
 
 from lookalike import auth
@@ -27,7 +27,7 @@ from lookalike import contracts as c
 from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import LookalikeError
 from lookalike.settings import CommonSettings
-from lookalike.topics import HOUR_MS, TopicSpec, ensure_topics
+from lookalike.topics import HOUR_MS, TopicSpec, end_assignment, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,10 @@ class KafkaBus:
         """Create the reply topic if missing, read it from its end, start the threads."""
         self.loop = loop
         ensure_topics(self.settings, [reply_topic_spec(self.reply_topic)])
-        meta = self.consumer.list_topics(self.reply_topic, timeout=10).topics.get(self.reply_topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise GatewayError("unavailable", f"reply topic {self.reply_topic} is not readable: {meta and meta.error}")
-        assignment = []
-        for partition in meta.partitions:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.reply_topic, partition), timeout=10)
-            assignment.append(TopicPartition(self.reply_topic, partition, high if high >= 0 else OFFSET_END))
+        try:  # just created on a fresh broker: its leader may take a moment
+            assignment = end_assignment(self.consumer, self.reply_topic, wait_s=30)
+        except (KafkaException, LookupError) as exc:
+            raise GatewayError("unavailable", f"reply topic {self.reply_topic} is not readable: {exc}") from exc
         self.consumer.assign(assignment)
         self.last_poll = time.monotonic()
         for target, name in ((self._read_replies, "gateway-replies"), (self._serve_producer, "gateway-producer")):

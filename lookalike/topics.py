@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from lookalike.clients import confluent_config, max_message_bytes
@@ -139,6 +141,28 @@ def ensure_vectors_topic(settings: CommonSettings, version: str, timeout_s: floa
             f"{len(catalog.partitions)}: add partitions to it"
         )
     return spec.name
+
+
+def end_assignment(consumer: Any, topic: str, wait_s: float = 30.0) -> list[TopicPartition]:
+    """``topic``'s partitions at their end offsets, for a consumer that reads only what comes
+    next (a reply topic). A topic created a moment ago may have no leaders yet (its metadata
+    says unknown, its watermarks fail): it is looked up again for ``wait_s``. Then raises
+    LookupError (no such topic, or no partitions) or the KafkaException."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise LookupError(f"topic {topic!r} is not readable: {meta.error if meta else 'no such topic'}")
+            out = []
+            for partition in sorted(meta.partitions):
+                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                out.append(TopicPartition(topic, partition, high if high >= 0 else OFFSET_END))
+            return out
+        except (KafkaException, LookupError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def naming_env(prefix: str) -> dict[str, str]:

@@ -18,13 +18,14 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from lookalike import auth
 from lookalike import contracts as c
 from lookalike.clients import confluent_config, producer_config
 from lookalike.errors import ReplyTimeout
 from lookalike.settings import ClientSettings
+from lookalike.topics import end_assignment
 from producers.feedback import FeedbackProducer
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,10 @@ class QueryClient:
     def _assign(self) -> None:
         if self._assigned:
             return
-        meta = self.consumer.list_topics(self.reply_to, timeout=10)
-        topic = meta.topics.get(self.reply_to)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise ReplyTimeout(f"reply topic {self.reply_to!r} does not exist")
-        tps = []
-        for p in topic.partitions:
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.reply_to, p), timeout=10)
-            tps.append(TopicPartition(self.reply_to, p, high if high >= 0 else OFFSET_END))
+        try:
+            tps = end_assignment(self.consumer, self.reply_to, wait_s=0)
+        except LookupError as exc:
+            raise ReplyTimeout(f"reply topic {self.reply_to!r} does not exist") from exc
         self.consumer.assign(tps)
         self._assigned = True
 
