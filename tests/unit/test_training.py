@@ -689,3 +689,15 @@ def test_the_train_cli_is_generated_from_the_config() -> None:
     assert chosen.arch == "seed-cnn" and chosen.channels == (32, 64, 128)  # the architecture's widths
     assert chosen.cosface_margin == 0.3 and chosen.flip is False and chosen.patience is None
     assert chosen.aux_labels == ("subCategory", "baseColour") and chosen.limit_classes == 5
+
+
+def test_the_cli_channels_widen_the_network() -> None:
+    """``--channels`` (the wider-network lever of issue #12) reaches the spec and the layers."""
+    from training.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--data", "x", "--channels", "40,80,160,320"]))
+    assert config.arch == "res-cnn" and config.channels == (40, 80, 160, 320)
+    spec = config.model_spec(num_classes=3)
+    assert spec.channels == (40, 80, 160, 320) and ModelSpec.from_dict(spec.to_dict()) == spec
+    convs = [m for m in EmbeddingNet(spec).features.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].out_channels == 40 and max(c.out_channels for c in convs) == 320
