@@ -112,7 +112,8 @@ class Pipeline:
         return all(p.poll() is None for p in self.procs)
 
     def ready(self, bench: Bench, probe: tuple[str, bytes], timeout_s: float = 180) -> None:
-        """Every indexer (shard) has published a caught-up status and a query is answered ok."""
+        """Every indexer (shard) has published a caught-up status and a query comes back answered
+        (ok, or ``empty_index``: the layout's catalog is empty until the ingestion)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
