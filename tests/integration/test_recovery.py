@@ -399,19 +399,25 @@ def test_kill_9_of_the_worker_mid_ingestion_loses_and_duplicates_nothing(cluster
         settings = indexer_settings(pipeline)
 
         def publish() -> None:
+            # Bursts of more than two catalog batches, spread over the kills: a worker that has
+            # just moved the index still has the rest of its burst waiting. (Small steady chunks
+            # let a fast worker keep up, or take the whole script before the third kill.)
             feed = pipeline.feed()
-            for start in range(0, len(events), 60):
-                for item_id, seed in events[start : start + 60]:
+            for start in range(0, len(events), 150):
+                for item_id, seed in events[start : start + 150]:
                     if seed is None:
                         feed.remove(item_id)
                     else:
                         feed.publish(item_id, small_image(seed), {"seed": seed})
                 feed.flush()
-                time.sleep(0.3)
+                time.sleep(4.0)
 
         def reflected() -> int:
             status = pipeline.status()
             return sum(status.catalog_position.values()) if status else 0
+
+        def waiting() -> int:
+            return sum(ends_of(settings, settings.catalog_topic).values()) - reflected()
 
         publisher = threading.Thread(target=publish)
         publisher.start()
@@ -419,9 +425,9 @@ def test_kill_9_of_the_worker_mid_ingestion_loses_and_duplicates_nothing(cluster
         try:
             for _ in range(3):  # kill a worker that is embedding: the index moved since it (re)started
                 before = reflected()
-                wait_for(lambda before=before: reflected() > before, 120, "the worker making progress", pipeline,
-                         alive=True)
-                waiting_at_kill.append(sum(ends_of(settings, settings.catalog_topic).values()) - reflected())
+                wait_for(lambda before=before: reflected() > before and waiting() > 0, 120,
+                         "the worker making progress with records still waiting", pipeline, alive=True)
+                waiting_at_kill.append(waiting())
                 pipeline.kill("worker")
                 pipeline.start("worker")
         finally:
