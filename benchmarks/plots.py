@@ -18,13 +18,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def latency(result: dict[str, Any], path: Path) -> Path:
+def latency(result: dict[str, Any], path: Path, targets: dict[str, float]) -> Path:
     samples = result["samples"]
     ms = sorted(s["ms"] for s in samples)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     a.plot(ms, [i / max(1, len(ms)) for i in range(len(ms))])
-    a.axvline(8, color="green", ls="--", label="p50 target 8 ms")
-    a.axvline(25, color="red", ls="--", label="p99 target 25 ms")
+    a.axvline(targets["query_p50_ms"], color="green", ls="--", label=f"p50 target {targets['query_p50_ms']:g} ms")
+    a.axvline(targets["query_p99_ms"], color="red", ls="--", label=f"p99 target {targets['query_p99_ms']:g} ms")
     a.set_xscale("log")
     a.set_xlabel("publish → reply (ms)")
     a.set_ylabel("fraction of queries")
@@ -63,13 +63,14 @@ def ingestion(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def curve(result: dict[str, Any], path: Path) -> Path:
+def curve(result: dict[str, Any], path: Path, targets: dict[str, float]) -> Path:
     points = result["points"]
     fig, ax = plt.subplots(figsize=(8, 4))
     for q in ("p50", "p99"):
         ax.plot([p["rate_per_s"] for p in points], [p["latency_ms"].get(q) for p in points], marker="o", label=q)
-    ax.axhline(100, color="red", ls="--", label="p99 limit for capacity, 100 ms")
-    ax.axvline(300, color="grey", ls=":", label="capacity target, 300/s")
+    ax.axhline(targets["capacity_p99_ms"], color="red", ls="--",
+               label=f"p99 limit for capacity, {targets['capacity_p99_ms']:g} ms")
+    ax.axvline(targets["capacity_per_s"], color="grey", ls=":", label=f"capacity target, {targets['capacity_per_s']:g}/s")
     ax.set_yscale("log")
     ax.set_xlabel("queries/s (open loop)")
     ax.set_ylabel("publish → reply (ms)")

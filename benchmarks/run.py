@@ -51,6 +51,12 @@ def capacity(curve: list[dict[str, Any]], p99_ms: float = TARGETS["capacity_p99_
     return max(held) if held else None
 
 
+def saturated(point: dict[str, Any]) -> bool:
+    """A rate of the curve the stack did not keep up with (a query timed out, or a p99 over
+    1 s): higher rates are not worth measuring."""
+    return bool(point["timeouts"]) or point["latency_ms"].get("p99", float("inf")) > 1000
+
+
 def catalog_vectors(settings: ClientSettings, timeout_s: float = 120) -> tuple[list[str], np.ndarray, str | None]:
     """The live catalog's vectors, read from the serving model version's compacted vector
     topic like an indexer does: the last record per item, tombstones removed, the benchmark's
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             monitor.begin("queries")
             queries = [(i.item_id, images[i.item_id]) for i in items[:1000]]
             result["queries"] = bench.query_latency(queries, args.query_rate, args.query_seconds)
-            paths += [plots.latency(result["queries"], args.out / "latency.png"),
+            paths += [plots.latency(result["queries"], args.out / "latency.png", TARGETS),
                       plots.stages(result["queries"], args.out / "stages.png")]
         if "curve" not in args.skip and args.curve_rates:
             queries = [(i.item_id, images[i.item_id]) for i in items[:1000]]
@@ -285,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 point = bench.query_latency(queries, rate, args.curve_seconds, warmup_s=2.0)
                 point.pop("samples")
                 points.append(point)
-                if point["timeouts"] or point["latency_ms"].get("p99", float("inf")) > 1000:
+                if saturated(point):
                     print(f"   saturated at {rate:g}/s; higher rates skipped", flush=True)
                     break
             result["curve"] = {"points": points, "capacity_per_s": capacity(points)}
-            paths.append(plots.curve(result["curve"], args.out / "curve.png"))
+            paths.append(plots.curve(result["curve"], args.out / "curve.png", TARGETS))
         if "gateway" not in args.skip:
             from benchmarks import gateway
 

@@ -38,6 +38,7 @@ import psutil
 from confluent_kafka.admin import AdminClient
 
 from benchmarks.pipeline import Bench
+from benchmarks.run import capacity, indexer_reach, saturated
 from lookalike.catalog import CatalogItem
 from lookalike.clients import confluent_config
 from lookalike.settings import ClientSettings
@@ -126,13 +127,6 @@ class Pipeline:
             time.sleep(1)
         raise RuntimeError(f"{self.layout.name} was not ready within {timeout_s}s: logs in {self.workdir}")
 
-    def reach(self) -> dict[int, int]:
-        reach: dict[int, int] = {}
-        for status in indexer_status(self.settings, self.group):
-            for p, o in status.catalog_position.items():
-                reach[p] = max(o, reach.get(p, 0))
-        return reach
-
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -157,8 +151,6 @@ def busy(before: dict[str, float], after: dict[str, float], wall_s: float) -> di
 
 def measure_layout(layout: Layout, base: ClientSettings, items: Sequence[CatalogItem], images: dict[str, bytes],
                    rates: Sequence[float], seconds: float, workdir: Path) -> dict[str, Any]:
-    from benchmarks.run import capacity
-
     pipeline = Pipeline(layout, base, workdir)
     started = time.monotonic()
     try:
@@ -170,7 +162,8 @@ def measure_layout(layout: Layout, base: ClientSettings, items: Sequence[Catalog
             print(f"   {layout.name}: ready after {time.monotonic() - started:.0f} s; ingesting {len(items)} items",
                   flush=True)
             before, at = pipeline.cpu_seconds(), time.monotonic()
-            ingestion = bench.ingestion(items, [images[i.item_id] for i in items], searchable=pipeline.reach)
+            ingestion = bench.ingestion(items, [images[i.item_id] for i in items],
+                                        searchable=lambda: indexer_reach(pipeline.settings, pipeline.group))
             ingestion.pop("progress", None)
             ingestion["cores_busy"] = busy(before, pipeline.cpu_seconds(), time.monotonic() - at)
             queries = [(i.item_id, images[i.item_id]) for i in items[:1000]]
@@ -183,7 +176,7 @@ def measure_layout(layout: Layout, base: ClientSettings, items: Sequence[Catalog
                 points.append(point)
                 print(f"   {layout.name}: {rate:g}/s p50 {point['latency_ms'].get('p50')} ms, "
                       f"p99 {point['latency_ms'].get('p99')} ms, {point['answered_ok']}/{point['sent']} ok", flush=True)
-                if point["timeouts"] or point["latency_ms"].get("p99", float("inf")) > 1000:
+                if saturated(point):
                     break
         finally:
             bench.close()
