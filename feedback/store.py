@@ -54,7 +54,10 @@ class FeedbackStore(FeedbackLedger):
         req = self.key("req", facts.request_id)
         bucket = w.bucket_of(timestamp_ms, self.s.bucket_s)
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(req, mapping={"model_version": facts.model_version, "items": json.dumps(facts.items)})
+        known = {"model_version": facts.model_version, "items": json.dumps(facts.items)}
+        if facts.query_item is not None:  # the join has the pair's query at once, whenever the query vector is read
+            known["query_item"] = facts.query_item
+        pipe.hset(req, mapping=known)
         pipe.hsetnx(req, "counted", "1")
         pipe.expire(req, self.s.reply_ttl_s)
         pipe.zadd(self.key("models"), {facts.model_version: timestamp_ms})

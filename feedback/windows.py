@@ -59,11 +59,14 @@ def leading_window(first_bucket: int, minutes: float, bucket_s: int) -> range:
 
 @dataclass(frozen=True)
 class ReplyFacts:
-    """What the join needs from a reply: which model answered and what it showed, in rank order."""
+    """What the join needs from a reply: which model answered, what it showed in rank order,
+    and the item a "more like this" query named (None: an image query, or an indexer older
+    than the reply's ``query_item_id``, whose query-vector record then brings it)."""
 
     request_id: str
     model_version: str
     items: tuple[str, ...]
+    query_item: str | None = None
 
 
 def reply_facts(value: bytes | None) -> ReplyFacts | None:
@@ -74,7 +77,8 @@ def reply_facts(value: bytes | None) -> ReplyFacts | None:
         return None
     if doc["status"] != "ok" or not isinstance(doc.get("model_version"), str):
         return None
-    return ReplyFacts(doc["request_id"], doc["model_version"], tuple(hit["item_id"] for hit in doc["results"]))
+    return ReplyFacts(doc["request_id"], doc["model_version"], tuple(hit["item_id"] for hit in doc["results"]),
+                      doc.get("query_item_id"))
 
 
 def rank_of(item_id: str, items: Iterable[str]) -> int | None:

@@ -97,7 +97,7 @@ def merge(search: Mapping[int, dict[str, Any]], k: int, shards: int, request_id:
         index_versions = sorted({str(r.get("index_version")) for r in oks if r.get("index_version")})
         reply = c.ok_reply(request_id, results, model_version=oks[0].get("model_version"),
                            index_version="+".join(index_versions) or None, index_position=position,
-                           timings_ms=timings)
+                           timings_ms=timings, query_item_id=oks[0].get("query_item_id"))
     reply["partial"] = len(answered) < shards
     reply["shards"] = {"answered": answered, "of": shards}
     return reply

@@ -133,4 +133,5 @@ def answer(
         index_version=index_version,
         index_position=index_position,
         timings_ms=timings,
+        query_item_id=query.item_id or query.exclude,
     )

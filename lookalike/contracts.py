@@ -306,11 +306,14 @@ def ok_reply(
     index_version: str | None,
     index_position: Mapping[int, int],
     timings_ms: Mapping[str, float],
+    query_item_id: str | None = None,
 ) -> dict[str, Any]:
-    """The reply document for an answered query."""
+    """The reply document for an answered query (``query_item_id``: the catalog item a "more
+    like this" query named; None for an image query)."""
     return {
         "request_id": request_id,
         "status": "ok",
+        "query_item_id": query_item_id,
         "results": results,
         "model_version": model_version,
         "index_version": index_version,
@@ -399,8 +402,9 @@ def _reply_problem(doc: Any) -> str | None:
             isinstance(r, dict) and isinstance(r.get("item_id"), str) and _number(r.get("score"))
             and isinstance(r.get("metadata", {}), dict) for r in results):
         return "results must be a list of {item_id: string, score: number, metadata: object}"
-    if any(doc.get(name) is not None and not isinstance(doc[name], str) for name in ("model_version", "index_version")):
-        return "model_version and index_version must be strings or null"
+    if any(doc.get(name) is not None and not isinstance(doc[name], str)
+           for name in ("model_version", "index_version", "query_item_id")):
+        return "model_version, index_version and query_item_id must be strings or null"
     position = doc.get("index_position", {})
     if not isinstance(position, dict) or not all(
             isinstance(p, str) and p.isascii() and p.isdigit() and len(p) <= 9

@@ -105,10 +105,10 @@ class Aggregator:
         self.store.r.hset(key, mapping={"instance": "test", "items": items, "position": "{}", "caught_up": "1"})
         self.store.r.expire(key, 600)
 
-    def reply(self, request_id: str, model: str, items: list[str]) -> None:
+    def reply(self, request_id: str, model: str, items: list[str], query_item: str | None = None) -> None:
         results = [{"item_id": i, "score": 1.0 - n / 10, "metadata": {}} for n, i in enumerate(items)]
         doc = c.ok_reply(request_id, results, model_version=model, index_version=f"{model}/x", index_position={0: 1},
-                         timings_ms={"total": 1.0})
+                         timings_ms={"total": 1.0}, query_item_id=query_item)
         self.producer.produce(self.settings.replies_topic, key=request_id.encode(), value=c.encode_reply(doc))
 
     def query_vector(self, request_id: str, model: str, item_id: str | None, vector: np.ndarray | None) -> None:
@@ -292,6 +292,28 @@ def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_facto
     second = wait_for(lambda: [m for m in read_all(s, s.triggers_topic, idle_s=0.5) if m.key() != triggers[0].key()],
                       60, "a trigger once the lease is released", logs=agg.log)
     assert len(second) == 1 and json.loads(second[0].value())["generation"] == 1
+    assert agg.alive()
+
+
+def test_a_label_is_a_pair_when_counted_even_before_the_query_vector_is_read(
+    aggregator_factory: Callable[..., Aggregator],
+) -> None:
+    """A "more like this" reply names its query item, so the label that a trigger counts is a
+    training pair at once: a trainer started by that trigger learns from it, however far the
+    aggregator's query-vector loop lags (here its record never comes at all)."""
+    agg = aggregator_factory(LOOKALIKE_TRIGGER_MIN_FEEDBACK="2", LOOKALIKE_TRIGGER_CATALOG_GROWTH="0")
+    s, store = agg.settings, agg.store
+    agg.reply("p1", "mA", ["i0", "i1", "i2"], query_item="q1")
+    agg.flush()
+    wait_for(lambda: store.totals().get("replies") == 1, 60, "the reply recorded", logs=agg.log)
+    fb = FeedbackProducer(s)
+    fb.emit("click", request_id="p1", item_id="i1", user_id="u")
+    fb.emit("dismiss", request_id="p1", item_id="i2", user_id="u")
+    fb.flush()
+    trigger = wait_for(lambda: read_all(s, s.triggers_topic, idle_s=0.5), 60, "the feedback trigger", logs=agg.log)
+    assert len(trigger) == 1
+    pairs = {(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()}
+    assert pairs == {("q1", "i1", 1), ("q1", "i2", -1)}
     assert agg.alive()
 
 

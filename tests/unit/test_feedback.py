@@ -106,6 +106,9 @@ def test_reply_facts() -> None:
     ok = {"request_id": "r", "status": "ok", "model_version": "v1",
           "results": [{"item_id": "a", "score": 1.0, "metadata": {}}, {"item_id": "b", "score": 0.5, "metadata": {}}]}
     assert w.reply_facts(json.dumps(ok).encode()) == w.ReplyFacts("r", "v1", ("a", "b"))
+    more_like = {**ok, "query_item_id": "q"}  # a "more like this q" reply names its query item
+    assert w.reply_facts(json.dumps(more_like).encode()) == w.ReplyFacts("r", "v1", ("a", "b"), "q")
+    assert w.reply_facts(json.dumps({**ok, "query_item_id": 7}).encode()) is None
     assert w.reply_facts(json.dumps({**ok, "status": "error"}).encode()) is None
     assert w.reply_facts(b"\xff") is None
     assert w.reply_facts(None) is None

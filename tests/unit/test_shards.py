@@ -58,6 +58,10 @@ def test_merge_keeps_the_best_k_of_all_shards() -> None:
     assert merged["shards"] == {"answered": [0, 1], "of": 2}
     assert merged["index_position"] == {"0": 10, "1": 4} and merged["index_version"] == "m/0+m/1"
     assert merged["timings_ms"]["search"] == 0.6  # the slowest shard's
+    assert merged["query_item_id"] is None
+    jsonschema.validate(merged, c.schema("reply"))
+    by_item = {i: {**ok([("a", 0.9)], {i: 1}), "query_item_id": "q"} for i in (0, 1)}
+    assert merge(by_item, 3, 2, "r1")["query_item_id"] == "q"
     jsonschema.validate(merged, c.schema("reply"))
     # An empty shard does not sink the answer; any other error does.
     empty = c.error_reply("r1", "empty_index", "empty", model_version="m")

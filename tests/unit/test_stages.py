@@ -175,5 +175,9 @@ def test_indexer_applies_vector_records_and_answers() -> None:
     assert reply["results"][0]["item_id"] == "1"
     assert len(reply["results"]) == 2
     assert reply["timings_ms"]["embed"] == 1.0 and "search" in reply["timings_ms"]
+    assert reply["query_item_id"] is None  # an image query
+    by_item = istages.parse_query_vector(b"r2", None, {**headers, c.H_ITEM_ID: b"2"}, dim=8, default_reply_to="r")
+    more_like = istages.answer(index, by_item, model_version="m", index_version="m/1", index_position={0: 4})
+    assert more_like["query_item_id"] == "2" and "2" not in [r["item_id"] for r in more_like["results"]]
     with pytest.raises(ModelMismatch):
         istages.answer(index, query, model_version="other", index_version=None, index_position={})
