@@ -111,7 +111,7 @@ class Aggregator:
         model = store.serving_model()
         catalog = self.catalog_items()
         if catalog is not None:
-            store.note_catalog_baseline(catalog)
+            store.note_catalog_baseline(catalog, now_ms / 1000)
         last = store.last_training()
         labelled = store.totals().get("labelled", 0)
         baseline = recent = None

@@ -8,7 +8,8 @@ meet here and on topics, never in each other's modules. Keys (``{ns}`` is
 
     lookalike:feedback:{ns}:pairs                   list: JSON training pairs, newest first, capped
     lookalike:feedback:{ns}:totals                  hash: labelled, events, invalid, pending, late, duplicates, ...
-    lookalike:feedback:{ns}:last-training           hash: generation, labelled, catalog_items, at, outcome
+    lookalike:feedback:{ns}:last-training           hash: generation, labelled, catalog_items, at, outcome,
+                                                    catalog_first_seen (before the first training)
     lookalike:feedback:{ns}:trigger-pending         a trigger id, while a trigger is out and not yet taken
     lookalike:feedback:{ns}:trainer-lease           the training trainer's id, with a TTL it renews
 """
@@ -35,6 +36,26 @@ def trainer_decision(trigger_generation: int, current_generation: int, *, lease_
     if not lease_acquired:
         return "training_running"
     return "train"
+
+
+# KEYS[1]: the last-training hash; ARGV: items now, now (s), the settling span (s).
+NOTE_CATALOG_BASELINE = """
+if redis.call('HEXISTS', KEYS[1], 'at') == 1 then
+  redis.call('HSETNX', KEYS[1], 'catalog_items', ARGV[1])
+  return 0
+end
+local first = redis.call('HGET', KEYS[1], 'catalog_first_seen')
+if not first then
+  redis.call('HSET', KEYS[1], 'catalog_first_seen', ARGV[2])
+  redis.call('HSETNX', KEYS[1], 'catalog_items', ARGV[1])
+  return 1
+end
+if tonumber(ARGV[2]) - tonumber(first) <= tonumber(ARGV[3]) then
+  local seen = tonumber(redis.call('HGET', KEYS[1], 'catalog_items') or '0')
+  if tonumber(ARGV[1]) > seen then redis.call('HSET', KEYS[1], 'catalog_items', ARGV[1]) end
+end
+return 1
+"""
 
 
 class FeedbackLedger:
@@ -72,9 +93,14 @@ class FeedbackLedger:
         out.setdefault("generation", 0)
         return out
 
-    def note_catalog_baseline(self, catalog_items: int) -> None:
-        """Before any training is recorded, growth counts from the first catalog size seen."""
-        self.r.hsetnx(self.key("last-training"), "catalog_items", catalog_items)
+    def note_catalog_baseline(self, catalog_items: int, now: float | None = None) -> None:
+        """Before any training is recorded, growth counts from the catalog the serving model
+        met: the largest size seen in the first ``trigger_baseline_minutes`` after the first
+        sighting, so that loading a catalog into a new stack is not growth. Once a training
+        is recorded, its size is the baseline and this leaves it alone."""
+        now = time.time() if now is None else now
+        self.r.eval(NOTE_CATALOG_BASELINE, 1, self.key("last-training"), catalog_items, f"{now:.3f}",
+                    self.s.trigger_baseline_minutes * 60)
 
     def record_training(self, *, outcome: str, catalog_items: int | None, labelled: int | None = None,
                         **extra: Any) -> int:

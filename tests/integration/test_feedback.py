@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons
 from feedback.service import Aggregator as AggregatorService
 from feedback.store import FeedbackStore
 from feedback.windows import ReplyFacts, window
@@ -258,7 +259,8 @@ def test_aggregator_metrics_are_exact(aggregator_factory: Callable[..., Aggregat
 def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_factory: Callable[..., Aggregator]) -> None:
     agg = aggregator_factory(LOOKALIKE_TRIGGER_MIN_FEEDBACK="5", LOOKALIKE_TRIGGER_CATALOG_GROWTH="0.5")
     s, store = agg.settings, agg.store
-    store.r.hset(store.key("last-training"), "catalog_items", 20)  # the catalog had 20 items at the last training
+    # the catalog had 20 items at the last training, two hours ago (past the cool-down)
+    store.r.hset(store.key("last-training"), mapping={"catalog_items": 20, "at": f"{time.time() - 7200:.3f}"})
     agg.indexer_reports(CATALOG_ITEMS)  # now 50: growth 1.5, due as well
     agg.reply("t1", "mA", [f"i{n}" for n in range(5)])
     agg.flush()
@@ -315,6 +317,30 @@ def test_a_label_is_a_pair_when_counted_even_before_the_query_vector_is_read(
     pairs = {(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()}
     assert pairs == {("q1", "i1", 1), ("q1", "i2", -1)}
     assert agg.alive()
+
+
+def test_loading_the_first_catalog_is_not_growth(cluster: Cluster, tmp_path: Path) -> None:
+    """Before any training, the growth baseline follows the catalog up through the serving
+    model's first minutes (a new stack's catalog load), then stays; a recorded training's
+    size replaces it. Seen on a fresh demo stack: 703 -> 1,596 items in a load had triggered
+    a retraining 10 s after start."""
+    env = env_for(cluster, f"test-{uuid.uuid4().hex[:10]}", tmp_path, LOOKALIKE_TRIGGER_BASELINE_MINUTES="1")
+    store = FeedbackStore.connect(settings_from(env))
+    policy = TriggerPolicy(catalog_growth=0.2, cooldown_s=0)
+
+    def due(items: int, now: float) -> list[str]:
+        store.note_catalog_baseline(items, now)
+        last = store.last_training()
+        inputs = PolicyInputs(None, catalog_items=items, catalog_items_at_training=last.get("catalog_items"))
+        return [r.reason for r in due_reasons(inputs, policy)]
+
+    t0 = 1_000_000.0
+    assert due(703, t0) == [] and due(1596, t0 + 10) == [] and due(9583, t0 + 59) == []  # the load, in its first minute
+    assert store.last_training()["catalog_items"] == 9583
+    assert due(11_000, t0 + 120) == []  # 14.8 % after the load: under the threshold
+    assert due(11_500, t0 + 180) == ["catalog_growth"]  # 20.0 %: growth
+    store.record_training(outcome="promoted", catalog_items=11_500, labelled=0)
+    assert due(11_600, t0 + 240) == [] and store.last_training()["catalog_items"] == 11_500  # the training's size holds
 
 
 @pytest.fixture
