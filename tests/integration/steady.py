@@ -27,6 +27,7 @@ class Sent:
     sent_at: float
     answered_at: float | None = None
     reply: dict | None = None
+    partition: int | None = None  # of the queries topic, once the broker acknowledged it
 
 
 @dataclass
@@ -89,6 +90,19 @@ class SteadyStream:
             return
         sent.reply, sent.answered_at = json.loads(msg.value()), time.monotonic()
 
+    def _delivered(self, err: object, msg: object) -> None:
+        if err is None:
+            with self._lock:
+                self.requests[msg.key()].partition = msg.partition()  # type: ignore[attr-defined]
+
+    def held_in(self, partitions: set[int], older_than_s: float) -> int:
+        """Queries on these partitions of the queries topic that were sent more than
+        ``older_than_s`` ago and are not answered yet: a consumer of those partitions holds them."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for s in self.requests.values() if s.partition in partitions and s.reply is None
+                       and now - s.sent_at > older_than_s)
+
     def _run(self) -> None:
         interval = 1.0 / self.rate
         n = 0
@@ -97,7 +111,7 @@ class SteadyStream:
             key = f"steady-{n}-{uuid.uuid4().hex[:8]}".encode()
             with self._lock:
                 self.requests[key] = Sent(item_id, time.monotonic())
-            self._producer.produce(self.settings.queries_topic, key=key, value=image)
+            self._producer.produce(self.settings.queries_topic, key=key, value=image, on_delivery=self._delivered)
             self._producer.poll(0)
             n += 1
             next_at = self.started_at + n * interval

@@ -85,6 +85,12 @@ def test_worker_killed_mid_batch_every_query_of_a_steady_stream_is_answered(
 
         stream = SteadyStream(pipeline.settings, queries, rate=20, duration_s=25, drain_s=45).start()
         time.sleep(random.uniform(4.0, 6.0))
+        topic = pipeline.settings.queries_topic
+        doomed = {int(p) for p in re.findall(rf"{re.escape(topic)}\[(\d+)\]", query_assignments(pipeline, "worker")[-1])}
+        # Kill while the worker holds a query it read and has not answered (a batch collects for
+        # 300 ms): a kill between a batch's commit and the next record would prove nothing.
+        wait_for(lambda: stream.held_in(doomed, older_than_s=0.05), 15, "a query waiting in the worker's batch",
+                 pipeline, every_s=0.01)
         assignments_before = len(query_assignments(pipeline, "worker-2"))
         killed_at = time.monotonic()
         pipeline.kill("worker")
