@@ -61,6 +61,24 @@ class Answering:
                 required = self.check_partitions(c.parse_position(headers[c.H_MIN_POSITION]))
                 await vi.wait_for_position(required, s.min_position_wait_s)
 
+    def ready_now(self, headers: Mapping[str, bytes]) -> bool:
+        """Would :meth:`ready_for` return at once? (An indexer that embeds its own queries
+        answers those at once and leaves the others to this query loop, where each waits alone.)"""
+        if not self.started.is_set():
+            return False
+        vi = self.version_for(headers)
+        if vi is None:
+            return True  # answered at once: model_mismatch
+        if not vi.caught_up.is_set():
+            return False
+        if c.H_MIN_POSITION not in headers:
+            return True
+        try:
+            required = self.check_partitions(c.parse_position(headers[c.H_MIN_POSITION]))
+        except InvalidMessage:
+            return True  # answered at once: bad_header
+        return stages.reached(vi.catalog_position, own_position(self.settings, required))
+
     def check_partitions(self, position: dict[int, int]) -> dict[int, int]:
         """A position that names a partition the catalog topic does not have can never be
         reached: BadHeader, before anything waits for it."""
@@ -168,6 +186,8 @@ class Answering:
         metrics.observe_batch("indexer", "query", len(records))
         out: list[Output] = []
         for record in records:
+            if c.H_ANSWERED in record.headers:  # an indexer embedded and answered it already (indexer/one_hop.py)
+                continue
             # hop: the query vector's produce (the worker's clock) -> here (this one's): the second
             # Kafka hop, with the event loop's wait for this record.
             timings = {"hop": max(0.0, time.time() * 1000 - record.timestamp_ms)} if record.timestamp_ms else {}

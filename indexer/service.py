@@ -130,6 +130,10 @@ class Indexer(Lifecycle, Answering):
             jobs["snapshots"] = self.run_snapshots()
         if s.sharded:
             jobs["gather"] = gather_loop(s, self.sender).run()
+        if s.query_embedding == "indexer":
+            from indexer.one_hop import OneHop
+
+            jobs["one-hop queries"] = OneHop(self).loop().run()
         try:
             await run_forever(*jobs.values(), names=list(jobs))
         finally:

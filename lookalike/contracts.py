@@ -44,6 +44,9 @@ H_SHARD = "shard"
 H_SHARD_PHASE = "shard-phase"
 H_GATHER_WAIT_MS = "gather-wait-ms"
 H_LOOKUP_OF = "lookup-of"
+# On a query vector an indexer embedded and answered itself (indexer/one_hop.py): published
+# for the feedback aggregator's drift samples only; no indexer answers it again.
+H_ANSWERED = "answered"
 
 MAX_KEY_BYTES = 256
 MAX_METADATA_BYTES = 64 * 1024

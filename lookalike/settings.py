@@ -54,6 +54,11 @@ class CommonSettings(BaseSettings):
     redis_password_file: Path | None = None  # or read it from this file
     redis_ssl_ca_file: Path | None = None
 
+    # Where queries are embedded: "worker" (a worker embeds, its query vector crosses a second
+    # Kafka hop to the indexer) or "indexer" (each indexer embeds and answers its own: one hop,
+    # indexer/one_hop.py; one index shard only, and the indexers need the model store). The
+    # workers and the indexers must agree: with "indexer" the workers embed the catalog only.
+    query_embedding: Literal["worker", "indexer"] = "worker"
     catalog_topic: str = "lookalike.catalog"
     queries_topic: str = "lookalike.queries"
     replies_topic: str = "lookalike.replies"
@@ -214,6 +219,9 @@ class IndexerSettings(CommonSettings):
     def _shard_in_range(self) -> IndexerSettings:
         if self.index_shard >= self.index_shards:
             raise ValueError(f"index_shard {self.index_shard} is not below index_shards {self.index_shards}")
+        if self.query_embedding == "indexer" and self.sharded:
+            raise ValueError("query_embedding 'indexer' needs one index shard: with shards, every shard would "
+                             "embed every query (embed once, in the workers: query_embedding 'worker')")
         return self
 
     @property

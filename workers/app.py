@@ -248,6 +248,29 @@ class EmbeddingWorker:
             return [], errors
         return (stages.embed_queries(embedder, queries) if queries else []), errors
 
+    async def embed_query_records(self, records: Sequence[Record], service: str) -> tuple[list[OutRecord], list[Output]]:
+        """Consumed queries -> (their query-vector records, error replies to produce), embedded
+        in the query thread; ``service`` names who measures the batch (the worker, or an indexer
+        that embeds its own queries: :mod:`indexer.one_hop`)."""
+        started = time.perf_counter()
+        vectors, errors = await self.query_thread.run(self.query_batch, events_of(records))
+        metrics.observe_batch(service, "query", len(records), time.perf_counter() - started)
+        return vectors, [Output(reply_to, key, value, headers) for reply_to, (key, value, headers) in errors]
+
+    def query_failed(self, record: Record, exc: Exception) -> list[Output]:
+        """A query the stage failed on (a bug, or its reply refused by the broker) still gets
+        an error reply, at its reply-to if that one is valid."""
+        error = exc if isinstance(exc, InvalidMessage) else InvalidMessage(f"{type(exc).__name__}: {exc}"[:500],
+                                                                           code=code_of(exc))
+        rejected = Rejected(record.key, record.value, record.headers, error,
+                            Origin(record.topic, record.partition, record.offset, record.timestamp_ms))
+        reply_to = self.settings.replies_topic
+        if self.guard.authentic(record.key, record.value, record.headers):  # else its reply-to is no one's word
+            wanted = stages.reply_destination(record.headers, self.settings)
+            reply_to = wanted if self.reply_topics.exists(wanted) else reply_to
+        key, value, headers = stages.error_reply_record(rejected, self.models.serving)
+        return [Output(reply_to, key, value, headers)]
+
 
 def events_of(records: Sequence[Record]) -> list[Event]:
     return [(r.key, r.value, r.headers, Origin(r.topic, r.partition, r.offset, r.timestamp_ms)) for r in records]
@@ -274,33 +297,15 @@ class Worker:
 
     # -- queries --------------------------------------------------------------------
     async def embed_queries(self, records: list[Record]) -> list[Output]:
-        started = time.perf_counter()
-        vectors, errors = await self.embedding.query_thread.run(self.embedding.query_batch, events_of(records))
-        metrics.observe_batch("worker", "query", len(records), time.perf_counter() - started)
-        out = outputs(self.settings.query_vectors_topic, vectors)
-        out += [Output(reply_to, key, value, headers) for reply_to, (key, value, headers) in errors]
-        return out
-
-    def query_failed(self, record: Record, exc: Exception) -> list[Output]:
-        """A query the stage failed on (a bug, or its reply refused by the broker) still gets
-        an error reply, at its reply-to if that one is valid."""
-        error = exc if isinstance(exc, InvalidMessage) else InvalidMessage(f"{type(exc).__name__}: {exc}"[:500],
-                                                                           code=code_of(exc))
-        rejected = Rejected(record.key, record.value, record.headers, error,
-                            Origin(record.topic, record.partition, record.offset, record.timestamp_ms))
-        reply_to = self.settings.replies_topic
-        if self.embedding.guard.authentic(record.key, record.value, record.headers):  # else its reply-to is no one's word
-            wanted = stages.reply_destination(record.headers, self.settings)
-            reply_to = wanted if self.embedding.reply_topics.exists(wanted) else reply_to
-        key, value, headers = stages.error_reply_record(rejected, self.models.serving)
-        return [Output(reply_to, key, value, headers)]
+        vectors, errors = await self.embedding.embed_query_records(records, "worker")
+        return outputs(self.settings.query_vectors_topic, vectors) + errors
 
     def query_loop(self) -> Loop:
         s = self.settings
         return Loop(name="embed-queries", service="worker", sender=self.query_sender,
                     source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
-                    handle=self.embed_queries,
-                    on_error=self.query_failed, batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000)
+                    handle=self.embed_queries, on_error=self.embedding.query_failed,
+                    batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000)
 
     # -- catalog --------------------------------------------------------------------
     def group(self, version: str) -> str:
@@ -390,9 +395,13 @@ class Worker:
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     async def run(self) -> None:
+        jobs = {"rollout": self.follow_rollout(), "heartbeat": self.heartbeat()}
+        if self.settings.query_embedding == "worker":
+            jobs["queries"] = self.query_loop().run()
+        else:  # the indexers embed and answer the queries themselves (indexer/one_hop.py): the catalog only
+            log.info("queries are embedded by the indexers (LOOKALIKE_QUERY_EMBEDDING=indexer): catalog only")
         try:
-            await run_forever(self.query_loop().run(), self.follow_rollout(), self.heartbeat(),
-                              names=("queries", "rollout", "heartbeat"))
+            await run_forever(*jobs.values(), names=list(jobs))
         finally:
             self.query_sender.close()
             self.sender.close()

@@ -14,8 +14,23 @@ from PIL import ImageOps
 from lookalike import contracts as c
 from lookalike.clients import confluent_config
 from tests.images import encode, jpeg_bytes, picture
+from tests.integration.conftest import start_pipeline, stop_pipeline, warm_up
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", params=["worker", "indexer"], ids=["two-hop", "one-hop"])
+def pipeline(request, cluster, tiny_model, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Every test of this module runs on both query paths (LOOKALIKE_QUERY_EMBEDDING): queries
+    embedded by the worker (two Kafka hops), and by the indexer (one hop, indexer/one_hop.py).
+    The wire contract must not tell them apart."""
+    running = start_pipeline(cluster, tiny_model[0], tmp_path_factory.mktemp(f"pipeline-{request.param}"),
+                             {"LOOKALIKE_QUERY_EMBEDDING": request.param})
+    try:
+        warm_up(running, jpeg_bytes(seed=999))
+        yield running
+    finally:
+        stop_pipeline(running)
 
 
 def new_id(prefix: str) -> str:
@@ -245,3 +260,34 @@ def test_cli_query_prints_the_reply_json_exactly(pipeline, tmp_path) -> None:  #
     reply = json.loads(line)
     assert reply["results"][0]["item_id"] == item_id
     assert line == c.encode_reply(reply).decode(), "printed as the service wrote it (compact JSON)"
+
+
+def test_the_query_path_embeds_where_it_is_told(pipeline) -> None:  # type: ignore[no-untyped-def]
+    """Two hops: the worker embeds, the reply has the second hop's timing. One hop: the
+    indexer embeds and answers at once (no ``hop``), the worker reads the catalog only, and
+    the query vector is still published, marked answered, for the feedback aggregator; a
+    query that must wait for its min-position takes the two-hop path and is answered once."""
+    one_hop = pipeline.env["LOOKALIKE_QUERY_EMBEDDING"] == "indexer"
+    settings = pipeline.settings
+    with pipeline.client() as client:
+        reply = client.ask(jpeg_bytes(seed=999), timeout_s=10)
+        waited = client.ask(jpeg_bytes(seed=999), min_position={0: 10**12}, timeout_s=20)  # never reached
+    assert reply["status"] == "ok" and {"decode", "embed", "search"} <= set(reply["timings_ms"])
+    assert ("hop" in reply["timings_ms"]) is not one_hop, reply["timings_ms"]
+    assert waited["error"]["code"] == "not_ready" and "hop" in waited["timings_ms"]  # waited its 2 s, on two hops
+    assert ("catalog only" in pipeline.log_text("worker")) is one_hop
+
+    consumer = Consumer(confluent_config(settings, **{"group.id": f"read-{uuid.uuid4().hex}",
+                                                      "enable.auto.commit": False}))
+    meta = consumer.list_topics(settings.query_vectors_topic, timeout=10).topics[settings.query_vectors_topic]
+    consumer.assign([TopicPartition(settings.query_vectors_topic, p, 0) for p in meta.partitions])
+    marks: dict[str, list[bool]] = {}
+    idle = time.monotonic()
+    while time.monotonic() - idle < 2.0:
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            marks.setdefault(msg.key().decode(), []).append(c.H_ANSWERED in dict(msg.headers() or []))
+            idle = time.monotonic()
+    consumer.close()
+    assert marks[reply["request_id"]] == [one_hop]  # one vector record per query, either way
+    assert marks[waited["request_id"]] == [False]  # answered by the indexers' query loop

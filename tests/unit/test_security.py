@@ -122,7 +122,7 @@ def test_worker_answers_unsigned_and_forged_queries_with_unauthorized(embedder: 
 def test_errors_before_authentication_never_go_to_the_callers_reply_to(embedder: Embedder) -> None:
     """An unsigned or forged query naming a reply-to gets its error on the default replies topic;
     a signed query's errors (here: over its rate) go where it asked."""
-    from workers.app import EmbeddingWorker, ModelSet, Worker
+    from workers.app import EmbeddingWorker, ModelSet
 
     settings = WorkerSettings(_env_file=None, kafka_bootstrap="127.0.0.1:9", query_auth=True,
                               query_keys={"shop-1": SecretStr("k" * 32)})
@@ -144,17 +144,15 @@ def test_errors_before_authentication_never_go_to_the_callers_reply_to(embedder:
     # The runtime's last-resort path (a stage that raised) decides the same way.
     from lookalike.runtime import Record
 
-    shell = Worker.__new__(Worker)
-    shell.settings, shell.embedding, shell.models = settings, worker, worker.models
     for key, value, headers, _src in cases[:2]:
-        [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, key, value, headers), RuntimeError("boom"))
+        [out] = worker.query_failed(Record(settings.queries_topic, 0, 1, key, value, headers), RuntimeError("boom"))
         assert out.topic == settings.replies_topic
     signed = auth.sign("shop-1", "k" * 32, b"signed", base, image)
-    [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
+    [out] = worker.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
     assert out.topic == chosen
     # A verification that itself failed proves nothing either.
     worker.guard.authenticate = lambda *_: (_ for _ in ()).throw(RuntimeError("bug"))  # type: ignore[method-assign]
-    [out] = shell.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
+    [out] = worker.query_failed(Record(settings.queries_topic, 0, 1, b"signed", image, signed), RuntimeError("boom"))
     assert out.topic == settings.replies_topic
 
 

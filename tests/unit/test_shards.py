@@ -48,6 +48,9 @@ def test_partitions_are_dealt_round_robin_to_shards() -> None:
     assert not single.sharded and single.query_group == "lookalike-indexer" and all(single.owns(p) for p in range(4))
     with pytest.raises(ValidationError, match="index_shard"):
         shard_settings(2)
+    with pytest.raises(ValidationError, match="one index shard"):  # every shard would embed every query
+        shard_settings(0, query_embedding="indexer")
+    assert IndexerSettings(_env_file=None, query_embedding="indexer").query_embedding == "indexer"
 
 
 def test_merge_keeps_the_best_k_of_all_shards() -> None:
