@@ -10,6 +10,7 @@ matrices in hardware (Intel AMX: :func:`serving_precision`).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 
 from lookalike.artifacts import ModelCard, ModelStore
 from lookalike.imaging import normalise, to_uint8
-from lookalike.model import EmbeddingNet
+from lookalike.model import EmbeddingNet, fold_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ class Embedder:
             precision = "fp16" if cuda else "fp32"
         self.amp_dtype = _AMP_DTYPES.get(precision) if cuda or precision == "bf16" else None
         self.precision = precision if self.amp_dtype is not None else "fp32"
-        self.model = model.to(device).eval().to(memory_format=torch.channels_last)
+        # A copy with its batch norms folded into the layers before them: the same vectors to
+        # float rounding, 15-30 % less time per batch on this CPU (docs/benchmarks.md).
+        self.model = fold_batchnorm(copy.deepcopy(model).to(device).eval()).to(memory_format=torch.channels_last)
         self.channels_last = True  # the input's layout follows the model's (workers.inference.use_layout)
         if cuda:
             spec = card.preprocess

@@ -15,6 +15,7 @@ Loss and accuracy per epoch are drawn into ``curves.png`` next to the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.catalog import CatalogItem
 from lookalike.embedder import pick_device
 from lookalike.imaging import PreprocessSpec, normalise
-from lookalike.model import EmbeddingNet, ModelSpec, architecture
+from lookalike.model import EmbeddingNet, ModelSpec, architecture, fold_batchnorm
 from lookalike.registry import CHALLENGER, Registry
 from training.curves import plot_history
 from training.data import (
@@ -622,7 +623,7 @@ def embed_all(model: EmbeddingNet, pixels: np.ndarray, spec: PreprocessSpec, bat
     (``precision`` "bf16": under bfloat16 autocast, as a worker on a CPU with AMX does;
     :func:`lookalike.embedder.serving_precision`)."""
     device = next(model.parameters()).device
-    model.eval()
+    model = fold_batchnorm(copy.deepcopy(model).eval())  # as lookalike.embedder.Embedder serves it
     vectors = np.empty((len(pixels), model.spec.embedding_dim), np.float32)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())

@@ -41,3 +41,32 @@ def test_narrow_networks_train_in_the_plain_layout() -> None:
 
     assert training_layout(ModelSpec(arch="res-cnn", channels=(8, 16))) == torch.contiguous_format
     assert training_layout(ModelSpec(arch="res-cnn", channels=(32, 64, 128, 256))) == torch.channels_last
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_folding_the_batch_norms_keeps_the_vectors(name: str) -> None:
+    """Serving folds every batch norm into the layer before it (lookalike.model.fold_batchnorm):
+    none is left, and the vectors are those of the network as trained (with running
+    statistics that are not the identity, so a fold that dropped them would show)."""
+    from lookalike.model import fold_batchnorm
+
+    arch = architecture(name)
+    spec = ModelSpec(arch=name, input_size=32, channels=arch.default_channels, num_classes=5)
+    net = EmbeddingNet(spec)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    net.eval()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(EmbeddingNet(spec).train())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        before = net.embed(x)
+        folded = fold_batchnorm(net)
+        after = folded.embed(x)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert torch.allclose(before, after, atol=1e-5)

@@ -74,3 +74,13 @@ def test_the_amx_probe_answers_on_this_torch() -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if "flags" in flags:
         assert cpu_has_bf16_matmul() == (" amx_tile" in flags)
+
+
+def test_the_embedder_serves_a_folded_copy_and_leaves_the_network_it_was_given() -> None:
+    spec = ModelSpec(arch="res-cnn", input_size=32, channels=(8, 16, 32, 32), num_classes=3)
+    card = ModelCard("test-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=32), ["a", "b", "c"], "0" * 64)
+    net = EmbeddingNet(spec).train()  # e.g. a network still being trained
+    embedder = Embedder(net, card, torch.device("cpu"))
+    norms = torch.nn.modules.batchnorm._BatchNorm
+    assert not any(isinstance(m, norms) for m in embedder.model.modules())
+    assert net.training and any(isinstance(m, norms) for m in net.modules())
