@@ -17,7 +17,7 @@ from lookalike.errors import LookalikeError
 from lookalike.rollout import RolloutController, RolloutState
 from lookalike.runtime import Sender
 from lookalike.settings import IndexerSettings
-from lookalike.status import status_key
+from lookalike.status import live_status_keys
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ class Lifecycle:
         """Ready here and on every other live replica of the group (blocking)."""
         if not self.ready(version):
             return False
-        pattern = status_key(self.settings.indexer_group, "*")
-        for key in client.scan_iter(pattern):
+        for key in live_status_keys(client, self.settings.indexer_group):
             if key.endswith(f":{self.instance}"):
                 continue
             raw = client.hget(key, "ready_versions")

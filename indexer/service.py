@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import redis
 
@@ -46,7 +47,7 @@ from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.rollout import RolloutState
 from lookalike.runtime import Sender, run_forever
 from lookalike.settings import IndexerSettings
-from lookalike.status import STATUS_TTL_S, IndexerStatus, status_key
+from lookalike.status import STATUS_TTL_S, IndexerStatus, register, status_key
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class Indexer(Lifecycle, Answering):
         while True:
             try:
                 async with client.pipeline(transaction=True) as pipe:
-                    await pipe.hset(key, mapping=self.status().to_redis()).expire(key, STATUS_TTL_S).execute()
+                    pipe.hset(key, mapping=self.status().to_redis()).expire(key, STATUS_TTL_S)
+                    await register(pipe, s.indexer_group, self.instance, time.time()).execute()
                 if not redis_ok:
                     log.info("Redis is back")
                 redis_ok = True
@@ -119,9 +121,10 @@ class Indexer(Lifecycle, Answering):
                  model_version=self.state.serving if self.state else None)
             await asyncio.sleep(HEARTBEAT_EVERY_S)
 
-    async def run(self) -> None:
+    async def run(self, extra: Callable[[], dict[str, Awaitable[None]]] | None = None) -> None:
         """The query loop plus the rollout, snapshot, status and heartbeat tasks (and the
-        gatherer with shards), until cancelled."""
+        gatherer with shards), until cancelled. ``extra``: more jobs, made once the sender
+        exists (``python -m onehop`` adds its query loop)."""
         s = self.settings
         self.sender = Sender(s, **{"linger.ms": 0})  # replies and partial answers: at once, never lingering
         jobs = {"rollout": self.run_rollout(), "status": self.publish_status(), "heartbeat": self.heartbeat(),
@@ -130,10 +133,7 @@ class Indexer(Lifecycle, Answering):
             jobs["snapshots"] = self.run_snapshots()
         if s.sharded:
             jobs["gather"] = gather_loop(s, self.sender).run()
-        if s.query_embedding == "indexer":
-            from indexer.one_hop import OneHop
-
-            jobs["one-hop queries"] = OneHop(self).loop().run()
+        jobs.update(extra() if extra else {})
         try:
             await run_forever(*jobs.values(), names=list(jobs))
         finally:
