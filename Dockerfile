@@ -12,6 +12,7 @@ COPY control control
 COPY producers producers
 COPY workers workers
 COPY indexer indexer
+COPY onehop onehop
 COPY training training
 COPY feedback feedback
 COPY benchmarks benchmarks

@@ -53,6 +53,7 @@ class Layout:
     name: str
     workers: int
     shards: int
+    query_embedding: str = "worker"  # LOOKALIKE_QUERY_EMBEDDING of its workers and indexers
 
 
 LAYOUTS = (Layout("1 worker, 1 index", 1, 1), Layout("2 workers, 2-shard index", 2, 2))
@@ -73,6 +74,7 @@ class Pipeline:
             "LOOKALIKE_WORKER_METRICS_PORT": "0", "LOOKALIKE_INDEXER_METRICS_PORT": "0",
             "LOOKALIKE_MODEL_DIR": str(base.models_path),
             "LOOKALIKE_HOME": str(workdir),  # heartbeats and caches of their own, beside the stack's services
+            "LOOKALIKE_QUERY_EMBEDDING": layout.query_embedding,
             "PYTHONUNBUFFERED": "1",
         }
         self.settings = ClientSettings(**{k[len("LOOKALIKE_"):].lower(): v for k, v in names.items()
@@ -89,7 +91,7 @@ class Pipeline:
         for i in range(self.layout.workers):
             self._spawn(f"worker-{i}", "workers", share if self.layout.workers > 1 else {})
         if self.layout.shards == 1:
-            self._spawn("indexer", "indexer", {})
+            self._spawn("indexer", "onehop" if self.layout.query_embedding == "indexer" else "indexer", {})
         for shard in range(self.layout.shards if self.layout.shards > 1 else 0):
             self._spawn(f"shard-{shard}", "indexer", {"LOOKALIKE_INDEX_SHARDS": str(self.layout.shards),
                                                        "LOOKALIKE_INDEX_SHARD": str(shard)})

@@ -19,22 +19,31 @@ SERVICES = {"worker": "workers", "indexer": "indexer", "feedback": "feedback", "
 NICE = {"trainer": 10}
 
 
+def module_of(name: str, env: dict[str, str] | None = None) -> str:
+    """The module a service runs: with LOOKALIKE_QUERY_EMBEDDING=indexer the indexer is
+    ``onehop``, the indexer that embeds its own queries (docs/scaling.md)."""
+    if name == "indexer" and {**os.environ, **(env or {})}.get("LOOKALIKE_QUERY_EMBEDDING") == "indexer":
+        return "onehop"
+    return SERVICES[name]
+
+
 @dataclass
 class LocalServices:
     stack: StackSettings
 
     def daemon(self, name: str) -> Daemon:
-        return Daemon(name, self.stack.state_dir, marker=f"-m {SERVICES[name]}")
+        # "-m indexer" or "-m onehop": either one is this service's process
+        return Daemon(name, self.stack.state_dir, marker="-m " if name == "indexer" else f"-m {SERVICES[name]}")
 
     def up(self, env: dict[str, str] | None = None) -> dict[str, int]:
         """Start the services that are not running; returns their pids."""
         pids = {}
-        for name, module in SERVICES.items():
+        for name in SERVICES:
             daemon = self.daemon(name)
             pid = daemon.pid()
             if pid is None:
                 nice = ["nice", "-n", str(NICE[name])] if NICE.get(name) and shutil.which("nice") else []
-                pid = daemon.start([*nice, sys.executable, "-m", module], env={**os.environ, **(env or {})})
+                pid = daemon.start([*nice, sys.executable, "-m", module_of(name, env)], env={**os.environ, **(env or {})})
             pids[name] = pid
         return pids
 

@@ -12,6 +12,9 @@ from lookalike.topics import ensure_topics_if_allowed
 def main() -> None:
     settings = IndexerSettings()
     logs.configure(settings.log_format, "indexer")
+    if settings.query_embedding == "indexer":  # the workers leave the queries to indexers that embed
+        raise SystemExit("LOOKALIKE_QUERY_EMBEDDING=indexer: run `python -m onehop`, the indexer that embeds its "
+                         "own queries (this one would answer none of them)")
     ensure_topics_if_allowed(settings)
     indexer = Indexer(settings)
     metrics.instrument_indexer(settings, indexer)

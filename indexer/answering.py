@@ -186,7 +186,7 @@ class Answering:
         metrics.observe_batch("indexer", "query", len(records))
         out: list[Output] = []
         for record in records:
-            if c.H_ANSWERED in record.headers:  # an indexer embedded and answered it already (indexer/one_hop.py)
+            if c.H_ANSWERED in record.headers:  # an indexer embedded and answered it already (onehop/app.py)
                 continue
             # hop: the query vector's produce (the worker's clock) -> here (this one's): the second
             # Kafka hop, with the event loop's wait for this record.

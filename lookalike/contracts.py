@@ -44,7 +44,7 @@ H_SHARD = "shard"
 H_SHARD_PHASE = "shard-phase"
 H_GATHER_WAIT_MS = "gather-wait-ms"
 H_LOOKUP_OF = "lookup-of"
-# On a query vector an indexer embedded and answered itself (indexer/one_hop.py): published
+# On a query vector an indexer embedded and answered itself (onehop/app.py): published
 # for the feedback aggregator's drift samples only; no indexer answers it again.
 H_ANSWERED = "answered"
 

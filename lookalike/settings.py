@@ -55,9 +55,10 @@ class CommonSettings(BaseSettings):
     redis_ssl_ca_file: Path | None = None
 
     # Where queries are embedded: "worker" (a worker embeds, its query vector crosses a second
-    # Kafka hop to the indexer) or "indexer" (each indexer embeds and answers its own: one hop,
-    # indexer/one_hop.py; one index shard only, and the indexers need the model store). The
-    # workers and the indexers must agree: with "indexer" the workers embed the catalog only.
+    # Kafka hop to the indexer) or "indexer" (run `python -m onehop` in place of `python -m
+    # indexer`: it embeds and answers its own queries, one hop; onehop/app.py; one index shard
+    # only, and it needs the model store). Set it on both: with "indexer" the workers embed the
+    # catalog only, and a plain indexer refuses to start.
     query_embedding: Literal["worker", "indexer"] = "worker"
     catalog_topic: str = "lookalike.catalog"
     queries_topic: str = "lookalike.queries"

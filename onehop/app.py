@@ -1,6 +1,7 @@
 """Queries embedded and answered in the indexer: one Kafka hop instead of two.
 
-With ``LOOKALIKE_QUERY_EMBEDDING=indexer`` each indexer reads the queries topic itself (in
+With ``LOOKALIKE_QUERY_EMBEDDING=indexer``, ``python -m onehop`` runs in place of ``python -m
+indexer``: an indexer that also reads the queries topic itself (in
 the workers' consumer group, so the query partitions are shared by whoever embeds queries),
 embeds a micro-batch with the worker's own query stage (:class:`workers.app.EmbeddingWorker`:
 the same checks, signatures, rate limits, decoding and model), searches its index and
@@ -30,10 +31,10 @@ from indexer.answering import Out
 from lookalike import contracts as c
 from lookalike.runtime import Loop, Output, Record, Source
 from lookalike.settings import WorkerSettings
+from workers.app import EmbeddingWorker, ModelSet
 
 if TYPE_CHECKING:
     from indexer.service import Indexer
-    from workers.app import EmbeddingWorker, ModelSet
 
 # Batches handled at once: one embeds while the other's replies wait for the broker's
 # acknowledgement. Nothing else waits in a batch (a query that must wait for its index or its
@@ -46,12 +47,10 @@ class OneHop:
     """The query path of an indexer that embeds its own queries."""
 
     def __init__(self, indexer: Indexer, settings: WorkerSettings | None = None) -> None:
-        from workers.app import EmbeddingWorker, ModelSet  # torch: loaded only on this path
-
         self.indexer = indexer
         self.settings = settings or WorkerSettings()
-        self.models: ModelSet = ModelSet(self.settings)
-        self.embedding: EmbeddingWorker = EmbeddingWorker(self.settings, self.models)
+        self.models = ModelSet(self.settings)
+        self.embedding = EmbeddingWorker(self.settings, self.models)
 
     def follow(self) -> None:
         """Embed with the model the indexer serves (its rollout state), and let go of others."""

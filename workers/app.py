@@ -251,7 +251,7 @@ class EmbeddingWorker:
     async def embed_query_records(self, records: Sequence[Record], service: str) -> tuple[list[OutRecord], list[Output]]:
         """Consumed queries -> (their query-vector records, error replies to produce), embedded
         in the query thread; ``service`` names who measures the batch (the worker, or an indexer
-        that embeds its own queries: :mod:`indexer.one_hop`)."""
+        that embeds its own queries: :mod:`onehop.app`)."""
         started = time.perf_counter()
         vectors, errors = await self.query_thread.run(self.query_batch, events_of(records))
         metrics.observe_batch(service, "query", len(records), time.perf_counter() - started)
@@ -398,7 +398,7 @@ class Worker:
         jobs = {"rollout": self.follow_rollout(), "heartbeat": self.heartbeat()}
         if self.settings.query_embedding == "worker":
             jobs["queries"] = self.query_loop().run()
-        else:  # the indexers embed and answer the queries themselves (indexer/one_hop.py): the catalog only
+        else:  # the indexers embed and answer the queries themselves (onehop/app.py): the catalog only
             log.info("queries are embedded by the indexers (LOOKALIKE_QUERY_EMBEDDING=indexer): catalog only")
         try:
             await run_forever(*jobs.values(), names=list(jobs))

@@ -54,6 +54,8 @@ class Pipeline:
         ``shard-N`` an indexer (its shard settings in ``service_env``)."""
         module = {"worker": "workers", "indexer": "indexer", "shard": "indexer", "feedback": "feedback",
                   "trainer": "training.service"}[name.split("-")[0]]
+        if module == "indexer" and self.env.get("LOOKALIKE_QUERY_EMBEDDING") == "indexer":
+            module = "onehop"  # the indexer that embeds its own queries
         self.logs.setdefault(name, Path(self.env["LOOKALIKE_HOME"]) / f"{name}.log")
         with self.logs[name].open("ab") as fh:
             env = {**self.env, **self.service_env.get(name, {})}

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module", params=["worker", "indexer"], ids=["two-hop", "one-hop"])
 def pipeline(request, cluster, tiny_model, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Every test of this module runs on both query paths (LOOKALIKE_QUERY_EMBEDDING): queries
-    embedded by the worker (two Kafka hops), and by the indexer (one hop, indexer/one_hop.py).
+    embedded by the worker (two Kafka hops), and by the indexer (one hop, onehop/app.py).
     The wire contract must not tell them apart."""
     running = start_pipeline(cluster, tiny_model[0], tmp_path_factory.mktemp(f"pipeline-{request.param}"),
                              {"LOOKALIKE_QUERY_EMBEDDING": request.param})

@@ -17,7 +17,11 @@ SERVICES = {"workers", "indexer", "feedback", "training"}
 # The HTTP gateway is a service that is also a client: it may use the core and the producers
 # (it speaks the same contract as a Kafka client would), and nothing imports it but the face.
 EDGE = {"gateway"}
-PACKAGES = {CORE, *FACE, *CLIENTS, *SERVICES, *EDGE}
+# A composite runs two services' stages in one process (onehop: the indexer with the worker's
+# query stage): it may import the core and the services it composes, and nothing imports it
+# but the face.
+COMPOSITES = {"onehop": {"indexer", "workers"}}
+PACKAGES = {CORE, *FACE, *CLIENTS, *SERVICES, *EDGE, *COMPOSITES}
 
 
 def imports_of(package: str, root: Path = REPO) -> dict[str, set[str]]:
@@ -102,3 +106,10 @@ def test_the_consumer_check_sees_one(tmp_path: Path) -> None:
     (tmp_path / "workers" / "loop.py").write_text(
         "from confluent_kafka import Consumer\n\ndef f(config):\n    return Consumer(config)\n")
     assert consumers_built("workers", tmp_path) == ["workers/loop.py:4: Consumer(...)"]
+
+
+def test_a_composite_imports_the_core_and_what_it_composes_and_only_the_face_imports_it() -> None:
+    for package, parts in COMPOSITES.items():
+        assert offenders(package, {CORE, *parts}) == []
+        for other in PACKAGES - FACE - {package}:
+            assert not any(name.split(".")[0] == package for names in imports_of(other).values() for name in names)

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from control.stack.local import KafkaBroker
 from control.stack.process import Daemon
 from lookalike.settings import StackSettings
@@ -53,3 +55,18 @@ def test_a_cluster_id_never_reads_as_an_option() -> None:
     ids = [new_cluster_id() for _ in range(2000)]  # ~31 would start with "-" without the check
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_one_hop_runs_onehop_in_place_of_the_indexer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOOKALIKE_QUERY_EMBEDDING=indexer: `lookalike services up` starts `python -m onehop`,
+    and a plain indexer refuses to start (it would answer no query)."""
+    import indexer.__main__ as plain
+    from control.services import module_of
+
+    monkeypatch.delenv("LOOKALIKE_QUERY_EMBEDDING", raising=False)
+    assert module_of("indexer") == "indexer" and module_of("worker") == "workers"
+    assert module_of("indexer", {"LOOKALIKE_QUERY_EMBEDDING": "indexer"}) == "onehop"
+    assert module_of("worker", {"LOOKALIKE_QUERY_EMBEDDING": "indexer"}) == "workers"
+    monkeypatch.setenv("LOOKALIKE_QUERY_EMBEDDING", "indexer")
+    with pytest.raises(SystemExit, match="python -m onehop"):
+        plain.main()
