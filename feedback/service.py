@@ -73,10 +73,9 @@ class Aggregator:
         return dead
 
     def reply_batch(self, events: Sequence[tuple[bytes | None, int]]) -> None:
-        for value, timestamp_ms in events:
-            facts = w.reply_facts(value)
-            if facts is not None:
-                self.store.record_reply(facts, timestamp_ms)
+        replies = [(facts, timestamp_ms) for value, timestamp_ms in events
+                   if (facts := w.reply_facts(value)) is not None]
+        self.store.record_replies(replies)
 
     def query_batch(self, events: Sequence[tuple[bytes | None, bytes | None, dict[str, bytes], int]]) -> None:
         for key, value, headers, timestamp_ms in events:

@@ -32,7 +32,7 @@ import json
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -51,21 +51,44 @@ class FeedbackStore(FeedbackLedger):
     # -- replies and queries ---------------------------------------------------------
     def record_reply(self, facts: w.ReplyFacts, timestamp_ms: int) -> list[tuple[FeedbackEvent, Outcome]]:
         """Store the join lookup, count the reply once, then apply feedback that waited for it."""
-        req = self.key("req", facts.request_id)
-        bucket = w.bucket_of(timestamp_ms, self.s.bucket_s)
+        return self.record_replies([(facts, timestamp_ms)])
+
+    def record_replies(self, replies: Sequence[tuple[w.ReplyFacts, int]]) -> list[tuple[FeedbackEvent, Outcome]]:
+        """A batch of replies in two round trips: the join lookups, the count of each reply
+        seen for the first time, and which have feedback waiting; then the counts. The
+        waiting feedback (rare: it came before its reply) is applied after, reply by reply.
+        Feedback that arrives meanwhile finds the lookup and applies itself
+        (:meth:`record_feedback`), so none is left waiting."""
+        if not replies:
+            return []
         pipe = self.r.pipeline(transaction=True)
-        known = {"model_version": facts.model_version, "items": json.dumps(facts.items)}
-        if facts.query_item is not None:  # the join has the pair's query at once, whenever the query vector is read
-            known["query_item"] = facts.query_item
-        pipe.hset(req, mapping=known)
-        pipe.hsetnx(req, "counted", "1")
-        pipe.expire(req, self.s.reply_ttl_s)
-        pipe.zadd(self.key("models"), {facts.model_version: timestamp_ms})
-        first_time = pipe.execute()[1]
-        if first_time:
-            self._bump(facts.model_version, bucket, {"replies": 1})
-            self.r.hincrby(self.key("totals"), "replies", 1)
-        return self._drain(facts.request_id)
+        for facts, timestamp_ms in replies:
+            req = self.key("req", facts.request_id)
+            known = {"model_version": facts.model_version, "items": json.dumps(facts.items)}
+            if facts.query_item is not None:  # the join has the pair's query at once, whenever the query vector is read
+                known["query_item"] = facts.query_item
+            pipe.hset(req, mapping=known)
+            pipe.hsetnx(req, "counted", "1")
+            pipe.expire(req, self.s.reply_ttl_s)
+            pipe.zadd(self.key("models"), {facts.model_version: timestamp_ms})
+            pipe.exists(self.key("pending", facts.request_id))
+        results = pipe.execute()
+        counts: dict[tuple[str, int], int] = {}
+        waiting: list[str] = []
+        for n, (facts, timestamp_ms) in enumerate(replies):
+            first_time, pending = results[5 * n + 1], results[5 * n + 4]
+            if first_time:
+                where = (facts.model_version, w.bucket_of(timestamp_ms, self.s.bucket_s))
+                counts[where] = counts.get(where, 0) + 1
+            if pending:
+                waiting.append(facts.request_id)
+        if counts:
+            pipe = self.r.pipeline(transaction=True)
+            for (model, bucket), n in counts.items():
+                self._bump(model, bucket, {"replies": n}, pipe)
+            pipe.hincrby(self.key("totals"), "replies", sum(counts.values()))
+            pipe.execute()
+        return [outcome for request_id in waiting for outcome in self._drain(request_id)]
 
     def record_query(self, request_id: str, model_version: str | None, query_item: str | None,
                      vector: np.ndarray | None, timestamp_ms: int) -> None:

@@ -35,6 +35,7 @@ from lookalike.clients import confluent_config, producer_config
 from lookalike.events import Reason, make_feedback, make_trigger
 from lookalike.registry import Registry
 from lookalike.settings import FeedbackSettings, TrainerSettings
+from lookalike.status import register, status_key
 from lookalike.topics import ensure_topics, ensure_vectors_topic, vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
@@ -102,9 +103,12 @@ class Aggregator:
 
     def indexer_reports(self, items: int) -> None:
         """What a live indexer of this group publishes: the catalog size the aggregator reads."""
-        key = f"lookalike:indexer:{self.settings.indexer_group}:test-{os.getpid()}"
-        self.store.r.hset(key, mapping={"instance": "test", "items": items, "position": "{}", "caught_up": "1"})
-        self.store.r.expire(key, 600)
+        instance = f"test-{os.getpid()}"
+        key = status_key(self.settings.indexer_group, instance)
+        pipe = self.store.r.pipeline(transaction=True)
+        pipe.hset(key, mapping={"instance": "test", "items": items, "position": "{}", "caught_up": "1"})
+        pipe.expire(key, 600)
+        register(pipe, self.settings.indexer_group, instance, time.time()).execute()
 
     def reply(self, request_id: str, model: str, items: list[str], query_item: str | None = None) -> None:
         results = [{"item_id": i, "score": 1.0 - n / 10, "metadata": {}} for n, i in enumerate(items)]
