@@ -78,6 +78,8 @@ def local_pids(extra: dict[str, int] | None = None) -> dict[str, int]:
 
     stack_settings = StackSettings()
     stack, services = LocalStack(stack_settings), LocalServices(stack_settings)
-    found = {"worker": services.daemon("worker").pid(), "indexer": services.daemon("indexer").pid(),
-             "kafka": stack.kafka.daemon.pid(), "redis": stack.redis.daemon.pid()}
+    # every service on the box: the aggregator reads each reply, and its share of the cores is
+    # part of what the query path can have (it was 0.39 cores at 150 queries/s, docs/benchmarks.md)
+    found = {name: services.daemon(name).pid() for name in ("worker", "indexer", "feedback", "trainer", "gateway")}
+    found |= {"kafka": stack.kafka.daemon.pid(), "redis": stack.redis.daemon.pid()}
     return {**{k: v for k, v in found.items() if v}, **(extra or {})}
