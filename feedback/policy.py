@@ -8,7 +8,11 @@ Four reasons, each with its knob in :class:`lookalike.settings.FeedbackSettings`
   (its first minutes in service) by ``trigger_drop_fraction``, with enough impressions in both;
 * ``catalog_growth``: the catalog grew by ``trigger_catalog_growth`` since the last training;
 * ``query_drift``: ``1 - cos(mean query vector, mean catalog vector)`` over samples kept
-  in Redis is above ``trigger_drift``, with enough queries.
+  in Redis is above ``trigger_drift``, with enough queries, *and* above what ``n`` vectors
+  drawn from the catalog itself give 99 times in 100 (:func:`drift_null`): the catalog's
+  vectors spread over the sphere (the demo's mean vector has a norm of 0.09), so the mean
+  of a few hundred queries that look exactly like the catalog is far from its mean by
+  chance alone (167 random catalog items: 0.145 median, 0.39 at the 99th percentile).
 
 All due reasons go into one trigger. :func:`emit_decision` here and
 :func:`lookalike.ledger.trainer_decision` are the de-duplication rules on each side of the
@@ -56,6 +60,7 @@ class PolicyInputs:
     catalog_items_at_training: int | None = None
     drift: float | None = None
     drift_queries: int = 0
+    drift_null: float | None = None  # the drift of as many random catalog vectors, 99th percentile
     seconds_since_training: float | None = None  # None: no training recorded
 
 
@@ -73,6 +78,23 @@ def mean_cosine_drift(queries: np.ndarray, catalog: np.ndarray) -> float | None:
     if nq == 0 or nc == 0:
         return None
     return float(1.0 - q @ c / (nq * nc))
+
+
+def drift_null(catalog: np.ndarray, n: int, *, draws: int = 200, quantile: float = 0.99,
+               seed: int = 0) -> float | None:
+    """What :func:`mean_cosine_drift` gives for ``n`` vectors drawn at random from the catalog
+    sample itself (``draws`` times, without replacement when the sample is large enough):
+    its ``quantile``. A query drift below it is sampling noise, not a change of the queries."""
+    if n <= 0 or len(catalog) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        rows = rng.choice(len(catalog), n, replace=n > len(catalog) // 2)
+        value = mean_cosine_drift(catalog[rows], catalog)
+        if value is not None:
+            values.append(value)
+    return float(np.quantile(values, quantile)) if values else None
 
 
 def due_reasons(inputs: PolicyInputs, policy: TriggerPolicy) -> list[Reason]:
@@ -98,12 +120,14 @@ def due_reasons(inputs: PolicyInputs, policy: TriggerPolicy) -> list[Reason]:
                                    "catalog_items_at_training": inputs.catalog_items_at_training,
                                    "growth": round(growth, 6), "threshold": policy.catalog_growth}))
     if (policy.drift and inputs.drift is not None and inputs.drift_queries >= policy.drift_min_queries
-            and inputs.drift >= policy.drift):
+            and inputs.drift >= policy.drift and (inputs.drift_null is None or inputs.drift > inputs.drift_null)):
+        null = "" if inputs.drift_null is None else f"; random catalog samples: {inputs.drift_null:.4f}"
         reasons.append(Reason("query_drift",
                               f"queries drifted from the catalog: 1 - cos of the mean vectors is {inputs.drift:.4f} "
-                              f"(threshold {policy.drift}, {inputs.drift_queries} queries)",
+                              f"(threshold {policy.drift}, {inputs.drift_queries} queries{null})",
                               {"drift": round(inputs.drift, 6), "queries": inputs.drift_queries,
-                               "threshold": policy.drift}))
+                               "threshold": policy.drift,
+                               "null_99": None if inputs.drift_null is None else round(inputs.drift_null, 6)}))
     return reasons
 
 

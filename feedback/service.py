@@ -30,7 +30,14 @@ from typing import Any, TypeVar
 import redis
 
 from feedback import windows as w
-from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons, emit_decision, mean_cosine_drift
+from feedback.policy import (
+    PolicyInputs,
+    TriggerPolicy,
+    drift_null,
+    due_reasons,
+    emit_decision,
+    mean_cosine_drift,
+)
 from feedback.report import catalog_items
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
@@ -114,7 +121,7 @@ class Aggregator:
         last = store.last_training()
         labelled = store.totals().get("labelled", 0)
         baseline = recent = None
-        drift, drift_queries = None, 0
+        drift, drift_queries, null = None, 0, None
         if model is not None:
             buckets = store.buckets(model)
             if buckets:
@@ -126,7 +133,9 @@ class Aggregator:
             queries = store.query_samples(model, w.window(now_ms, s.trigger_drift_minutes, s.bucket_s))
             drift_queries = len(queries)
             if drift_queries:
-                drift = mean_cosine_drift(queries, store.catalog_sample(model))
+                catalog_vectors = store.catalog_sample(model)
+                drift = mean_cosine_drift(queries, catalog_vectors)
+                null = drift_null(catalog_vectors, drift_queries) if drift is not None else None
         return PolicyInputs(
             model_version=model,
             new_feedback=labelled - int(last.get("labelled", 0)),
@@ -136,6 +145,7 @@ class Aggregator:
             catalog_items_at_training=last.get("catalog_items"),
             drift=drift,
             drift_queries=drift_queries,
+            drift_null=null,
             seconds_since_training=(time.time() - last["at"]) if "at" in last else None,
         )
 

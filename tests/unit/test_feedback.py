@@ -11,6 +11,7 @@ from feedback import windows as w
 from feedback.policy import (
     PolicyInputs,
     TriggerPolicy,
+    drift_null,
     due_reasons,
     emit_decision,
     mean_cosine_drift,
@@ -187,6 +188,27 @@ def test_drift_measure() -> None:
     assert mean_cosine_drift(same, catalog) < 0.05
     assert mean_cosine_drift(other, catalog) > 1.5
     assert mean_cosine_drift(np.empty((0, 16)), catalog) is None
+
+
+def test_queries_like_the_catalog_are_not_drift_however_far_their_mean_lands() -> None:
+    """Unit vectors spread over the sphere, as the champion's are (the catalog's mean has a
+    small norm): 150 queries drawn from the catalog itself are far from its mean by chance,
+    over the 0.1 threshold, and must not trigger; queries from one corner of it must."""
+    rng = np.random.default_rng(1)
+    catalog = rng.normal(size=(600, 32)) + 0.08
+    catalog /= np.linalg.norm(catalog, axis=1, keepdims=True)
+    like = catalog[rng.choice(600, 150, replace=False)]
+    drift = mean_cosine_drift(like, catalog)
+    null = drift_null(catalog, 150)
+    assert drift is not None and null is not None
+    assert drift >= POLICY.drift  # the old rule fired on this
+    assert due_reasons(PolicyInputs("v1", drift=drift, drift_queries=150, drift_null=null), POLICY) == []
+    corner = catalog[catalog[:, 0] > 0.2][:150]  # queries all alike in one direction
+    shifted = mean_cosine_drift(corner, catalog)
+    assert shifted is not None and shifted > null
+    (reason,) = due_reasons(PolicyInputs("v1", drift=shifted, drift_queries=150, drift_null=null), POLICY)
+    assert reason.reason == "query_drift" and reason.numbers["null_99"] == pytest.approx(null, abs=1e-6)
+    assert drift_null(catalog[:1], 10) is None and drift_null(catalog, 0) is None
 
 
 def test_dedup_rules() -> None:
