@@ -88,13 +88,22 @@ def drift_null(catalog: np.ndarray, n: int, *, draws: int = 200, quantile: float
     if n <= 0 or len(catalog) < 2:
         return None
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(draws):
-        rows = rng.choice(len(catalog), n, replace=n > len(catalog) // 2)
-        value = mean_cosine_drift(catalog[rows], catalog)
-        if value is not None:
-            values.append(value)
-    return float(np.quantile(values, quantile)) if values else None
+    vectors = np.asarray(catalog, np.float64)
+    # Each draw as a row of weights over the catalog rows, so that the draws' means are one
+    # matrix product: this runs at every policy evaluation.
+    weights = np.zeros((draws, len(vectors)))
+    if n > len(vectors) // 2:  # with replacement: how often each row was drawn
+        np.add.at(weights, (np.repeat(np.arange(draws), n), rng.integers(0, len(vectors), draws * n)), 1.0)
+    else:  # without replacement: the n rows with the smallest random keys
+        keys = rng.random((draws, len(vectors)))
+        weights[keys <= np.partition(keys, n - 1, axis=1)[:, n - 1:n]] = 1.0
+    means = weights @ vectors / n  # (draws, D)
+    centre = vectors.mean(axis=0)
+    norms = np.linalg.norm(means, axis=1) * np.linalg.norm(centre)
+    kept = norms > 0
+    if not kept.any():
+        return None
+    return float(np.quantile(1.0 - (means[kept] @ centre) / norms[kept], quantile))
 
 
 def due_reasons(inputs: PolicyInputs, policy: TriggerPolicy) -> list[Reason]:
