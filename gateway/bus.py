@@ -105,7 +105,8 @@ class KafkaBus:
         self.producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self.consumer = Consumer(confluent_config(settings, **{
             "group.id": f"lookalike-gateway-{uuid.uuid4().hex}",  # never joins: partitions are assigned
-            "enable.auto.commit": False, "fetch.wait.max.ms": 10, "fetch.min.bytes": 1,
+            # a long poll: answered as soon as a reply arrives (lookalike/runtime.py, Source)
+            "enable.auto.commit": False, "fetch.wait.max.ms": 500, "fetch.min.bytes": 1,
         }))
         self.pending: dict[bytes, asyncio.Future[tuple[dict[str, Any], bytes, float]]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None

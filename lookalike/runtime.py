@@ -196,7 +196,10 @@ class Source:
             "heartbeat.interval.ms": max(int(settings.session_timeout_s * 250), 100),
             "fetch.max.bytes": max(max_message_bytes(settings), 50 * 1024 * 1024),
             "max.partition.fetch.bytes": max_message_bytes(settings),
-            "fetch.wait.max.ms": 20,
+            # The broker answers a fetch as soon as a record arrives (fetch.min.bytes 1): this is only
+            # how often an idle consumer asks again. At 20 ms the demo's ~10 idle consumers kept the
+            # broker at 0.33 cores doing nothing (docs/benchmarks.md); a record's latency is the same.
+            "fetch.wait.max.ms": 500,
             "topic.metadata.refresh.interval.ms": 5000,
             **extra,
         })

@@ -104,7 +104,7 @@ class QueryClient:
                     "group.id": f"{self.settings.client_id}-{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "latest",
-                    "fetch.wait.max.ms": 10,
+                    "fetch.wait.max.ms": 500,  # a long poll: answered as soon as a reply arrives
                 },
             )
         )
