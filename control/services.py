@@ -32,8 +32,9 @@ class LocalServices:
     stack: StackSettings
 
     def daemon(self, name: str) -> Daemon:
-        # "-m indexer" or "-m onehop": either one is this service's process
-        return Daemon(name, self.stack.state_dir, marker="-m " if name == "indexer" else f"-m {SERVICES[name]}")
+        # the indexer runs as "-m indexer" or "-m onehop" (module_of): either one is this service's process
+        marker = ("-m indexer", "-m onehop") if name == "indexer" else f"-m {SERVICES[name]}"
+        return Daemon(name, self.stack.state_dir, marker=marker)
 
     def up(self, env: dict[str, str] | None = None) -> dict[str, int]:
         """Start the services that are not running; returns their pids."""

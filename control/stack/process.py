@@ -43,7 +43,8 @@ class Daemon:
 
     name: str
     state_dir: Path
-    marker: str = ""  # a word of the command line: a stale pid file may name a recycled pid
+    # a word of the command line (or one of several): a stale pid file may name a recycled pid
+    marker: str | tuple[str, ...] = ""
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
@@ -68,7 +69,8 @@ class Daemon:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return True  # no /proc here: trust the pid file
-        return not cmdline or self.marker in cmdline  # empty while the process is still exec-ing
+        markers = (self.marker,) if isinstance(self.marker, str) else self.marker
+        return not cmdline or any(m in cmdline for m in markers)  # empty while the process is still exec-ing
 
     def start(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)

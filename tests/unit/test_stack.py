@@ -29,6 +29,9 @@ def test_daemon_start_stop_and_stale_pid_file(tmp_path: Path) -> None:
     assert daemon.pid() is None
     pid = daemon.start([sys.executable, "-c", "import time, sys; time.sleep(60)", "lookalike-test-sleeper"])
     assert daemon.pid() == pid
+    # one of several markers (the indexer runs as "-m indexer" or "-m onehop"); none of them: not ours
+    assert Daemon("sleeper", tmp_path, marker=("-m nothing", "lookalike-test-sleeper")).pid() == pid
+    assert Daemon("sleeper", tmp_path, marker=("-m nothing", "-m onehop")).pid() is None
     assert daemon.stop(timeout_s=5)
     assert daemon.pid() is None and not daemon.pid_file.exists()
     # A pid file naming a live process that is not ours (this test runner) is stale.
