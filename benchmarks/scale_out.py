@@ -39,6 +39,7 @@ from confluent_kafka.admin import AdminClient
 
 from benchmarks.pipeline import Bench
 from benchmarks.run import capacity, indexer_reach, saturated
+from control.services import module_of
 from lookalike.catalog import CatalogItem
 from lookalike.clients import confluent_config
 from lookalike.settings import ClientSettings
@@ -91,7 +92,7 @@ class Pipeline:
         for i in range(self.layout.workers):
             self._spawn(f"worker-{i}", "workers", share if self.layout.workers > 1 else {})
         if self.layout.shards == 1:
-            self._spawn("indexer", "onehop" if self.layout.query_embedding == "indexer" else "indexer", {})
+            self._spawn("indexer", module_of("indexer", self.env), {})
         for shard in range(self.layout.shards if self.layout.shards > 1 else 0):
             self._spawn(f"shard-{shard}", "indexer", {"LOOKALIKE_INDEX_SHARDS": str(self.layout.shards),
                                                        "LOOKALIKE_INDEX_SHARD": str(shard)})

@@ -52,10 +52,10 @@ class Pipeline:
     def start(self, name: str) -> subprocess.Popen:
         """Start ``worker`` or ``indexer``; ``worker-2`` etc. start another member of the same group,
         ``shard-N`` an indexer (its shard settings in ``service_env``)."""
-        module = {"worker": "workers", "indexer": "indexer", "shard": "indexer", "feedback": "feedback",
-                  "trainer": "training.service"}[name.split("-")[0]]
-        if module == "indexer" and self.env.get("LOOKALIKE_QUERY_EMBEDDING") == "indexer":
-            module = "onehop"  # the indexer that embeds its own queries
+        from control.services import module_of  # the indexer is onehop with LOOKALIKE_QUERY_EMBEDDING=indexer
+
+        service = {"shard": "indexer"}.get(name.split("-")[0], name.split("-")[0])
+        module = module_of(service, self.env)
         self.logs.setdefault(name, Path(self.env["LOOKALIKE_HOME"]) / f"{name}.log")
         with self.logs[name].open("ab") as fh:
             env = {**self.env, **self.service_env.get(name, {})}
