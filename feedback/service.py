@@ -135,7 +135,8 @@ class Aggregator:
             if drift_queries:
                 catalog_vectors = store.catalog_sample(model)
                 drift = mean_cosine_drift(queries, catalog_vectors)
-                null = drift_null(catalog_vectors, drift_queries) if drift is not None else None
+                if drift is not None and drift >= self.policy.drift:  # the null only matters past the threshold
+                    null = drift_null(catalog_vectors, drift_queries)
         return PolicyInputs(
             model_version=model,
             new_feedback=labelled - int(last.get("labelled", 0)),
