@@ -130,7 +130,10 @@ class Bench:
     # -- queries ------------------------------------------------------------------
     def query_latency(self, queries: Sequence[tuple[str, bytes]], rate: float, duration_s: float,
                       warmup_s: float = 3.0, timeout_s: float = 15.0) -> dict[str, Any]:
-        """Open loop at ``rate`` per second for ``warmup_s + duration_s``; the warm-up is not counted."""
+        """Open loop at ``rate`` per second for ``warmup_s + duration_s``; the warm-up is not counted.
+        A benchmark's main freezes its heap before it measures (:func:`lookalike.runtime.freeze_heap`):
+        a full collection of what the client imported, torch included, stalled its sender and
+        its reply reader for ~300 ms once a run, and that was the run's p99."""
         total = int(rate * (warmup_s + duration_s))
         skip = int(rate * warmup_s)
         sent: list[tuple[bytes, str, float, float]] = []  # key, item id, scheduled, sent

@@ -16,6 +16,7 @@ from gateway.images import CatalogPictures, PictureCache
 from gateway.settings import GatewaySettings
 from lookalike import auth, logs
 from lookalike.errors import ConfigError, LookalikeError
+from lookalike.runtime import freeze_heap
 
 log = logging.getLogger("gateway")
 
@@ -61,6 +62,7 @@ def main() -> int:
         log.error("gateway settings: %s", exc)
         return 2
     logs.configure(settings.log_format, "gateway")
+    freeze_heap()
     try:
         asyncio.run(serve(settings))
     except (ConfigError, ValueError, LookalikeError, KafkaException, OSError) as exc:

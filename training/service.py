@@ -42,7 +42,7 @@ from lookalike.errors import InvalidMessage, LookalikeError
 from lookalike.events import Trigger, decision_event, parse_trigger
 from lookalike.ledger import FeedbackLedger, trainer_decision
 from lookalike.registry import Registry
-from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, run_forever
+from lookalike.runtime import Loop, Output, Record, Sender, Source, dead_letter, freeze_heap, run_forever
 from lookalike.settings import TrainerSettings
 from lookalike.status import indexer_status
 from training.train import TrainConfig, train
@@ -236,7 +236,9 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Trainer(settings).run(stop)
+    trainer = Trainer(settings)
+    freeze_heap()  # set up: what it imported is never walked by a collection again
+    trainer.run(stop)
 
 
 if __name__ == "__main__":
