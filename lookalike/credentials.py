@@ -216,6 +216,7 @@ def server_properties(layout: BrokerLayout, keystore_password: str) -> str:
         "process.roles=broker,controller",
         "node.id=1",
         f"controller.quorum.voters=1@{lo.host}:{lo.controller_port}",
+        "metadata.max.idle.interval.ms=5000",  # one controller's no-op records: 2 a second by default (the local stack's note)
         f"listeners=BROKER://:{lo.broker_port},CONTROLLER://:{lo.controller_port},"
         f"INTERNAL://:{lo.internal_port},HOST://:{lo.host_port}",
         f"advertised.listeners=BROKER://{lo.host}:{lo.broker_port},INTERNAL://{lo.host}:{lo.internal_port},"
