@@ -265,9 +265,12 @@ def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_facto
     s, store = agg.settings, agg.store
     # the catalog had 20 items at the last training, two hours ago (past the cool-down)
     store.r.hset(store.key("last-training"), mapping={"catalog_items": 20, "at": f"{time.time() - 7200:.3f}"})
-    agg.indexer_reports(CATALOG_ITEMS)  # now 50: growth 1.5, due as well
     agg.reply("t1", "mA", [f"i{n}" for n in range(5)])
     agg.flush()
+    # the serving model is known from the replies: read before anything is due (the aggregator's
+    # fetches wait up to 500 ms for more, and a trigger raised before would name no model)
+    wait_for(lambda: store.totals().get("replies") == 1, 60, "the reply counted", logs=agg.log)
+    agg.indexer_reports(CATALOG_ITEMS)  # now 50: growth 1.5, due as well
     fb = FeedbackProducer(s)
     for n in range(4):
         fb.emit("click", request_id="t1", item_id=f"i{n}", user_id="u", timestamp_ms=None)
