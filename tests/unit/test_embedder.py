@@ -84,3 +84,22 @@ def test_the_embedder_serves_a_folded_copy_and_leaves_the_network_it_was_given()
     norms = torch.nn.modules.batchnorm._BatchNorm
     assert not any(isinstance(m, norms) for m in embedder.model.modules())
     assert net.training and any(isinstance(m, norms) for m in net.modules())
+
+
+def test_the_cpu_input_is_imaging_normalise_to_the_bit_in_either_layout() -> None:
+    """The embedder normalises in torch, in the channels-last layout the pixels already have;
+    training and evaluation use imaging.normalise: the same float32 values, so the same vectors."""
+    from workers.inference import use_layout
+
+    embedder = make("res-cnn")
+    for batch in (1, 5):
+        pixels = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        expected = torch.from_numpy(normalise(pixels, embedder.card.preprocess))
+        for channels_last in (True, False):
+            use_layout(embedder, channels_last)
+            x = embedder.to_input(pixels)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            assert x.dtype == torch.float32 and x.is_contiguous(memory_format=layout)
+            assert torch.equal(x, expected)
+        pixels.flags.writeable = False  # a read-only batch (a view of a cache) is taken as well
+        assert torch.equal(embedder.to_input(pixels), expected)
