@@ -41,6 +41,7 @@ from feedback.policy import (
 from feedback.report import catalog_items
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
+from lookalike.clients import LONG_POLL_MS
 from lookalike.errors import InvalidMessage
 from lookalike.events import Trigger, make_trigger, parse_feedback
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
@@ -53,7 +54,7 @@ T = TypeVar("T")
 # The aggregator is not on anyone's critical path: its consumers let the broker gather up to
 # 1 MiB or 500 ms per fetch. At 50 queries/s it otherwise woke per reply and per query
 # vector, ~100 fetches a second, each a round of work for the broker and for this process.
-BATCHED_FETCH = {"fetch.min.bytes": 1 << 20, "fetch.wait.max.ms": 500}
+BATCHED_FETCH = {"fetch.min.bytes": 1 << 20, "fetch.wait.max.ms": LONG_POLL_MS}
 
 
 class Aggregator:

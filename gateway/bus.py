@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from lookalike import auth
 from lookalike import contracts as c
-from lookalike.clients import confluent_config, producer_config
+from lookalike.clients import LONG_POLL_MS, confluent_config, producer_config
 from lookalike.errors import LookalikeError
 from lookalike.settings import CommonSettings
 from lookalike.topics import HOUR_MS, TopicSpec, end_assignment, ensure_topics
@@ -105,8 +105,7 @@ class KafkaBus:
         self.producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self.consumer = Consumer(confluent_config(settings, **{
             "group.id": f"lookalike-gateway-{uuid.uuid4().hex}",  # never joins: partitions are assigned
-            # a long poll: answered as soon as a reply arrives (lookalike/runtime.py, Source)
-            "enable.auto.commit": False, "fetch.wait.max.ms": 500, "fetch.min.bytes": 1,
+            "enable.auto.commit": False, "fetch.wait.max.ms": LONG_POLL_MS, "fetch.min.bytes": 1,
         }))
         self.pending: dict[bytes, asyncio.Future[tuple[dict[str, Any], bytes, float]]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -19,6 +19,12 @@ from lookalike.settings import CommonSettings
 # Room for the largest allowed image plus headers and the record envelope.
 ENVELOPE_BYTES = 256 * 1024
 
+# How long a fetch may wait at the broker for a first record (``fetch.wait.max.ms``). With
+# ``fetch.min.bytes`` 1 the broker answers as soon as a record arrives, so this is only how
+# often an idle consumer asks again: at 20 ms the demo's ~10 idle consumers kept the broker
+# at 0.33 cores doing nothing (docs/benchmarks.md), and a record's latency is the same.
+LONG_POLL_MS = 500
+
 
 def max_message_bytes(settings: CommonSettings) -> int:
     return max(settings.max_image_bytes, settings.max_query_image_bytes) + ENVELOPE_BYTES

@@ -44,7 +44,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from lookalike import contracts as c
 from lookalike import metrics
 from lookalike.batching import MicroBatches
-from lookalike.clients import confluent_config, max_message_bytes, producer_config
+from lookalike.clients import LONG_POLL_MS, confluent_config, max_message_bytes, producer_config
 from lookalike.errors import ErrorCode, code_of
 from lookalike.settings import CommonSettings
 
@@ -197,10 +197,7 @@ class Source:
             "heartbeat.interval.ms": max(int(settings.session_timeout_s * 250), 100),
             "fetch.max.bytes": max(max_message_bytes(settings), 50 * 1024 * 1024),
             "max.partition.fetch.bytes": max_message_bytes(settings),
-            # The broker answers a fetch as soon as a record arrives (fetch.min.bytes 1): this is only
-            # how often an idle consumer asks again. At 20 ms the demo's ~10 idle consumers kept the
-            # broker at 0.33 cores doing nothing (docs/benchmarks.md); a record's latency is the same.
-            "fetch.wait.max.ms": 500,
+            "fetch.wait.max.ms": LONG_POLL_MS,
             "topic.metadata.refresh.interval.ms": 5000,
             **extra,
         })

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 
 from lookalike import auth
 from lookalike import contracts as c
-from lookalike.clients import confluent_config, producer_config
+from lookalike.clients import LONG_POLL_MS, confluent_config, producer_config
 from lookalike.errors import ReplyTimeout
 from lookalike.settings import ClientSettings
 from lookalike.topics import end_assignment
@@ -104,7 +104,7 @@ class QueryClient:
                     "group.id": f"{self.settings.client_id}-{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "latest",
-                    "fetch.wait.max.ms": 500,  # a long poll: answered as soon as a reply arrives
+                    "fetch.wait.max.ms": LONG_POLL_MS,
                 },
             )
         )
