@@ -115,3 +115,15 @@ def test_evaluate_cli_writes_json_and_markdown(
     assert (tmp_path / "out" / "report.md").read_text("utf-8") in capsys.readouterr().out
     assert evaluation.main([*args, "--model", "no-such-version"]) == 1
     assert "no model" in capsys.readouterr().err
+
+
+def test_every_class_with_queries_is_reported_largest_first() -> None:
+    # 20 classes: more than the 15 largest the report once stopped at
+    catalog = np.array([f"c{i:02d}" for i in range(20) for _ in range(20 - i)])
+    queries = np.array([f"c{i:02d}" for i in range(20) if i != 3])  # c03 has no query
+    classes = evaluation.query_classes(catalog, queries)
+    assert classes == [f"c{i:02d}" for i in range(20) if i != 3]
+    assert evaluation.largest_classes(catalog, queries) == [f"c{i:02d}" for i in range(15)]
+    scores = evaluation.query_scores(np.zeros((len(queries), 5), np.int64), catalog, queries)
+    summary = evaluation.summarise(scores, queries, classes)
+    assert len(summary["per_class"]) == 19 and summary["per_class"]["c19"]["queries"] == 1
