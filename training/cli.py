@@ -129,6 +129,10 @@ def describe(card: ModelCard) -> str:
     if "period_precision_at_5" in m:
         line += (f"; out-of-period P@5 {m['period_precision_at_5']:.3f} (the gate's), "
                  f"unseen brands {m.get('unseen_brand_precision_at_5', float('nan')):.3f}")
+    final = card.training.get("final_fit") or {}
+    if final.get("trained_on") == "all":
+        line += (f"; the recipe's figures (its run on {final['recipe_train_size']} items), "
+                 f"this model trained on all {final['items']} items")
     return line
 
 

