@@ -21,20 +21,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lookalike.artifacts import ModelStore
+from lookalike.catalog import CatalogItem
 from lookalike.embedder import pick_device
 from lookalike.settings import CommonSettings, default_data
-from training.data import load_labelled, load_pixels, period_split, select
-from training.evaluate import K, exact_neighbours, query_scores, shopper_pixels
+from training.data import Split, load_labelled, period_split, select
+from training.evaluate import measure_views
 from training.service import config_from_card
 from training.train import (
     LabelledPixels,
     TrainConfig,
     aux_targets,
-    embed_all,
     fit,
     new_model,
     pixels_and_labels,
@@ -52,11 +51,16 @@ def recipe_of(card_training: dict[str, Any], data: Path, cache_dir: Path | None)
     return replace(config, data=data, cache_dir=cache_dir, final_fit="split", promote=False)
 
 
-def train_on_older(config: TrainConfig, progress: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Model B: the recipe on every labelled item of the older 90 % of the ids."""
+def check_split(config: TrainConfig) -> tuple[list[CatalogItem], Split]:
+    """Every labelled item, and the split with the newest 10 % of the ids held out."""
     items = load_labelled(config.data, min_count=1, label=config.label)
-    split = period_split(items, CHECK_FRACTION, config.test_fraction, config.split_seed,
-                         label=config.label, min_count=config.min_count)
+    return items, period_split(items, CHECK_FRACTION, config.test_fraction, config.split_seed,
+                               label=config.label, min_count=config.min_count)
+
+
+def train_on_older(config: TrainConfig, items: list[CatalogItem], split: Split,
+                   progress: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Model B: the recipe on every labelled item of the older 90 % of the ids."""
     ids = split.train_ids + split.test_ids
     x, y = pixels_and_labels(config, items, ids, split.classes, progress)
     aux, aux_classes = aux_targets(config, select(items, ids))
@@ -70,29 +74,20 @@ def train_on_older(config: TrainConfig, progress: bool) -> tuple[torch.nn.Module
                                 "train_seconds": round(time.perf_counter() - started, 1)}
 
 
-def judge(models: dict[str, torch.nn.Module], config: TrainConfig, known: set[str], progress: bool) -> dict[str, Any]:
-    """P@5, top-1 and mAP@5 of each model on the newest 10 % among the older 90 %."""
-    items = load_labelled(config.data, min_count=1, label=config.label)
-    split = period_split(items, CHECK_FRACTION, config.test_fraction, config.split_seed,
-                         label=config.label, min_count=config.min_count)
-    catalog = [i for i in select(items, split.train_ids + split.test_ids) if i.metadata[config.label] in known]
-    queries = [i for i in select(items, split.period_ids) if i.metadata[config.label] in known]
-    spec = config.preprocess_spec()
-    catalog_px = load_pixels(catalog, spec, config.cache_dir, progress=progress)
-    photos = {"catalog": load_pixels(queries, spec, config.cache_dir, progress=progress),
-              "shopper": np.stack([shopper_pixels(item.image_path, spec) for item in queries])}
-    catalog_labels = np.array([i.metadata[config.label] for i in catalog])
-    query_labels = np.array([i.metadata[config.label] for i in queries])
-    out: dict[str, Any] = {"catalog_size": len(catalog), "queries": len(queries),
+def judge(models: dict[str, torch.nn.Module], config: TrainConfig, items: list[CatalogItem], split: Split,
+          known: set[str], progress: bool) -> dict[str, Any]:
+    """Each model's figures (:func:`training.evaluate.measure_views`, exact search) on the newest
+    10 % among the older 90 %, both limited to the classes in ``known``."""
+    labels = {item.item_id: item.metadata[config.label] for item in items}
+    view = replace(split, train_ids=tuple(i for i in split.train_ids + split.test_ids if labels[i] in known),
+                   test_ids=(), period_ids=tuple(i for i in split.period_ids if labels[i] in known),
+                   unseen_brand_ids=())
+    out: dict[str, Any] = {"catalog_size": len(view.train_ids), "queries": len(view.period_ids),
                            "first_check_id": split.first_period_id, "models": {}}
     for name, model in models.items():
-        vectors = embed_all(model, catalog_px, spec)
-        row = {}
-        for kind, pixels in photos.items():
-            scores = query_scores(exact_neighbours(vectors, embed_all(model, pixels, spec), K), catalog_labels,
-                                  query_labels)
-            row[kind] = {metric: round(float(v.mean()), 4) for metric, v in scores.items()}
-        out["models"][name] = row
+        result = measure_views(model, config.preprocess_spec(), view, items, cache_dir=config.cache_dir,
+                               hnsw=False, progress=progress)["period"]
+        out["models"][name] = {"catalog": result["catalog"]["overall"], "shopper": result["invariance"]["overall"]}
     return out
 
 
@@ -113,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = recipe_of(card.training, args.data, args.cache_dir)
     torch.set_num_threads(config.threads or torch.get_num_threads())
-    model_b, trained = train_on_older(config, not args.quiet)
-    known = set(card.classes)
+    items, split = check_split(config)
+    model_b, trained = train_on_older(config, items, split, not args.quiet)
     figures = judge({"A: older 80 % (the split)": model_a.eval(), "B: older 90 %, all of it": model_b}, config,
-                    known, not args.quiet)
+                    items, split, set(card.classes), not args.quiet)
     report = {"model_a": card.version, "model_a_train_size": card.training["train_size"], "model_b": trained,
               "seed": config.seed} | figures
     print(json.dumps(report, indent=2))
