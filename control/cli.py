@@ -107,7 +107,8 @@ def _status(args: argparse.Namespace) -> int:
     events = rollout.read_events(client, settings, count=5)
     if args.json:
         print(json.dumps({"indexers": [s.model_dump(mode="json") for s in statuses],
-                          "rollout": state.to_redis() if state else None, "events": events}, indent=2))
+                          "rollout": state.to_redis() if state else None, "events": events,
+                          "triggers": trigger_records(limit=5)}, indent=2))
         return 0
     if not statuses:
         print("no indexer is reporting (is `lookalike services up` running?)")
@@ -125,6 +126,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"\nrollout: serving {state.serving}{building}; previous {state.previous or '-'}")
     for event in events:
         print(f"  {event}")
+    latest = trigger_records(limit=1)
+    print(f"\nlast retraining trigger: {trigger_line(latest[0]) if latest else 'none'}")
     return 0
 
 
@@ -172,7 +175,34 @@ def _models(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in card.metrics.items() if isinstance(v, int | float)}
         print(f"{version}  {','.join(aliases.get(version, [])):20} {card.spec.arch:8} dim {card.embedding_dim}  "
               f"{json.dumps(metrics)}")
+    triggers = trigger_records(limit=5)
+    if triggers:
+        print("\nretraining triggers, newest first:")
+        print("\n".join(f"  {trigger_line(r)}" for r in triggers))
     return 0
+
+
+def trigger_records(limit: int) -> list[dict]:
+    """The newest trigger records (lookalike/ledger.py): what became of each retraining
+    trigger; [] when Redis is not reachable."""
+    import redis
+
+    from lookalike.ledger import FeedbackLedger
+    from lookalike.settings import FeedbackSettings
+
+    try:
+        return FeedbackLedger.connect(FeedbackSettings()).triggers(limit)
+    except redis.RedisError:
+        return []
+
+
+def trigger_line(record: dict) -> str:
+    raised = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(record.get("raised_ms") or 0) / 1000))
+    detail = record.get("outcome") or record.get("why") or record.get("holder") or ""
+    what = record["state"] + (f" ({detail})" if detail else "")
+    if record.get("challenger"):
+        what += f" -> {record['challenger']}"
+    return f"{record['trigger_id'][:12]}  raised {raised}Z  {','.join(record.get('reasons', []))}: {what}"
 
 
 def _feedback(args: argparse.Namespace) -> int:

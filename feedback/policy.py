@@ -6,7 +6,9 @@ Four reasons, each with its knob in :class:`lookalike.settings.FeedbackSettings`
   add-to-cart, purchase, dismiss) since the last training;
 * ``metric_drop``: the serving model's recent window is worse than its own baseline window
   (its first minutes in service) by ``trigger_drop_fraction``, with enough impressions in both;
-* ``catalog_growth``: the catalog grew by ``trigger_catalog_growth`` since the last training;
+* ``catalog_growth``: the catalog grew by ``trigger_catalog_growth`` since the serving model
+  was indexed (its catalog once settled, :meth:`lookalike.ledger.FeedbackLedger.catalog_baseline`)
+  or since the last training, whichever was larger;
 * ``query_drift``: ``1 - cos(mean query vector, mean catalog vector)`` over samples kept
   in Redis is above ``trigger_drift``, with enough queries, *and* above what ``n`` catalog
   vectors give against the rest of the sample 99 times in 100 (:func:`drift_null`): the catalog's
@@ -57,7 +59,7 @@ class PolicyInputs:
     baseline: Mapping[str, Any] | None = None  # metrics of the model's first window; None: not enough history yet
     recent: Mapping[str, Any] | None = None  # metrics of the latest window
     catalog_items: int | None = None
-    catalog_items_at_training: int | None = None
+    catalog_baseline: int | None = None  # items of the catalog growth is measured from (FeedbackLedger.catalog_baseline)
     drift: float | None = None
     drift_queries: int = 0
     drift_null: float | None = None  # the drift of as many random catalog vectors, 99th percentile
@@ -126,14 +128,14 @@ def due_reasons(inputs: PolicyInputs, policy: TriggerPolicy) -> list[Reason]:
     drop = metric_drop(inputs, policy)
     if drop is not None:
         reasons.append(drop)
-    if policy.catalog_growth and inputs.catalog_items is not None and inputs.catalog_items_at_training:
-        growth = (inputs.catalog_items - inputs.catalog_items_at_training) / inputs.catalog_items_at_training
+    if policy.catalog_growth and inputs.catalog_items is not None and inputs.catalog_baseline:
+        growth = (inputs.catalog_items - inputs.catalog_baseline) / inputs.catalog_baseline
         if growth >= policy.catalog_growth:
             reasons.append(Reason("catalog_growth",
-                                  f"the catalog grew by {growth:.1%} since the last training "
-                                  f"({inputs.catalog_items_at_training} -> {inputs.catalog_items} items)",
+                                  f"the catalog grew by {growth:.1%} since the serving model was indexed or "
+                                  f"last retrained ({inputs.catalog_baseline} -> {inputs.catalog_items} items)",
                                   {"catalog_items": inputs.catalog_items,
-                                   "catalog_items_at_training": inputs.catalog_items_at_training,
+                                   "catalog_baseline": inputs.catalog_baseline,
                                    "growth": round(growth, 6), "threshold": policy.catalog_growth}))
     if (policy.drift and inputs.drift is not None and inputs.drift_queries >= policy.drift_min_queries
             and inputs.drift >= policy.drift and (inputs.drift_null is None or inputs.drift > inputs.drift_null)):

@@ -19,13 +19,23 @@ from lookalike.settings import FeedbackSettings
 from lookalike.status import indexer_status
 
 
+def indexed_catalogs(settings: FeedbackSettings) -> dict[str, int]:
+    """Per model version ("" for an indexer that names none), the largest item count a live
+    indexer reports for it ({} when Redis is away)."""
+    try:
+        statuses = indexer_status(settings, settings.indexer_group)
+    except redis.RedisError:
+        return {}
+    sizes: dict[str, int] = {}
+    for status in statuses:
+        sizes[status.model_version] = max(sizes.get(status.model_version, 0), status.items)
+    return sizes
+
+
 def catalog_items(settings: FeedbackSettings) -> int | None:
     """The catalog's size as the aggregator counts it: the largest item count a live indexer reports."""
-    try:
-        counts = [s.items for s in indexer_status(settings, settings.indexer_group)]
-    except redis.RedisError:
-        return None
-    return max(counts) if counts else None
+    sizes = indexed_catalogs(settings)
+    return max(sizes.values()) if sizes else None
 
 
 def metrics_report(settings: FeedbackSettings, *, model_version: str | None = None, minutes: float | None = None,

@@ -38,7 +38,7 @@ from feedback.policy import (
     emit_decision,
     mean_cosine_drift,
 )
-from feedback.report import catalog_items
+from feedback.report import indexed_catalogs
 from feedback.store import FeedbackStore
 from lookalike import contracts as c
 from lookalike.clients import LONG_POLL_MS
@@ -66,10 +66,6 @@ class Aggregator:
         self.policy = TriggerPolicy.from_settings(settings)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis")
         self.last_emit: str = "nothing_due"
-
-    def catalog_items(self) -> int | None:
-        """The catalog's size: the largest item count a live indexer reports."""
-        return catalog_items(self.settings)
 
     def feedback_batch(self, records: Sequence[Record]) -> list[Output]:
         """Validate and apply a batch; returns the dead letters."""
@@ -121,9 +117,13 @@ class Aggregator:
     def policy_inputs(self, now_ms: int) -> PolicyInputs:
         s, store = self.settings, self.store
         model = store.serving_model()
-        catalog = self.catalog_items()
-        if catalog is not None:
-            store.note_catalog_baseline(catalog, now_ms / 1000)
+        indexed = indexed_catalogs(self.settings)
+        for version, items in indexed.items():
+            if version:
+                store.note_catalog(version, items, now_ms / 1000)
+        catalog = max(indexed.values()) if indexed else None
+        # Growth is measured for the model that answers (before any reply: the largest index's).
+        grown_from = model or max(indexed, key=lambda v: indexed[v], default=None)
         last = store.last_training()
         labelled = store.totals().get("labelled", 0)
         baseline = recent = None
@@ -149,7 +149,7 @@ class Aggregator:
             baseline=baseline,
             recent=recent,
             catalog_items=catalog,
-            catalog_items_at_training=last.get("catalog_items"),
+            catalog_baseline=store.catalog_baseline(grown_from),
             drift=drift,
             drift_queries=drift_queries,
             drift_null=null,
@@ -167,6 +167,7 @@ class Aggregator:
         if decision == "emit":
             trigger = make_trigger(inputs.model_version, int(store.last_training()["generation"]), reasons)
             if store.claim_trigger(trigger.trigger_id, self.settings.trigger_pending_ttl_s):
+                store.note_trigger(trigger)  # its record: the trainer says what became of it
                 self.last_emit = decision
                 return trigger
             decision = "trigger_pending"  # another aggregator instance got there first

