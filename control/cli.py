@@ -96,6 +96,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from feedback.report import trigger_line, trigger_records
     from lookalike import rollout
     from lookalike.settings import CommonSettings
     from lookalike.status import indexer_status
@@ -175,34 +176,13 @@ def _models(args: argparse.Namespace) -> int:
         metrics = {k: v for k, v in card.metrics.items() if isinstance(v, int | float)}
         print(f"{version}  {','.join(aliases.get(version, [])):20} {card.spec.arch:8} dim {card.embedding_dim}  "
               f"{json.dumps(metrics)}")
+    from feedback.report import trigger_line, trigger_records
+
     triggers = trigger_records(limit=5)
     if triggers:
         print("\nretraining triggers, newest first:")
         print("\n".join(f"  {trigger_line(r)}" for r in triggers))
     return 0
-
-
-def trigger_records(limit: int) -> list[dict]:
-    """The newest trigger records (lookalike/ledger.py): what became of each retraining
-    trigger; [] when Redis is not reachable."""
-    import redis
-
-    from lookalike.ledger import FeedbackLedger
-    from lookalike.settings import FeedbackSettings
-
-    try:
-        return FeedbackLedger.connect(FeedbackSettings()).triggers(limit)
-    except redis.RedisError:
-        return []
-
-
-def trigger_line(record: dict) -> str:
-    raised = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(record.get("raised_ms") or 0) / 1000))
-    detail = record.get("outcome") or record.get("why") or record.get("holder") or ""
-    what = record["state"] + (f" ({detail})" if detail else "")
-    if record.get("challenger"):
-        what += f" -> {record['challenger']}"
-    return f"{record['trigger_id'][:12]}  raised {raised}Z  {','.join(record.get('reasons', []))}: {what}"
 
 
 def _feedback(args: argparse.Namespace) -> int:

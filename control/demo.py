@@ -18,9 +18,10 @@ from PIL import Image
 
 from control.services import LocalServices, indexer_alive
 from control.stack import LocalStack
+from feedback.report import trigger_line, trigger_records
 from lookalike import rollout
 from lookalike.catalog import CatalogItem, iter_catalog
-from lookalike.settings import ClientSettings, StackSettings
+from lookalike.settings import ClientSettings, FeedbackSettings, StackSettings
 from lookalike.status import wait_for_index
 from lookalike.topics import ensure_topics
 from producers.catalog_feed import CatalogFeed
@@ -110,6 +111,9 @@ def run_demo(data: Path, *, limit: int | None, queries: int, gallery: Path, epoc
     url = page_url()
     print(f"== shopper's page: {url} (`lookalike page` opens it)" if wait_healthy(url)
           else f"== the gateway did not answer at {url}; see `lookalike services status`")
+    triggers = trigger_records(limit=1, settings=FeedbackSettings())
+    print("== retraining: " + (f"latest trigger {trigger_line(triggers[0])}" if triggers
+                               else "no trigger raised"))
     print(f"== done in {time.monotonic() - t0:.0f}s. The stack and services keep running: "
           "`make down` stops them, `lookalike query IMAGE` asks more, `lookalike metrics` shows the feedback "
           "(the queries above recorded their impressions), `make loop` runs the feedback loop.")

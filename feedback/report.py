@@ -114,3 +114,22 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append(f"last training: {report['last_training']}; trigger pending: {report['trigger_pending']}; "
                  f"trainer lease: {report['trainer_lease']}")
     return "\n".join(lines)
+
+
+def trigger_records(limit: int, settings: FeedbackSettings | None = None) -> list[dict[str, Any]]:
+    """The newest trigger records (lookalike/ledger.py): what became of each retraining
+    trigger; [] when Redis is not reachable."""
+    try:
+        return FeedbackStore.connect(settings or FeedbackSettings()).triggers(limit)
+    except redis.RedisError:
+        return []
+
+
+def trigger_line(record: dict[str, Any]) -> str:
+    """One trigger record as a line of `lookalike models list` and `lookalike status`."""
+    raised = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(record.get("raised_ms") or 0) / 1000))
+    detail = record.get("outcome") or record.get("why") or record.get("holder") or ""
+    what = record["state"] + (f" ({detail})" if detail else "")
+    if record.get("challenger"):
+        what += f" -> {record['challenger']}"
+    return f"{record['trigger_id'][:12]}  raised {raised}Z  {','.join(record.get('reasons', []))}: {what}"

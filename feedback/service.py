@@ -160,6 +160,7 @@ class Aggregator:
         """A trigger to produce now, claimed in Redis; None when nothing is due or one is absorbed."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         inputs = self.policy_inputs(now_ms)
+        self.store.count("policy_evaluations")
         reasons = due_reasons(inputs, self.policy)
         store = self.store
         decision = emit_decision(reasons, lease_held=store.lease_holder() is not None,

@@ -40,7 +40,8 @@ from lookalike.status import register, status_key
 from lookalike.topics import ensure_topics, ensure_vectors_topic, vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
-from tests.integration.conftest import topic_env
+from tests.images import jpeg_bytes
+from tests.integration.conftest import start_pipeline, stop_pipeline, topic_env, warm_up
 from tests.waiting import wait_for
 from training.data import Split
 
@@ -356,6 +357,52 @@ def test_loading_the_first_catalog_is_not_growth(cluster: Cluster, tmp_path: Pat
     # A refused challenger trained on the grown catalog answered the growth too.
     store.record_training(outcome="refused", catalog_items=13_800, labelled=0)
     assert due("v2", 13_900, t0 + 360) == [] and store.catalog_baseline("v2") == 13_800
+
+
+def test_a_fresh_stack_loading_its_first_catalog_raises_no_trigger(  # type: ignore[no-untyped-def]
+        cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path) -> None:
+    """What `make demo` does to a fresh stack, with the real worker, indexer, aggregator and
+    trainer and the aggregator's default trigger knobs (no cool-down, so nothing hides a
+    trigger): the catalog arrives in two loads, 10 then 40 items, with a training recorded
+    between them (a trainer that finished while the catalog was loading). Growth counted
+    from that training's 10 items would be 400 %; from the model's settled index it is 0."""
+    models_src, card = tiny_model
+    models = tmp_path / "models"
+    shutil.copytree(models_src, models)
+    running = start_pipeline(cluster, models, tmp_path, {"LOOKALIKE_POLICY_INTERVAL_S": "0.5",
+                                                         "LOOKALIKE_TRIGGER_COOLDOWN_S": "0"})
+    for name in ("feedback", "trainer"):
+        running.logs[name] = tmp_path / f"{name}.log"
+        running.start(name)
+    settings: FeedbackSettings = settings_from(running.env)
+    store = FeedbackStore.connect(settings)
+    try:
+        warm_up(running, jpeg_bytes(seed=999, size=(32, 32)))  # one item, the warm-up's
+        feed = running.feed()
+
+        def load(ids: range, indexed: int) -> None:
+            for n in ids:
+                feed.publish(f"item-{n:03d}", jpeg_bytes(seed=n, size=(32, 32)), {"title": f"item {n}"})
+            feed.flush()
+            wait_for(lambda: (running.status() or {}) and running.status().items == indexed, 120,
+                     f"{indexed} items indexed", logs=running.logs["indexer"])
+
+        load(range(10), 11)
+        store.record_training(outcome="refused", catalog_items=11, labelled=0)
+        load(range(10, 50), 51)
+        wait_for(lambda: store.r.hget(store.key("catalog-baseline"), f"{card.version}:items") == b"51", 60,
+                 "the aggregator noting the 51-item index", logs=tmp_path / "feedback.log")
+        evaluations = store.totals().get("policy_evaluations", 0)
+        wait_for(lambda: store.totals().get("policy_evaluations", 0) >= evaluations + 6, 60,
+                 "six more policy evaluations", logs=tmp_path / "feedback.log")
+        assert running.procs["feedback"].poll() is None and running.procs["trainer"].poll() is None
+    finally:
+        stop_pipeline(running)
+    assert store.triggers() == [] and read_all(settings, settings.triggers_topic, idle_s=0.5) == []
+    assert "trigger" not in (tmp_path / "feedback.log").read_text().replace("triggers", "")
+    status = subprocess.run([sys.executable, "-m", "control.cli", "status"], env=running.env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert "last retraining trigger: none" in status.stdout, status.stdout + status.stderr
 
 
 @pytest.fixture
