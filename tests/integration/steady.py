@@ -28,6 +28,7 @@ class Sent:
     answered_at: float | None = None
     reply: dict | None = None
     partition: int | None = None  # of the queries topic, once the broker acknowledged it
+    offset: int | None = None
 
 
 @dataclass
@@ -93,7 +94,8 @@ class SteadyStream:
     def _delivered(self, err: object, msg: object) -> None:
         if err is None:
             with self._lock:
-                self.requests[msg.key()].partition = msg.partition()  # type: ignore[attr-defined]
+                sent = self.requests[msg.key()]
+                sent.partition, sent.offset = msg.partition(), msg.offset()  # type: ignore[attr-defined]
 
     def held_in(self, partitions: set[int], older_than_s: float) -> int:
         """Queries on these partitions of the queries topic that were sent more than
@@ -124,6 +126,15 @@ class SteadyStream:
         while time.monotonic() < deadline and any(s.reply is None for s in self.requests.values()):
             self._read(0.1)
         self._read(0.5)  # a late duplicate shows up now
+
+    def at_or_after(self, positions: dict[int, int], sent_before: float) -> int:
+        """Queries sent before ``sent_before`` (monotonic) and stored at or after ``positions``
+        (partition -> offset, a group's committed positions): a consumer of the group that
+        starts there reads them again."""
+        with self._lock:
+            return sum(1 for s in self.requests.values()
+                       if s.sent_at < sent_before and s.partition in positions and s.offset is not None
+                       and s.offset >= positions[s.partition])
 
     def answered_between(self, start: float, end: float) -> int:
         """Queries sent before ``start`` and answered after ``end`` (monotonic times)."""

@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
+from lookalike.clients import confluent_config
 from lookalike.settings import StackSettings
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
@@ -87,12 +91,14 @@ def test_worker_killed_mid_batch_every_query_of_a_steady_stream_is_answered(
         time.sleep(random.uniform(4.0, 6.0))
         topic = pipeline.settings.queries_topic
         doomed = {int(p) for p in re.findall(rf"{re.escape(topic)}\[(\d+)\]", query_assignments(pipeline, "worker")[-1])}
-        # Kill while the worker holds a query it read and has not answered (a batch collects for
-        # 300 ms): a kill between a batch's commit and the next record would prove nothing.
-        wait_for(lambda: stream.held_in(doomed, older_than_s=0.05), 15, "a query waiting in the worker's batch",
-                 pipeline, every_s=0.01)
+        # Kill only while the worker holds work it has not committed: a kill between a batch's
+        # commit and the next record would prove nothing. What the client sees unanswered may
+        # be a reply on its way (1 run in 4 had nothing to recover), so the worker is frozen
+        # (SIGSTOP: it can neither answer nor commit), the group's committed positions are
+        # read from the broker, and it is killed frozen when queries lie at or after them;
+        # otherwise it runs on and this is tried again.
         assignments_before = len(query_assignments(pipeline, "worker-2"))
-        killed_at = time.monotonic()
+        killed_at = freeze_until_holding(pipeline, stream, doomed)
         pipeline.kill("worker")
 
         def survivor_holds_both() -> float | None:
@@ -119,6 +125,38 @@ def test_worker_killed_mid_batch_every_query_of_a_steady_stream_is_answered(
     # the survivor after the hand-over) or had answered and not committed (answered again by
     # the survivor: copies the client dropped).
     assert recovered + report.duplicates > 0, "the kill landed between a batch's read and its commit"
+
+
+def committed_positions(pipeline: Pipeline, partitions: set[int]) -> dict[int, int]:
+    """The worker group's committed offsets of these queries-topic partitions, from the broker
+    (a partition with no commit yet: 0, where the group starts)."""
+    consumer = Consumer(confluent_config(pipeline.settings, **{"group.id": pipeline.env["LOOKALIKE_WORKER_GROUP"],
+                                                               "enable.auto.commit": False}))
+    try:
+        topic = pipeline.settings.queries_topic
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: max(tp.offset, 0) for tp in committed}
+
+
+def freeze_until_holding(pipeline: Pipeline, stream: SteadyStream, partitions: set[int], tries: int = 40) -> float:
+    """SIGSTOP the worker when it seems to hold a query; keep it stopped (and return when it
+    was stopped) once queries of its partitions it has read lie at or past the group's
+    committed positions, else SIGCONT it and try again a moment later."""
+    pid = pipeline.procs["worker"].pid
+    for _ in range(tries):
+        wait_for(lambda: stream.held_in(partitions, older_than_s=0.05), 15, "a query waiting in the worker",
+                 pipeline, every_s=0.01)
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        time.sleep(0.1)  # a commit sent just before the stop reaches the broker
+        # sent 50 ms before the stop: read by then (the worker's fetch waits on the partition)
+        if stream.at_or_after(committed_positions(pipeline, partitions), sent_before=frozen_at - 0.05):
+            return frozen_at
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(random.uniform(0.05, 0.3))
+    raise AssertionError(f"the worker never held uncommitted queries in {tries} tries")
 
 
 def private_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
