@@ -45,6 +45,11 @@ class Leftovers:
     def __bool__(self) -> bool:
         return bool(self.topics or self.groups or self.keys)
 
+    def under(self, prefix: str) -> Leftovers:
+        """The part of these names that carries ``prefix``."""
+        return Leftovers([t for t in self.topics if carries(t, [prefix])], [g for g in self.groups if carries(g, [prefix])],
+                         [k for k in self.keys if key_carries(k, [prefix])])
+
     def summary(self) -> str:
         return f"{len(self.topics)} topics, {len(self.groups)} consumer groups, {len(self.keys)} Redis keys"
 
