@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="the local Kafka + Redis stack; what tests and benchmarks left on it")
     p.add_argument("action", choices=["up", "down", "status", "gc", "counts"],
                    help="gc: list the leftovers under the throwaway prefixes (--apply removes them); "
-                        "counts: the broker's topics and Redis' keys, one line")
+                        "counts: the broker's topics and groups and Redis' keys, one line")
     p.add_argument("--apply", action="store_true", help="gc: remove what it lists")
     p.add_argument("--prefix", action="append", metavar="P",
                    help="gc: only names under P (repeatable; default: the tests' and benchmarks' prefixes)")

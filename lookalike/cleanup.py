@@ -59,10 +59,11 @@ class Counts:
     """What a broker and a Redis database hold: the figures a run must leave as it found them."""
 
     topics: int  # without Kafka's internal ones (__consumer_offsets appears with the first group)
+    groups: int
     keys: int  # DBSIZE
 
     def __str__(self) -> str:
-        return f"topics {self.topics} redis-keys {self.keys}"
+        return f"topics {self.topics} groups {self.groups} redis-keys {self.keys}"
 
 
 def production_names() -> set[str]:
@@ -210,7 +211,8 @@ def remove_prefix(settings: CommonSettings, prefix: str, wait_s: float = 30.0) -
 
 
 def counts(settings: CommonSettings, timeout_s: float = 30.0) -> Counts:
-    """The broker's topic count and the Redis database's key count."""
+    """The broker's topic and consumer-group counts and the Redis database's key count."""
     admin = AdminClient(confluent_config(settings))
     topics = [t for t in admin.list_topics(timeout=timeout_s).topics if not t.startswith("__")]
-    return Counts(len(topics), int(redis_client(settings).dbsize()))
+    groups = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s).valid
+    return Counts(len(topics), len(groups), int(redis_client(settings).dbsize()))

@@ -88,7 +88,7 @@ def test_gc_lists_in_a_dry_run_removes_with_apply_and_leaves_production_names(na
     assert "removed: 2 topics, 1 consumer groups, 3 Redis keys" in applied, applied
     assert not find(settings, [prefix])
     after = counts(settings)
-    assert (after.topics, after.keys) == (before.topics - 2, before.keys - 3)
+    assert (after.topics, after.groups, after.keys) == (before.topics - 2, before.groups - 1, before.keys - 3)
 
     admin = AdminClient(confluent_config(settings))
     assert set(kept["topics"]) <= set(admin.list_topics(timeout=10).topics)
