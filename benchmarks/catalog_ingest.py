@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from benchmarks.model_rate import forward_rate
+from lookalike.cleanup import remove_prefix
 from lookalike.clients import confluent_config, producer_config
 from lookalike.settings import WorkerSettings
 from lookalike.topics import TopicSpec, ensure_topics
@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     args = parser.parse_args(argv)
 
-    run = uuid.uuid4().hex[:8]
+    prefix = f"bench-ingest-{uuid.uuid4().hex[:8]}"
     overrides: dict[str, Any] = {
-        "catalog_topic": f"bench-ingest-{run}.catalog", "catalog_vectors_topic": f"bench-ingest-{run}.vectors",
-        "deadletter_topic": f"bench-ingest-{run}.deadletter", "worker_group": f"bench-ingest-{run}",
+        "catalog_topic": f"{prefix}.catalog", "catalog_vectors_topic": f"{prefix}.vectors",
+        "deadletter_topic": f"{prefix}.deadletter", "worker_group": prefix,
     }
     if args.models:
         overrides["model_dir"] = args.models
@@ -177,17 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         worker = EmbeddingWorker(settings, models)
         result["ingest"] = direct(worker, version, images, settings.catalog_batch_max)
     else:
-        admin = AdminClient(confluent_config(settings))
         ensure_topics(settings, [TopicSpec(settings.catalog_topic, settings.partitions),
                                  TopicSpec(settings.deadletter_topic, 1)])
         try:
             result["ingest"] = asyncio.run(through_kafka(settings, models, version, images, args.timeout))
         finally:
-            names = [settings.catalog_topic, settings.deadletter_topic,
-                     f"{settings.catalog_vectors_topic}.{version}"]
-            for future in admin.delete_topics(names, operation_timeout=30).values():
-                with contextlib.suppress(Exception):  # a topic never made is no reason to lose the figures
-                    future.result()
+            left = remove_prefix(settings, prefix)  # its topics, the worker's group and the watcher's
+            if left:
+                print(f"{prefix}: not removed: {left.summary()}", file=sys.stderr)
     bare_after = bare_rate(models, version, settings, args.budget)
     bare = (bare_before + bare_after) / 2
     result["bare_model_images_per_s"] = {"before": round(bare_before, 1), "after": round(bare_after, 1)}

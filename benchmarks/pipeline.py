@@ -29,7 +29,8 @@ from confluent_kafka import Consumer, Producer
 
 from lookalike import contracts as c
 from lookalike.catalog import CatalogItem
-from lookalike.clients import confluent_config, producer_config
+from lookalike.cleanup import unlink_matching
+from lookalike.clients import confluent_config, producer_config, redis_client
 from lookalike.settings import ClientSettings
 from lookalike.topics import end_assignment
 
@@ -316,6 +317,12 @@ class Bench:
         producer.flush(60)
         removed, self.added = len(self.added), []
         return removed
+
+    def forget_requests(self) -> int:
+        """Remove the feedback aggregator's join records of this run's queries (``…:req:bench-{run}-…``,
+        kept a day otherwise): the requests were the benchmark's, so are their records. The
+        aggregator's windows of the serving model are the stack's own figures and stay."""
+        return unlink_matching(redis_client(self.settings), f"lookalike:feedback:*:req:bench-{self.run_id}-*")
 
     def close(self) -> None:
         self.producer.flush(10)

@@ -33,6 +33,7 @@ from benchmarks import ann, model_rate, plots
 from benchmarks.pipeline import Bench
 from benchmarks.resources import ResourceMonitor, local_pids
 from lookalike.catalog import CatalogItem, iter_catalog
+from lookalike.cleanup import counts
 from lookalike.runtime import freeze_heap
 from lookalike.settings import ClientSettings, IndexerSettings, WorkerSettings, default_data
 
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     monitor = ResourceMonitor({**local_pids(parse_pids(args.pid)), "bench client": os.getpid()}).start()
     result["watched_processes"] = sorted(monitor.procs)
     paths: list[Path] = []
+    before = counts(settings)  # what the stack holds: the run must leave it so (its own names removed)
+    print(f"== stack: {before}", flush=True)
     freeze_heap()  # the client's own full collections stalled it ~300 ms (Bench.query_latency)
     bench = Bench(settings)
     try:
@@ -359,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bench.added:
             bench.cleanup()
+        forgotten = bench.forget_requests()
         bench.close()
         monitor.close()
+    after = counts(settings)
+    result["stack_counts"] = {"before": str(before), "after": str(after), "request_records_removed": forgotten}
+    print(f"== stack: {after} after the run ({'as before' if after == before else f'before: {before}'}); "
+          f"{forgotten} join records of the run's queries removed", flush=True)
     result["resources"] = monitor.summary()
     if result["resources"]:
         paths.append(plots.resources(result["resources"], args.out / "resources.png"))

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from confluent_kafka.admin import AdminClient
 
 from benchmarks.pipeline import Bench
 from benchmarks.run import capacity, indexer_reach, saturated
 from control.services import module_of
 from lookalike.catalog import CatalogItem
-from lookalike.clients import confluent_config
+from lookalike.cleanup import remove_prefix
 from lookalike.runtime import freeze_heap
 from lookalike.settings import ClientSettings
 from lookalike.status import indexer_status
@@ -140,12 +139,9 @@ class Pipeline:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        admin = AdminClient(confluent_config(self.settings))
-        topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(self.prefix)]
-        if topics:
-            for future in admin.delete_topics(topics, operation_timeout=30).values():
-                with contextlib.suppress(Exception):
-                    future.result()
+        left = remove_prefix(self.settings, self.prefix)  # topics, groups, Redis keys (statuses, snapshots)
+        if left:
+            print(f"   {self.prefix}: not removed: {left.summary()}; `lookalike stack gc --apply` removes them", flush=True)
 
 
 def busy(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:

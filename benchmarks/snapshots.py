@@ -23,6 +23,7 @@ import redis
 
 from indexer.index import VectorIndex
 from indexer.snapshot import SnapshotStore
+from lookalike.cleanup import matching_keys, unlink
 from lookalike.settings import IndexerSettings
 
 
@@ -82,39 +83,41 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - started
 
     client = redis.Redis.from_url(args.redis_url, socket_timeout=120)
-    store = SnapshotStore(client, f"lookalike:bench:{int(time.time())}", key=secrets.token_bytes(32),
+    owner = f"bench-snapshots-{int(time.time())}"  # a throwaway name (lookalike.cleanup)
+    store = SnapshotStore(client, f"lookalike:snapshots:{owner}:bench", key=secrets.token_bytes(32),
                           chunk_bytes=settings.snapshot_chunk_bytes, keep=1)
     lease = store.lease("bench", ttl_s=600)
-    assert lease.acquire(), "a fresh namespace has no writer"
-    load = QueryLoad(index, unit_vectors(rng, 1000, args.dim))
-    for thread in load.threads:
-        thread.start()
-    time.sleep(5)  # baseline
-    baseline_end = time.perf_counter()
+    try:
+        assert lease.acquire(), "a fresh namespace has no writer"
+        load = QueryLoad(index, unit_vectors(rng, 1000, args.dim))
+        for thread in load.threads:
+            thread.start()
+        time.sleep(5)  # baseline
+        baseline_end = time.perf_counter()
 
-    snap_start = time.perf_counter()
-    index_bytes, items_bytes, facts = index.export()
-    exported = time.perf_counter()
-    manifest = store.write(index_bytes, items_bytes, facts, lease=lease, model_version="bench")
-    snap_end = time.perf_counter()
-    time.sleep(1)
-    load.stop.set()
-    for thread in load.threads:
-        thread.join()
-    del index_bytes, items_bytes
+        snap_start = time.perf_counter()
+        index_bytes, items_bytes, facts = index.export()
+        exported = time.perf_counter()
+        manifest = store.write(index_bytes, items_bytes, facts, lease=lease, model_version="bench")
+        snap_end = time.perf_counter()
+        time.sleep(1)
+        load.stop.set()
+        for thread in load.threads:
+            thread.join()
+        del index_bytes, items_bytes
 
-    read_start = time.perf_counter()
-    snap = store.read(manifest.id)
-    read_end = time.perf_counter()
-    restored = VectorIndex.restore(snap.index_bytes, snap.items_bytes, snap.manifest.facts())
-    restore_end = time.perf_counter()
-    probes = unit_vectors(rng, 50, args.dim)
-    same = np.mean([[h.item_id for h in restored.search(q, 5)] == [h.item_id for h in index.search(q, 5)]
-                    for q in probes])
-    redis_peak = client.info("memory").get("used_memory_peak", 0)
-    store.delete(manifest.id)
-    lease.release()
-    client.delete(store._key("current"), store._key("history"))
+        read_start = time.perf_counter()
+        snap = store.read(manifest.id)
+        read_end = time.perf_counter()
+        restored = VectorIndex.restore(snap.index_bytes, snap.items_bytes, snap.manifest.facts())
+        restore_end = time.perf_counter()
+        probes = unit_vectors(rng, 50, args.dim)
+        same = np.mean([[h.item_id for h in restored.search(q, 5)] == [h.item_id for h in index.search(q, 5)]
+                        for q in probes])
+        redis_peak = client.info("memory").get("used_memory_peak", 0)
+    finally:  # the run's keys, whatever happened (`lookalike stack gc` finds them if it was killed)
+        lease.release()
+        unlink(client, matching_keys(client, [owner]))
 
     size_mb = (manifest.index.bytes + manifest.items.bytes) / 1e6
     result = {

@@ -9,13 +9,66 @@ import sys
 import time
 from pathlib import Path
 
-from lookalike.settings import default_data
+from lookalike.settings import CommonSettings, default_data
 
 
 def _stack(args: argparse.Namespace) -> int:
     from control.stack.local import main as stack_main
 
+    if args.action == "gc":
+        return _stack_gc(args)
+    if args.action == "counts":
+        from lookalike.cleanup import counts
+
+        print(counts(_stack_servers()))
+        return 0
     return stack_main([args.action])
+
+
+def _stack_servers() -> CommonSettings:
+    """The servers the tests would use: ``LOOKALIKE_KAFKA_BOOTSTRAP`` (and ``LOOKALIKE_REDIS_URL``)
+    when set, else the local stack's ports (``LOOKALIKE_STACK_*``; the client settings' defaults
+    are the default stack's, not necessarily this one's)."""
+    import os
+
+    from control.stack.local import LocalStack
+
+    if os.environ.get("LOOKALIKE_KAFKA_BOOTSTRAP"):
+        return CommonSettings()
+    stack = LocalStack()
+    return CommonSettings(kafka_bootstrap=stack.kafka.bootstrap, redis_url=stack.redis.url)
+
+
+def _stack_gc(args: argparse.Namespace) -> int:
+    """List (by default) or remove (``--apply``) what runs left under the throwaway prefixes."""
+    from lookalike import cleanup
+    from lookalike.errors import ConfigError
+
+    settings = _stack_servers()
+    prefixes = args.prefix or list(cleanup.THROWAWAY_PREFIXES)
+    try:
+        found = cleanup.find(settings, prefixes)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Kafka {settings.kafka_bootstrap}, Redis {settings.redis_url.get_secret_value().rsplit('@', 1)[-1]}; "
+          f"prefixes {' '.join(prefixes)}")
+    for prefix in prefixes:
+        print(f"  {prefix:16} {found.under(prefix).summary()}")
+    for what, names in (("topic", found.topics), ("group", found.groups), ("key", found.keys)):
+        shown = names if args.verbose or len(names) <= 20 else names[:20]
+        for name in shown:
+            print(f"  {what:5} {name}")
+        if len(shown) < len(names):
+            print(f"  ... {len(names) - len(shown)} more {what}s (-v lists them all)")
+    if not args.apply:
+        print(f"dry run: {found.summary()} would be removed (--apply removes them)")
+        return 0
+    left = cleanup.remove(settings, found)
+    print(f"removed: {found.summary()}" + (f"; still there: {left.summary()} ({' '.join(left.groups + left.topics)})"
+                                          if left else ""))
+    print(cleanup.counts(settings))
+    return 1 if left else 0
 
 
 def _services(args: argparse.Namespace) -> int:
@@ -329,8 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stack", help="the local Kafka + Redis stack")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p = sub.add_parser("stack", help="the local Kafka + Redis stack; what tests and benchmarks left on it")
+    p.add_argument("action", choices=["up", "down", "status", "gc", "counts"],
+                   help="gc: list the leftovers under the throwaway prefixes (--apply removes them); "
+                        "counts: the broker's topics and groups and Redis' keys, one line")
+    p.add_argument("--apply", action="store_true", help="gc: remove what it lists")
+    p.add_argument("--prefix", action="append", metavar="P",
+                   help="gc: only names under P (repeatable; default: the tests' and benchmarks' prefixes)")
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("services", help="the worker, indexer, feedback aggregator and trainer as local daemons")

@@ -389,20 +389,14 @@ def _trigger_record(env: dict[str, str]) -> dict[str, Any] | None:
 
 
 def _clean(settings: CommonSettings, prefix: str) -> None:
-    """Delete the run's topics and Redis keys (every name has the run's prefix)."""
-    from confluent_kafka.admin import AdminClient
-
-    from lookalike.clients import confluent_config, redis_client
+    """Delete the run's topics, consumer groups and Redis keys (every name has the run's
+    prefix; the services are stopped by now)."""
+    from lookalike.cleanup import find, remove
 
     try:
-        admin = AdminClient(confluent_config(settings))
-        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix + ".")]
-        for future in admin.delete_topics(names, operation_timeout=30).values():
-            future.result(timeout=30)
-        client = redis_client(settings)
-        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i:i + 500])
-        print(f"== cleaned: {len(names)} topics, {len(keys)} Redis keys of {prefix} (--keep keeps them)")
+        found = find(settings, [prefix])
+        left = remove(settings, found)
+        print(f"== cleaned: {found.summary()} of {prefix} (--keep keeps them)"
+              + (f"; left: {left.summary()}, `lookalike stack gc --apply` removes them" if left else ""))
     except Exception as exc:  # cleaning is a courtesy; the run's result stands
         print(f"== could not clean {prefix}: {exc}")

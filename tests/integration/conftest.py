@@ -1,4 +1,9 @@
-"""The pipeline fixture: a worker and an indexer on random topics, with a tiny trained model."""
+"""The pipeline fixture: a worker and an indexer on random topics, with a tiny trained model.
+
+Every name a test makes carries a prefix of its own (``test-…``), and what it made under it
+(topics, consumer groups, Redis keys: lookalike.cleanup) is removed when it is done, passed or
+failed: by :func:`stop_pipeline` once the services are stopped, or by the ``throwaway``
+fixture for tests without a pipeline."""
 
 from __future__ import annotations
 
@@ -8,15 +13,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from lookalike.artifacts import ModelCard
+from lookalike.cleanup import remove_prefix
 from lookalike.errors import ReplyTimeout
-from lookalike.settings import ClientSettings
+from lookalike.settings import ClientSettings, CommonSettings
 from lookalike.status import indexer_status, wait_for_index
 from lookalike.topics import ensure_topics, naming_env
 from producers.catalog_feed import CatalogFeed
@@ -33,6 +39,7 @@ class Pipeline:
 
     settings: ClientSettings
     env: dict[str, str]
+    prefix: str  # every topic and group name of this pipeline starts with it
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per service, over env (e.g. its own Kafka user)
@@ -128,14 +135,15 @@ def start_pipeline(cluster: Cluster, models: Path, workdir: Path, extra_env: dic
                                  if k.startswith("LOOKALIKE_") and k[len("LOOKALIKE_"):].lower() in ClientSettings.model_fields})
     if create_topics:
         ensure_topics(settings)
-    pipeline = Pipeline(settings, env, service_env=service_env or {})
+    pipeline = Pipeline(settings, env, prefix, service_env=service_env or {})
     for name in ("worker", "indexer"):
         pipeline.logs[name] = workdir / f"{name}.log"
         pipeline.start(name)
     return pipeline
 
 
-def stop_pipeline(pipeline: Pipeline) -> None:
+def stop_services(pipeline: Pipeline) -> None:
+    """SIGTERM the services still running (SIGKILL after 30 s); what they made stays."""
     for proc in pipeline.procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -144,6 +152,38 @@ def stop_pipeline(pipeline: Pipeline) -> None:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=30)
+
+
+def stop_pipeline(pipeline: Pipeline, *, clean: bool = True) -> None:
+    """Stop the services, then remove the pipeline's topics, groups and Redis keys (``clean``;
+    not where its broker and Redis are private ones that go away with it)."""
+    stop_services(pipeline)
+    if clean:
+        left = remove_prefix(pipeline.settings, pipeline.prefix)
+        assert not left, f"{pipeline.prefix}: not removed: {left}"
+
+
+def cluster_settings(cluster: Cluster) -> CommonSettings:
+    """Settings that reach the session's broker and Redis."""
+    return CommonSettings(kafka_bootstrap=cluster.kafka_bootstrap, redis_url=cluster.redis_url)
+
+
+@pytest.fixture
+def throwaway(cluster: Cluster) -> Iterator[Callable[[], str]]:
+    """``throwaway()`` is a new prefix for this test's own names; at teardown, passed or failed,
+    whatever the broker and Redis hold under it is removed (a fixture that runs services on it
+    depends on this one, so it has stopped them by then)."""
+    made: list[str] = []
+
+    def new() -> str:
+        made.append(f"test-{uuid.uuid4().hex[:10]}")
+        return made[-1]
+
+    yield new
+    settings = cluster_settings(cluster)
+    left = {prefix: remove_prefix(settings, prefix) for prefix in made}
+    assert not any(left.values()), f"not removed: {left}"
 
 
 def warm_up(pipeline: Pipeline, image: bytes, timeout_s: float = 90) -> None:

@@ -41,7 +41,7 @@ from lookalike.topics import ensure_topics, ensure_vectors_topic, vectors_topic
 from producers.feedback import FeedbackProducer
 from tests.conftest import Cluster
 from tests.images import jpeg_bytes
-from tests.integration.conftest import start_pipeline, stop_pipeline, topic_env, warm_up
+from tests.integration.conftest import start_pipeline, stop_pipeline, stop_services, topic_env, warm_up
 from tests.waiting import wait_for
 from training.data import Split
 
@@ -76,8 +76,7 @@ def settings_from(env: dict[str, str], cls: type = FeedbackSettings) -> Any:
 class Aggregator:
     """``python -m feedback`` as a child process on the test's topics."""
 
-    def __init__(self, cluster: Cluster, workdir: Path, **extra: str) -> None:
-        prefix = f"test-{uuid.uuid4().hex[:10]}"
+    def __init__(self, cluster: Cluster, prefix: str, workdir: Path, **extra: str) -> None:
         self.env = env_for(cluster, prefix, workdir, **extra)
         self.settings: FeedbackSettings = settings_from(self.env)
         ensure_topics(self.settings)
@@ -135,11 +134,12 @@ class Aggregator:
 
 
 @pytest.fixture
-def aggregator_factory(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., Aggregator]]:
+def aggregator_factory(cluster: Cluster, tmp_path: Path, throwaway: Callable[[], str]
+                       ) -> Iterator[Callable[..., Aggregator]]:
     started: list[Aggregator] = []
 
     def make(**extra: str) -> Aggregator:
-        agg = Aggregator(cluster, tmp_path / f"agg-{len(started)}", **extra)
+        agg = Aggregator(cluster, throwaway(), tmp_path / f"agg-{len(started)}", **extra)
         (tmp_path / f"agg-{len(started)}").mkdir()
         started.append(agg)
         agg.start()
@@ -329,12 +329,12 @@ def test_a_label_is_a_pair_when_counted_even_before_the_query_vector_is_read(
     assert agg.alive()
 
 
-def test_loading_the_first_catalog_is_not_growth(cluster: Cluster, tmp_path: Path) -> None:
+def test_loading_the_first_catalog_is_not_growth(cluster: Cluster, tmp_path: Path, throwaway: Callable[[], str]) -> None:
     """Growth is measured from the catalog the serving model was indexed with, once settled
     (its first TRIGGER_BASELINE_MINUTES), or from the catalog at the last training, whichever
     is larger. Seen on fresh stacks: 703 -> 1,596 items in a first load had triggered a
     retraining, and so had a training recorded while the catalog was still loading."""
-    env = env_for(cluster, f"test-{uuid.uuid4().hex[:10]}", tmp_path, LOOKALIKE_TRIGGER_BASELINE_MINUTES="1")
+    env = env_for(cluster, throwaway(), tmp_path, LOOKALIKE_TRIGGER_BASELINE_MINUTES="1")
     store = FeedbackStore.connect(settings_from(env))
     policy = TriggerPolicy(catalog_growth=0.2, cooldown_s=0)
 
@@ -396,23 +396,23 @@ def test_a_fresh_stack_loading_its_first_catalog_raises_no_trigger(  # type: ign
         wait_for(lambda: store.totals().get("policy_evaluations", 0) >= evaluations + 6, 60,
                  "six more policy evaluations", logs=tmp_path / "feedback.log")
         assert running.procs["feedback"].poll() is None and running.procs["trainer"].poll() is None
+        stop_services(running)  # nothing can raise a trigger now; the topics and keys are still there
+        assert store.triggers() == [] and read_all(settings, settings.triggers_topic, idle_s=0.5) == []
+        assert "trigger" not in (tmp_path / "feedback.log").read_text().replace("triggers", "")
+        status = subprocess.run([sys.executable, "-m", "control.cli", "status"], env=running.env, cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert "last retraining trigger: none" in status.stdout, status.stdout + status.stderr
     finally:
         stop_pipeline(running)
-    assert store.triggers() == [] and read_all(settings, settings.triggers_topic, idle_s=0.5) == []
-    assert "trigger" not in (tmp_path / "feedback.log").read_text().replace("triggers", "")
-    status = subprocess.run([sys.executable, "-m", "control.cli", "status"], env=running.env, cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
-    assert "last retraining trigger: none" in status.stdout, status.stdout + status.stderr
 
 
 @pytest.fixture
-def trainer_setup(cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path):  # type: ignore[no-untyped-def]
+def trainer_setup(cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path, throwaway):  # type: ignore[no-untyped-def]
     """A copy of the tiny model store (the trainer changes aliases) and the settings of a trainer on fresh topics."""
     models_src, card = tiny_model
     models = tmp_path / "models"
     shutil.copytree(models_src, models)
-    prefix = f"test-{uuid.uuid4().hex[:10]}"
-    env = env_for(cluster, prefix, tmp_path, LOOKALIKE_MODEL_DIR=str(models), LOOKALIKE_TRAINER_THREADS="2",
+    env = env_for(cluster, throwaway(), tmp_path, LOOKALIKE_MODEL_DIR=str(models), LOOKALIKE_TRAINER_THREADS="2",
                   LOOKALIKE_LEASE_TTL_S="5")
     settings: TrainerSettings = settings_from(env, TrainerSettings)
     ensure_topics(settings)
@@ -641,11 +641,11 @@ def test_a_trigger_answered_by_something_newer_is_not_trained(trainer_setup) -> 
     assert f"superseded (the champion {card.version}" in lines[2]
 
 
-def test_cli_and_query_client_publish_feedback(cluster: Cluster, tmp_path: Path) -> None:
+def test_cli_and_query_client_publish_feedback(cluster: Cluster, tmp_path: Path, throwaway: Callable[[], str]) -> None:
     from lookalike.settings import ClientSettings
     from producers.query_client import QueryClient
 
-    env = env_for(cluster, f"test-{uuid.uuid4().hex[:10]}", tmp_path)
+    env = env_for(cluster, throwaway(), tmp_path)
     settings: ClientSettings = settings_from(env, ClientSettings)
     ensure_topics(settings)
     run = [sys.executable, "-m", "control.cli", "feedback"]

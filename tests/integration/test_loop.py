@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,11 +43,11 @@ def cli(env: dict[str, str], *args: str) -> str:
 
 
 def test_the_services_impressions_by_default_and_ctr_after_one_click(
-    cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path
+    cluster: Cluster, tiny_model: tuple[Path, ModelCard], tmp_path: Path, throwaway: Callable[[], str]
 ) -> None:
     models, card = tiny_model
     env = {
-        **topic_env(f"test-{uuid.uuid4().hex[:10]}"),
+        **topic_env(throwaway()),  # removed after services.down()
         "LOOKALIKE_KAFKA_BOOTSTRAP": cluster.kafka_bootstrap,
         "LOOKALIKE_REDIS_URL": cluster.redis_url,
         "LOOKALIKE_MODEL_DIR": str(models),
@@ -141,24 +141,19 @@ def test_the_services_impressions_by_default_and_ctr_after_one_click(
     assert all(services.daemon(name).pid() is None for name in SERVICES)
 
 
-def test_feedback_on_a_more_like_this_query_waits_for_its_reply(cluster: Cluster) -> None:
+def test_feedback_on_a_more_like_this_query_waits_for_its_reply(cluster: Cluster, throwaway: Callable[[], str]) -> None:
     """The query-vector record of a "more like this" query can be read before its reply: the
     lookup then holds only the query item. Feedback arriving in between waits for the reply
     (it used to be drained at once and crash the aggregator's agent on the missing model version)."""
-    settings = FeedbackSettings(redis_url=cluster.redis_url, feedback_group=f"test-{uuid.uuid4().hex[:10]}")
+    settings = FeedbackSettings(redis_url=cluster.redis_url, feedback_group=throwaway())
     store = FeedbackStore.connect(settings)
     now = int(time.time() * 1000)
-    try:
-        store.record_query("r1", "m1", "q-item", None, now)
-        shown = make_feedback("impression", request_id="r1", item_id="a", user_id="u", timestamp_ms=now)
-        click = make_feedback("click", request_id="r1", item_id="a", user_id="u", timestamp_ms=now + 1)
-        assert store.record_feedback(shown) == "pending" and store.record_feedback(click) == "pending"
-        outcomes = store.record_reply(ReplyFacts("r1", "m1", ("a", "b")), now)
-        assert [(e.event, o) for e, o in outcomes] == [("impression", "applied"), ("click", "applied")]
-        m = store.window_metrics("m1", store.buckets("m1"), None)
-        assert (m["impressions"], m["clicks"], m["ctr_at_5"]) == (1, 1, 1.0)
-        assert [(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()] == [("q-item", "a", 1)]
-    finally:
-        keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
-        if keys:
-            store.r.delete(*keys)
+    store.record_query("r1", "m1", "q-item", None, now)
+    shown = make_feedback("impression", request_id="r1", item_id="a", user_id="u", timestamp_ms=now)
+    click = make_feedback("click", request_id="r1", item_id="a", user_id="u", timestamp_ms=now + 1)
+    assert store.record_feedback(shown) == "pending" and store.record_feedback(click) == "pending"
+    outcomes = store.record_reply(ReplyFacts("r1", "m1", ("a", "b")), now)
+    assert [(e.event, o) for e, o in outcomes] == [("impression", "applied"), ("click", "applied")]
+    m = store.window_metrics("m1", store.buckets("m1"), None)
+    assert (m["impressions"], m["clicks"], m["ctr_at_5"]) == (1, 1, 1.0)
+    assert [(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()] == [("q-item", "a", 1)]

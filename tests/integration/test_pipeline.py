@@ -96,7 +96,9 @@ def test_tombstone_removes_and_new_image_replaces(pipeline) -> None:  # type: ig
 
 
 def read_deadletters(pipeline, key: bytes, timeout_s: float):  # type: ignore[no-untyped-def]
-    consumer = Consumer(confluent_config(pipeline.settings, **{"group.id": new_id("dlq"), "auto.offset.reset": "earliest"}))
+    # no commits: with the default auto-commit, each read left a consumer group behind
+    consumer = Consumer(confluent_config(pipeline.settings, **{"group.id": new_id(f"{pipeline.prefix}-dlq"),
+                                                               "enable.auto.commit": False}))
     consumer.assign([TopicPartition(pipeline.settings.deadletter_topic, 0, 0)])
     try:
         deadline = time.monotonic() + timeout_s

@@ -7,8 +7,7 @@ import contextlib
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,13 +22,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def bucket_factory(cluster: Cluster):  # type: ignore[no-untyped-def]
+def bucket_factory(cluster: Cluster, throwaway: Callable[[], str]):  # type: ignore[no-untyped-def]
+    """Buckets in a namespace of the test's own (a worker group's, as the worker names it); ``throwaway`` removes them."""
     client = redis.Redis.from_url(cluster.redis_url)
-    namespace = f"test-ratelimit:{uuid.uuid4().hex[:8]}"
-    yield lambda **kw: TokenBucket(client, namespace=namespace, **kw)
-    keys = list(client.scan_iter(f"{namespace}:*"))
-    if keys:
-        client.delete(*keys)
+    namespace = f"lookalike:ratelimit:{throwaway()}"
+    return lambda **kw: TokenBucket(client, namespace=namespace, **kw)
 
 
 def test_burst_then_refused_then_refilled(bucket_factory) -> None:  # type: ignore[no-untyped-def]

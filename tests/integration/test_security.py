@@ -165,7 +165,7 @@ def secured(tiny_model, servers: Servers) -> Iterator[Secured]:  # type: ignore[
         yield Secured(pipeline, broker, redis_server, tls, passwords, redis_password, common)
     finally:
         if pipeline is not None:
-            stop_pipeline(pipeline)
+            stop_pipeline(pipeline, clean=False)  # a private broker and Redis: they go with `servers`
 
 
 def test_services_answer_signed_queries_through_sasl_ssl(secured: Secured) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -22,13 +21,9 @@ KEY = b"integration-test-snapshot-key-32b"
 
 
 @pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[tuple[redis.Redis, str]]:
-    client = redis.Redis.from_url(cluster.redis_url)
-    ns = f"lookalike:snapshots:test-{uuid.uuid4().hex[:10]}:m"
-    yield client, ns
-    keys = list(client.scan_iter(f"{ns}:*"))
-    if keys:
-        client.delete(*keys)
+def namespace(cluster: Cluster, throwaway: Callable[[], str]) -> Iterator[tuple[redis.Redis, str]]:
+    """A snapshot namespace of the test's own; ``throwaway`` removes its keys."""
+    yield redis.Redis.from_url(cluster.redis_url), f"lookalike:snapshots:{throwaway()}:m"
 
 
 def exported(n: int = 40) -> tuple[bytes, bytes, object]:

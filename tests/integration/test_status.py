@@ -4,7 +4,7 @@ the keyspace (which holds a key per reply of the last day)."""
 from __future__ import annotations
 
 import time
-import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -20,10 +20,10 @@ def scans(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
 
 
-def test_statuses_come_from_the_registry_without_scanning(cluster: Cluster) -> None:
+def test_statuses_come_from_the_registry_without_scanning(cluster: Cluster, throwaway: Callable[[], str]) -> None:
     settings = IndexerSettings(redis_url=cluster.redis_url)
     client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-    group = f"test-status-{uuid.uuid4().hex[:8]}"
+    group = throwaway()
     now = time.time()
     pipe = client.pipeline(transaction=True)
     for instance, items in (("b-2", 20), ("a-1", 10)):
@@ -35,7 +35,7 @@ def test_statuses_come_from_the_registry_without_scanning(cluster: Cluster) -> N
     register(pipe, group, "a-1", now)
     pipe.execute()
     for n in range(300):  # replies' join keys, as the aggregator leaves them
-        client.set(f"lookalike:feedback:test:req:{group}-{n}", "1", ex=60)
+        client.set(f"lookalike:feedback:{group}:req:r{n}", "1", ex=60)
 
     before = scans(client)
     statuses = indexer_status(settings, group)
