@@ -15,14 +15,25 @@ from lookalike.settings import CommonSettings, default_data
 def _stack(args: argparse.Namespace) -> int:
     from control.stack.local import main as stack_main
 
-    if args.action == "gc":
-        return _stack_gc(args)
-    if args.action == "counts":
-        from lookalike.cleanup import counts
+    if args.action in ("gc", "counts"):
+        from confluent_kafka import KafkaException
+        from redis.exceptions import RedisError
 
-        print(counts(_stack_servers()))
-        return 0
+        settings = _stack_servers()
+        try:
+            return _stack_gc(args) if args.action == "gc" else _stack_counts(settings)
+        except (KafkaException, RedisError) as exc:
+            print(f"error: cannot reach Kafka at {settings.kafka_bootstrap} or Redis "
+                  f"({type(exc).__name__}: {exc}); is the stack up (lookalike stack up)?", file=sys.stderr)
+            return 2
     return stack_main([args.action])
+
+
+def _stack_counts(settings: CommonSettings) -> int:
+    from lookalike.cleanup import counts
+
+    print(counts(settings, timeout_s=10.0))
+    return 0
 
 
 def _stack_servers() -> CommonSettings:

@@ -146,7 +146,7 @@ def unlink_matching(client: Any, pattern: str) -> int:
 def find(settings: CommonSettings, prefixes: Sequence[str], timeout_s: float = 30.0) -> Leftovers:
     """What the broker and Redis of ``settings`` hold under ``prefixes`` (each checked first)."""
     prefixes = [check_prefix(p) for p in prefixes]
-    admin = AdminClient(confluent_config(settings))
+    admin = _admin(settings)
     topics = sorted(t for t in admin.list_topics(timeout=timeout_s).topics if carries(t, prefixes))
     listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
     groups = sorted(g.group_id for g in listed.valid if carries(g.group_id, prefixes))
@@ -157,7 +157,7 @@ def find(settings: CommonSettings, prefixes: Sequence[str], timeout_s: float = 3
 def remove(settings: CommonSettings, leftovers: Leftovers, wait_s: float = 30.0) -> Leftovers:
     """Delete what ``leftovers`` names; returns what stayed (a group whose members did not
     leave within ``wait_s``: a killed consumer stays a member until its session times out)."""
-    admin = AdminClient(confluent_config(settings))
+    admin = _admin(settings)
     deadline = time.monotonic() + wait_s
     _delete_topics(admin, leftovers.topics, deadline)
     groups_left = _delete_groups(admin, leftovers.groups, deadline)
@@ -204,6 +204,12 @@ def _delete_groups(admin: AdminClient, groups: Sequence[str], deadline: float) -
     return sorted(left)
 
 
+def _admin(settings: CommonSettings) -> AdminClient:
+    # librdkafka logs each failed connect attempt (20 a second while the broker is away); the
+    # calls here fail with one exception instead, which the CLI turns into one line.
+    return AdminClient(confluent_config(settings) | {"log_level": 2})
+
+
 def remove_prefix(settings: CommonSettings, prefix: str, wait_s: float = 30.0) -> Leftovers:
     """Remove everything under one run's ``prefix`` (its services stopped); returns what stayed.
     What tests and benchmarks call when they are done, passed or failed."""
@@ -212,7 +218,7 @@ def remove_prefix(settings: CommonSettings, prefix: str, wait_s: float = 30.0) -
 
 def counts(settings: CommonSettings, timeout_s: float = 30.0) -> Counts:
     """The broker's topic and consumer-group counts and the Redis database's key count."""
-    admin = AdminClient(confluent_config(settings))
+    admin = _admin(settings)
     topics = [t for t in admin.list_topics(timeout=timeout_s).topics if not t.startswith("__")]
     groups = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s).valid
     return Counts(len(topics), len(groups), int(redis_client(settings).dbsize()))
