@@ -29,6 +29,12 @@ def test_daemon_start_stop_and_stale_pid_file(tmp_path: Path) -> None:
     assert daemon.pid() is None
     pid = daemon.start([sys.executable, "-c", "import time, sys; time.sleep(60)", "lookalike-test-sleeper"])
     assert daemon.pid() == pid
+    # Until the child has exec'd its command line is empty, and an empty one counts as anyone's
+    # (a loaded box showed it): the markers are told apart once it is there.
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    deadline = time.monotonic() + 30
+    while b"lookalike-test-sleeper" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     # one of several markers (the indexer runs as "-m indexer" or "-m onehop"); none of them: not ours
     assert Daemon("sleeper", tmp_path, marker=("-m nothing", "lookalike-test-sleeper")).pid() == pid
     assert Daemon("sleeper", tmp_path, marker=("-m nothing", "-m onehop")).pid() is None
