@@ -71,9 +71,14 @@ def query_headers(query: Query, reply_to: str) -> dict[str, bytes]:
     return headers
 
 
-def record_headers(query: Query, reply_to: str, key: bytes, secret: SecretStr | None) -> dict[str, bytes]:
-    """The headers that travel: signed as the query's client when the gateway has its key."""
+def record_headers(query: Query, reply_to: str, key: bytes, secret: SecretStr | None,
+                   deadline_ms: int | None = None) -> dict[str, bytes]:
+    """The headers that travel: the gateway's own deadline as the query's (a reply after it
+    is dropped here anyway, so the pipeline need not work on it), signed as the query's client
+    when the gateway has its key."""
     headers = query_headers(query, reply_to)
+    if deadline_ms is not None:
+        headers[c.H_DEADLINE] = str(deadline_ms).encode()
     if secret is None:
         return headers
     return auth.sign(query.client_id, secret.get_secret_value(), key, headers, query.image)
@@ -184,7 +189,8 @@ class KafkaBus:
         """Publish ``query`` and await its reply; raises GatewayError(timeout | unavailable)."""
         assert self.loop is not None, "start() first"
         key = request_id.encode()
-        headers = record_headers(query, self.reply_topic, key, self.signing_keys.get(query.client_id))
+        headers = record_headers(query, self.reply_topic, key, self.signing_keys.get(query.client_id),
+                                 deadline_ms=int((time.time() + deadline_s) * 1000))
         future: asyncio.Future[tuple[dict[str, Any], bytes, float]] = self.loop.create_future()
         self.pending[key] = future
         loop = self.loop

@@ -31,6 +31,8 @@ HTTP_STATUS: dict[str, int] = {
     "not_ready": 503,
     "model_mismatch": 503,  # a model switch is in progress: asking again in a moment works
     UNAVAILABLE: 503,
+    "overloaded": 503,  # shed by a worker over capacity: Retry-After 1
+    "deadline_exceeded": 504,  # reached the worker or indexer after the gateway's deadline
     TIMEOUT: 504,
     "internal": 500,
     "bad_vector": 500,

@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 Out = tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]  # a record to produce: topic, key, value, headers
 
 
+def left_s(headers: Mapping[str, bytes], wait_s: float) -> float:
+    """``wait_s``, or less where the query's deadline comes sooner: a query does not wait past
+    it (it is then answered deadline_exceeded)."""
+    with contextlib.suppress(InvalidMessage):
+        if c.H_DEADLINE in headers:
+            deadline_ms = c.parse_int(headers[c.H_DEADLINE], what=c.H_DEADLINE, lo=0, hi=2**62)
+            return max(0.0, min(wait_s, deadline_ms / 1000 - time.time()))
+    return wait_s
+
+
 class Answering:
     """The query path of an :class:`indexer.service.Indexer`."""
 
@@ -49,17 +59,17 @@ class Answering:
         s = self.settings
         if not self.started.is_set():  # (wait_for makes a task: not for every query once started)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.started.wait(), s.catch_up_wait_s)
+                await asyncio.wait_for(self.started.wait(), left_s(headers, s.catch_up_wait_s))
         vi = self.version_for(headers)
         if vi is None:
             return  # answered with model_mismatch
         if not vi.caught_up.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(vi.caught_up.wait(), s.catch_up_wait_s)
+                await asyncio.wait_for(vi.caught_up.wait(), left_s(headers, s.catch_up_wait_s))
         if c.H_MIN_POSITION in headers:  # read-your-writes: wait (bounded) for the index to get there
             with contextlib.suppress(InvalidMessage):  # a malformed one is answered by answer()
                 required = self.check_partitions(c.parse_position(headers[c.H_MIN_POSITION]))
-                await vi.wait_for_position(required, s.min_position_wait_s)
+                await vi.wait_for_position(required, left_s(headers, s.min_position_wait_s))
 
     def ready_now(self, headers: Mapping[str, bytes]) -> bool:
         """Would :meth:`ready_for` return at once? (An indexer that embeds its own queries
@@ -131,6 +141,7 @@ class Answering:
         index_version = vi.index_version if vi is not None else None
         phase = LOOKUP if s.sharded and query.item_id is not None else SEARCH
         try:
+            c.check_deadline(query.deadline_ms, time.time() * 1000, "indexer")  # before any search
             if vi is None:
                 raise ModelMismatch(f"query embedded by model {query.model_version}; this indexer holds "
                                     f"{sorted(self.versions)} (serving {serving})")

@@ -58,6 +58,7 @@ class QueryVector:
     timings_ms: dict[str, float] = field(default_factory=dict)
     min_position: dict[int, int] | None = None
     exclude: str | None = None  # a shard resolved this vector from this item: leave it out of the results
+    deadline_ms: int | None = None  # Unix ms; past it the query is answered deadline_exceeded, not searched
 
 
 def parse_query_vector(
@@ -84,8 +85,9 @@ def parse_query_vector(
     model_version = headers.get(c.H_MODEL_VERSION, b"").decode("utf-8", "replace") or None
     min_position = c.parse_position(headers[c.H_MIN_POSITION]) if c.H_MIN_POSITION in headers else None
     exclude = headers[c.H_LOOKUP_OF].decode("utf-8", "replace") if c.H_LOOKUP_OF in headers else None
+    deadline = c.parse_int(headers[c.H_DEADLINE], what=c.H_DEADLINE, lo=0, hi=2**62) if c.H_DEADLINE in headers else None
     return QueryVector(key or b"", request_id, reply_to, k, item_id, vector, model_version, ts, dict(timings),
-                       min_position, exclude)
+                       min_position, exclude, deadline)
 
 
 def reached(position: Mapping[int, int], required: Mapping[int, int] | None) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.errors import BadHeader, BadKey, ErrorCode, InvalidMessage, MessageTooLarge
+from lookalike.errors import BadHeader, BadKey, DeadlineExceeded, ErrorCode, InvalidMessage, MessageTooLarge
 
 # Header names. Kafka headers are (str, bytes) pairs; values are UTF-8 text.
 H_METADATA = "metadata"
@@ -30,6 +30,10 @@ H_MODEL_VERSION = "model-version"
 H_VECTOR_DTYPE = "vector-dtype"
 H_VECTOR_DIM = "vector-dim"
 H_QUERY_TS = "query-timestamp-ms"
+# A query's deadline: Unix time in ms after which its answer is of no use to the asker. Set by
+# the client (or the HTTP gateway, from its own deadline), else the record's timestamp plus
+# LOOKALIKE_QUERY_DEADLINE_MS; the worker passes the one it used on to the indexer.
+H_DEADLINE = "deadline-ms"
 H_TIMINGS = "timings"
 H_ERROR_CODE = "error-code"
 H_ERROR_MESSAGE = "error-message"
@@ -165,6 +169,24 @@ def parse_int(raw: bytes | None, *, what: str, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise BadHeader(f"{what}={value} is outside {lo}..{hi}")
     return value
+
+
+def query_deadline_ms(headers: Mapping[str, bytes], timestamp_ms: int | None, default_ms: int) -> int | None:
+    """A query's deadline (Unix ms): its ``deadline-ms`` header, else its record's timestamp plus
+    ``default_ms``; None when it has neither (or ``default_ms`` is 0). Raises BadHeader."""
+    if H_DEADLINE in headers:
+        return parse_int(headers[H_DEADLINE], what=H_DEADLINE, lo=0, hi=2**62)
+    if not default_ms or not timestamp_ms or timestamp_ms <= 0:
+        return None
+    return timestamp_ms + default_ms
+
+
+def check_deadline(deadline_ms: int | None, now_ms: float, who: str) -> None:
+    """Raises DeadlineExceeded when ``deadline_ms`` has passed: ``who`` (the worker, the
+    indexer) answers such a query at once instead of working on it."""
+    if deadline_ms is not None and now_ms > deadline_ms:
+        raise DeadlineExceeded(f"the query reached the {who} {now_ms - deadline_ms:.0f} ms after its deadline "
+                               f"({H_DEADLINE} {deadline_ms}); it was not worked on")
 
 
 def _refuse_constant(name: str) -> None:

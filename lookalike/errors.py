@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     INVALID_MESSAGE = "invalid_message"
     INTERNAL = "internal"
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the query's deadline passed before it was embedded or searched
+    OVERLOADED = "overloaded"  # the worker would finish the query after its deadline: shed, not embedded
     TIMEOUT = "timeout"  # the HTTP gateway's deadline passed (gateway/)
     UNAVAILABLE = "unavailable"  # the HTTP gateway could not reach Kafka (gateway/)
     BAD_FEEDBACK = "bad_feedback"  # a feedback or trigger event that is not UTF-8 JSON, or not what its schema allows
@@ -121,3 +123,15 @@ class RateLimited(InvalidMessage):
     """A client sent more queries than its token bucket allows."""
 
     code = ErrorCode.RATE_LIMITED
+
+
+class DeadlineExceeded(InvalidMessage):
+    """A query arrived (at the worker or the indexer) after its deadline: answered at once, not worked on."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Overloaded(InvalidMessage):
+    """A query the worker could only finish after its deadline at its present pace: shed before embedding."""
+
+    code = ErrorCode.OVERLOADED

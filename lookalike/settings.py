@@ -81,6 +81,10 @@ class CommonSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_k: int = Field(100, ge=1, le=10_000)
     default_k: int = Field(5, ge=1)
+    # A query without a deadline-ms header must be answered within this long of its record's
+    # timestamp; later, the worker and the indexer answer it deadline_exceeded without working
+    # on it (docs/contracts.md). 0: no deadline for such queries.
+    query_deadline_ms: int = Field(30_000, ge=0)
     # reply-to topics a query may name: only reply topics, never the pipeline's own (catalog,
     # vectors), and what the services' Write ACL covers (docs/security.md).
     reply_topic_prefix: str = "lookalike.replies"

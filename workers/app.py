@@ -31,11 +31,12 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from lookalike import contracts as c
 from lookalike import metrics, rollout
 from lookalike.clients import confluent_config
 from lookalike.device_decode import decode_batch
 from lookalike.embedder import Embedder, pick_device, serving_precision
-from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelArtifactError, code_of
+from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelArtifactError, Overloaded, code_of
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.imaging import DecodeBudget
 from lookalike.rollout import RolloutState
@@ -50,6 +51,8 @@ from workers.stages import Record as OutRecord
 from workers.stages import Source as Origin
 
 log = logging.getLogger(__name__)
+SHED_CODES = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.OVERLOADED})  # counted, logged at debug: a burst has many
+PACE_WEIGHT = 0.3  # of the last batch in the embedding pace (seconds per query image)
 Event = tuple[bytes | None, bytes | None, dict[str, bytes], Origin]  # what the stages take
 
 
@@ -128,6 +131,7 @@ class EmbeddingWorker:
         self.query_thread = InferenceThread("embed-queries", settings.query_torch_threads or settings.torch_threads)
         self.reply_topics = ReplyTopics(settings)
         self.guard = QueryGuard(settings)
+        self.embed_s_per_query = 0.0  # the query path's pace, for shedding (0: not measured yet)
 
     def catalog_batch(self, events: Sequence[Event],
                       version: str, dead_letters: bool = True):
@@ -224,15 +228,19 @@ class EmbeddingWorker:
             try:
                 client_id = self.guard.authenticate(key, value, headers)  # before decoding anything
                 authenticated = True
+                # Past its deadline: answered now, without counting against its client's rate or decoding it.
+                deadline = c.query_deadline_ms(headers, source.timestamp_ms, self.settings.query_deadline_ms)
+                c.check_deadline(deadline, time.time() * 1000, "worker")
                 self.guard.limit(client_id)
                 query = stages.parse_query(key, value, headers, source, self.settings,
-                                           embedder.card.preprocess if embedder else None)
+                                           embedder.card.preprocess if embedder else None, deadline_ms=deadline)
                 if not self.reply_topics.exists(query.options.reply_to):
                     raise BadHeader(f"reply-to topic {query.options.reply_to!r} does not exist")
                 queries.append(query)
             except InvalidMessage as exc:
-                log.info("query %r refused: %s", stages.request_id_of(key), exc,  # %r: a key may hold a newline
-                         extra={"request_id": stages.request_id_of(key), "code": exc.code})
+                log.log(logging.DEBUG if exc.code in SHED_CODES else logging.INFO,
+                        "query %r refused: %s", stages.request_id_of(key), exc,  # %r: a key may hold a newline
+                        extra={"request_id": stages.request_id_of(key), "code": exc.code})
                 metrics.observe_error("worker", exc.code)
                 rejected = Rejected(key, value, headers, exc, source)
                 # Before authentication no header is the caller's to choose: the default reply topic.
@@ -246,7 +254,38 @@ class EmbeddingWorker:
                 rejected = Rejected(query.request_key, None, {}, exc, query.source)
                 errors.append((query.options.reply_to, stages.error_reply_record(rejected, None)))
             return [], errors
-        return (stages.embed_queries(embedder, queries) if queries else []), errors
+        queries = self.shed(queries, errors, version)
+        if not queries:
+            return [], errors
+        started = time.perf_counter()
+        vectors = stages.embed_queries(embedder, queries)
+        images = sum(q.pixels is not None for q in queries)
+        if images:
+            pace = (time.perf_counter() - started) / images
+            self.embed_s_per_query = pace if not self.embed_s_per_query else (
+                PACE_WEIGHT * pace + (1 - PACE_WEIGHT) * self.embed_s_per_query)
+        return vectors, errors
+
+    def shed(self, queries: list[Query], errors: list[tuple[str, OutRecord]], version: str | None) -> list[Query]:
+        """Load shedding: the image queries this batch would finish after their deadlines at the
+        pace measured so far get ``overloaded`` now instead of a late answer (a backlog then
+        drains at the cost of error replies, not of embeddings). Returns the queries kept."""
+        images = sum(q.pixels is not None for q in queries)
+        if not self.embed_s_per_query or not images:
+            return queries
+        done_ms = time.time() * 1000 + self.embed_s_per_query * images * 1000
+        kept = []
+        for query in queries:
+            if query.pixels is None or query.deadline_ms is None or query.deadline_ms >= done_ms:
+                kept.append(query)
+                continue
+            exc = Overloaded(f"the worker would answer {done_ms - query.deadline_ms:.0f} ms after the query's "
+                             f"deadline at its present pace ({self.embed_s_per_query * 1000:.1f} ms per image); "
+                             "not embedded, ask again later")
+            metrics.observe_error("worker", exc.code)
+            errors.append((query.options.reply_to,
+                           stages.error_reply_record(Rejected(query.request_key, None, {}, exc, query.source), version)))
+        return kept
 
     async def embed_query_records(self, records: Sequence[Record], service: str) -> tuple[list[OutRecord], list[Output]]:
         """Consumed queries -> (their query-vector records, error replies to produce), embedded

@@ -72,6 +72,7 @@ class Query:
     pixels: np.ndarray | None  # the model's uint8 input (size, size, 3); None for "more like this item"
     source: Source
     timings_ms: dict[str, float] = field(default_factory=dict)
+    deadline_ms: int | None = None  # Unix ms (c.query_deadline_ms); passed on to the indexer
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def parse_catalog(key: bytes | None, value: bytes | None, headers: Mapping[str, 
 @refusing_unexpected
 def parse_query(
     key: bytes | None, value: bytes | None, headers: Mapping[str, bytes], source: Source, settings: CommonSettings,
-    spec: PreprocessSpec | None = None,
+    spec: PreprocessSpec | None = None, deadline_ms: int | None = None,
 ) -> Query:
     """A query -> its options and the model's uint8 input made from its image (``spec``: the
     serving model's; JPEGs decode at a reduced scale as the catalog's do, and the decoded
@@ -167,7 +168,7 @@ def parse_query(
     timings = {"decode": (time.perf_counter() - started) * 1000}
     if source.timestamp_ms is not None:
         timings["queue"] = max(0.0, time.time() * 1000 - source.timestamp_ms - timings["decode"])
-    return Query(key or b"", request_id, options, pixels, source, timings)
+    return Query(key or b"", request_id, options, pixels, source, timings, deadline_ms)
 
 
 def reply_destination(headers: Mapping[str, bytes], settings: CommonSettings) -> str:
@@ -249,6 +250,8 @@ def embed_queries(embedder: Embedder, queries: Sequence[Query]) -> list[Record]:
             headers.append((c.H_ITEM_ID, q.options.item_id.encode()))
         if q.options.min_position is not None:
             headers.append((c.H_MIN_POSITION, c.format_position(q.options.min_position)))
+        if q.deadline_ms is not None:
+            headers.append((c.H_DEADLINE, str(q.deadline_ms).encode()))
         records.append((q.request_key, None if vec is None else c.encode_vector(vec), headers))
     return records
 

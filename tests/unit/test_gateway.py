@@ -32,7 +32,8 @@ from tests.images import encode, jpeg_bytes, picture
 SCHEMA_CODES = c.schema("reply")["properties"]["error"]["oneOf"][1]["properties"]["code"]["enum"]
 EXPECTED = {"bad_image": 400, "bad_header": 400, "bad_key": 400, "invalid_message": 400, "unauthorized": 401,
             "unknown_item": 404, "too_large": 413, "rate_limited": 429, "empty_index": 503, "not_ready": 503,
-            "model_mismatch": 503, "unavailable": 503, "timeout": 504, "internal": 500, "bad_vector": 500}
+            "model_mismatch": 503, "unavailable": 503, "overloaded": 503, "deadline_exceeded": 504,
+            "timeout": 504, "internal": 500, "bad_vector": 500}
 
 
 class FakeBus:
