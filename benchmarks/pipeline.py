@@ -100,8 +100,11 @@ class Replies:
 
 
 def query_headers(settings: ClientSettings, *, item_id: str | None = None, k: int = 5,
-                  min_position: Mapping[int, int] | None = None) -> list[tuple[str, bytes]]:
+                  min_position: Mapping[int, int] | None = None, deadline_ms: int | None = None,
+                  ) -> list[tuple[str, bytes]]:
     headers = [(c.H_REPLY_TO, settings.replies_topic.encode()), (c.H_K, str(k).encode())]
+    if deadline_ms is not None:
+        headers.append((c.H_DEADLINE, str(deadline_ms).encode()))
     if item_id is not None:
         headers.append((c.H_ITEM_ID, item_id.encode()))
     if min_position:
@@ -186,6 +189,81 @@ class Bench:
             "top1_is_query_item": round(self_first / max(1, len(latencies)), 4),
             "samples": rows,
         }
+
+    def burst(self, queries: Sequence[tuple[str, bytes]], *, normal_rate: float, burst_rate: float, burst_s: float,
+              deadline_ms: float, before_s: float = 5.0, after_s: float = 20.0, window_s: float = 1.0,
+              drain_s: float = 30.0) -> dict[str, Any]:
+        """Load shedding, open loop: ``normal_rate`` for ``before_s``, ``burst_rate`` for
+        ``burst_s``, ``normal_rate`` again for ``after_s``; every query carries ``deadline-ms``
+        = its send time + ``deadline_ms``. Counts each query's one reply by code (none: lost),
+        the answered queries' latencies against the deadline, and how soon after the burst the
+        latency is back to normal: the start of the first ``window_s`` window from which every
+        later window has all its queries answered ok with a p99 within 2x the p99 before the
+        burst (at least ``deadline_ms`` / 20, so a quiet box's 10 ms is not the bar)."""
+        phases = [("before", normal_rate, before_s), ("burst", burst_rate, burst_s), ("after", normal_rate, after_s)]
+        sent: list[tuple[bytes, str, float]] = []  # key, phase, sent (monotonic)
+        late: list[float] = []
+        self.rounds += 1
+        start = time.monotonic() + 0.2
+        t0 = start
+        for phase, rate, seconds in phases:
+            for i in range(int(rate * seconds)):
+                scheduled = t0 + i / rate
+                sleep_until(scheduled)
+                key = f"bench-{self.run_id}-r{self.rounds}{phase}{i}".encode()
+                self.replies.expect(key)
+                now = time.monotonic()
+                late.append((now - scheduled) * 1000)
+                sent.append((key, phase, now))
+                headers = query_headers(self.settings, deadline_ms=int(time.time() * 1000 + deadline_ms))
+                while True:
+                    try:
+                        self.producer.produce(self.settings.queries_topic, key=key,
+                                              value=queries[i % len(queries)][1], headers=headers)
+                        break
+                    except BufferError:  # the producer's queue is full: let it send, then go on
+                        self.producer.poll(0.01)
+                self.producer.poll(0)
+            t0 += seconds
+        burst_end = start + before_s + burst_s
+        self.producer.flush(30)
+        self.replies.wait([k for k, _, _ in sent], drain_s)
+
+        by_phase: dict[str, dict[str, Any]] = {}
+        windows: dict[int, list[float | None]] = {}  # after the burst: window -> latencies (None: not ok)
+        for key, phase, at in sent:
+            got = self.replies.get(key)
+            counts = by_phase.setdefault(phase, {"sent": 0, "codes": {}, "latency_ms": []})
+            counts["sent"] += 1
+            code = "no_reply" if got is None else ("ok" if got[1].get("status") == "ok"
+                                                   else str((got[1].get("error") or {}).get("code", "unknown")))
+            counts["codes"][code] = counts["codes"].get(code, 0) + 1
+            ms = None if got is None else (got[0] - at) * 1000
+            if code == "ok":
+                counts["latency_ms"].append(ms)
+            if phase == "after":
+                windows.setdefault(int((at - burst_end) // window_s), []).append(ms if code == "ok" else None)
+        summary = {phase: {"sent": v["sent"], "codes": dict(sorted(v["codes"].items())),
+                           "latency_ms": percentiles(v["latency_ms"])} for phase, v in by_phase.items()}
+        normal_p99 = summary.get("before", {}).get("latency_ms", {}).get("p99")
+        bar = max(2 * normal_p99, deadline_ms / 20) if normal_p99 else None
+        window_p99 = {w: (None if not v or any(ms is None for ms in v) else float(np.percentile(v, 99)))
+                      for w, v in sorted(windows.items())}
+        recovered_s = None
+        if bar is not None:
+            for w in sorted(window_p99):
+                if all(p99 is not None and p99 <= bar for v, p99 in window_p99.items() if v >= w):
+                    recovered_s = round(w * window_s, 1)
+                    break
+        burst = summary.get("burst", {})
+        answered = burst.get("latency_ms", {})
+        return {"normal_rate_per_s": normal_rate, "burst_rate_per_s": burst_rate, "burst_s": burst_s,
+                "deadline_ms": deadline_ms, "phases": summary,
+                "burst_answered_p99_over_deadline": (round(answered["p99"] / deadline_ms, 3) if answered.get("n") else None),
+                "normal_p99_ms": normal_p99, "recovery_bar_ms": bar, "recovered_after_s": recovered_s,
+                "recovery_windows_p99_ms": {round(w * window_s, 1): None if p99 is None else round(p99, 1)
+                                            for w, p99 in window_p99.items()},
+                "sender_late_ms": percentiles(late)}
 
     # -- catalog ------------------------------------------------------------------
     def _catalog_producer(self, positions: dict[str, tuple[int, int]]) -> Producer:

@@ -5,7 +5,9 @@
     lookalike bench --ann-items 0 --query-seconds 10 # a quick look (≈ 3 min)
 
 Phases, in order: the bare model's batched rate (services idle), query latency at a fixed
-rate, the HTTP gateway (overhead over Kafka, requests/s; benchmarks/gateway.py), ingestion
+rate, the capacity curve, a burst of 10x capacity for 30 s (queries with a deadline: how many
+are shed, the answered ones' p99 against the deadline, how soon latency is normal again),
+the HTTP gateway (overhead over Kafka, requests/s; benchmarks/gateway.py), ingestion
 throughput, freshness, HNSW vs exact on the live catalog's vectors, HNSW vs exact on
 synthetic vectors; CPU and memory of every local process throughout. Writes
 ``out/bench/bench.json`` and PNG plots beside it, and prints the figures against the
@@ -151,6 +153,20 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 lat.get("p50"), f"/ {lat.get('p99')} ms")
         row(f"capacity: highest rate with every query answered and p99 ≤ {TARGETS['capacity_p99_ms']:g} ms",
             curve["capacity_per_s"], "queries/s", TARGETS["capacity_per_s"], higher=True)
+    b = result.get("burst")
+    if b:
+        d = b["deadline_ms"]
+        for phase in ("before", "burst", "after"):
+            p = b["phases"].get(phase)
+            if p:
+                codes = ", ".join(f"{code} {n}" for code, n in p["codes"].items())
+                row(f"burst: {phase}, {p['sent']} sent: {codes}", p["latency_ms"].get("p99"), "ms p99 of the ok")
+        lost = sum(p["codes"].get("no_reply", 0) for p in b["phases"].values())
+        row(f"burst: {b['burst_rate_per_s']:g}/s for {b['burst_s']:g}s, queries without any reply", lost, "queries",
+            0, target_text="0")
+        row(f"burst: answered p99 / deadline ({d:g} ms)", b["burst_answered_p99_over_deadline"], "×", 2.0)
+        row(f"burst: back to normal (every 1 s window ok, p99 ≤ {b['recovery_bar_ms'] or 0:.0f} ms) after",
+            b["recovered_after_s"], "s", 10.0)
     so = result.get("scale_out")
     if so:
         for layout in so["layouts"]:
@@ -239,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-rates", type=float, nargs="*", default=[100, 200, 300, 400, 500, 600],
                         help="the capacity curve's rates (queries/s), in order; it stops after the first saturated one")
     parser.add_argument("--curve-seconds", type=float, default=15.0, help="per rate of the curve")
+    parser.add_argument("--burst-rate", type=float, default=None,
+                        help="the burst's queries/s; default 10x the curve's capacity (or 10x --burst-capacity)")
+    parser.add_argument("--burst-capacity", type=float, default=300.0,
+                        help="the capacity the burst is 10x of when the curve did not measure one")
+    parser.add_argument("--burst-seconds", type=float, default=30.0)
+    parser.add_argument("--burst-deadline-ms", type=float, default=1000.0, help="each burst query's deadline-ms")
     parser.add_argument("--ingest-items", type=int, default=0, help="0: the whole catalog folder")
     parser.add_argument("--fresh-rate", type=float, default=20.0)
     parser.add_argument("--fresh-items", type=int, default=200)
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ann-items", type=int, default=1_000_000, help="synthetic vectors; 0 skips")
     parser.add_argument("--ann-kind", choices=["clustered", "uniform"], default="clustered")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["model", "queries", "curve", "gateway", "ingestion", "freshness", "scale-out",
+                        choices=["model", "queries", "curve", "burst", "gateway", "ingestion", "freshness", "scale-out",
                                  "ann-catalog", "ann-synthetic"])
     parser.add_argument("--gateway-url", default="http://127.0.0.1:8480", help="the HTTP gateway (skipped when down)")
     parser.add_argument("--gateway-seconds", type=float, default=15.0, help="per concurrency level (1, 4, 16)")
@@ -301,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
                     break
             result["curve"] = {"points": points, "capacity_per_s": capacity(points)}
             paths.append(plots.curve(result["curve"], args.out / "curve.png", TARGETS))
+        if "burst" not in args.skip:
+            measured = (result.get("curve") or {}).get("capacity_per_s")
+            rate = args.burst_rate or 10 * (measured or args.burst_capacity)
+            print(f"== burst: {rate:g}/s for {args.burst_seconds:g}s (10x {'the curve' if measured else 'the given'} "
+                  f"capacity), deadline {args.burst_deadline_ms:g} ms, between {args.query_rate:g}/s", flush=True)
+            monitor.begin("burst")
+            result["burst"] = bench.burst([(i.item_id, images[i.item_id]) for i in items[:1000]],
+                                          normal_rate=args.query_rate, burst_rate=rate, burst_s=args.burst_seconds,
+                                          deadline_ms=args.burst_deadline_ms)
+            result["burst"]["capacity_per_s"] = measured or args.burst_capacity
         if "gateway" not in args.skip:
             from benchmarks import gateway
 

@@ -364,6 +364,8 @@ class Offsets:
 # ---------------------------------------------------------------------------------------
 Handle = Callable[[list[Record]], Awaitable[list[Output]]]
 OnError = Callable[[Record, Exception], list[Output]]
+Triage = Callable[[Record], list[Output] | None]  # a record answered as it is read (None: to the stage)
+TRIAGE_SENDS = 64  # triaged answers awaiting their acks at once; then the reading waits
 
 
 class Stage(Protocol):
@@ -408,13 +410,20 @@ class Loop:
     ``in_flight``: how many batches are handled at once (1 keeps the partition's order of
     effects; queries that may wait use more, so one waits alone). With ``commit`` false
     (assigned feeds whose position lives in a snapshot) nothing is committed.
+
+    ``triage`` (load shedding): called on each record as it is read; a record it answers
+    (queries past their deadlines) skips the stage, and its answers are sent beside the
+    batches, their acks awaited apart (at most ``TRIAGE_SENDS`` sends at once), so a backlog
+    of such records drains at the rate the broker takes answers, not one batch's ack at a time.
+    ``fetch_max``: records read per fetch (default ``batch_max``).
     """
 
     def __init__(self, *, name: str, service: str, source: Source, sender: Sender, handle: Handle,
                  topics: Sequence[str] | None = None, on_error: OnError = nothing_on_error,
                  batch_max: int = 256, batch_wait_s: float = 0.0,
                  in_flight: int = 1, commit: bool = True, fetch_wait_s: float = 0.1, stage: Stage | None = None,
-                 tick_s: float = 0.1, after_fetch: Callable[[list[Record]], Awaitable[None]] | None = None) -> None:
+                 tick_s: float = 0.1, after_fetch: Callable[[list[Record]], Awaitable[None]] | None = None,
+                 triage: Triage | None = None, fetch_max: int | None = None) -> None:
         self.name, self.service = name, service
         self.source, self.sender, self.topics = source, sender, topics
         self.handle, self.on_error = handle, on_error
@@ -422,6 +431,10 @@ class Loop:
         self.fetch_wait_s = fetch_wait_s
         self.stage, self.tick_s = stage, tick_s
         self.after_fetch = after_fetch
+        self.triage, self.fetch_max = triage, fetch_max or batch_max
+        self.triaged = 0  # records answered by triage
+        self._triage_sends = asyncio.Semaphore(TRIAGE_SENDS)
+        self._triage_tasks: set[asyncio.Task[None]] = set()
         self.batches: MicroBatches[Record] = MicroBatches(batch_max, batch_wait_s, max_pending=max(4 * batch_max, 256))
         self.offsets = Offsets()
         self.isolated = 0  # records answered by on_error
@@ -462,6 +475,7 @@ class Loop:
             for task in done:
                 task.result()  # a failure of the loop itself (not of a record): raise it
         finally:
+            tasks += self._triage_tasks  # their records stay open: read again after a restart
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -471,14 +485,46 @@ class Loop:
 
     async def _read(self) -> None:
         while True:
-            records = await self.source.fetch(self.batch_max, self.fetch_wait_s)
+            records = await self.source.fetch(self.fetch_max, self.fetch_wait_s)
             if records:
                 self.offsets.read(records)
                 metrics.RECORDS.labels(self.service, self.name).inc(len(records))
-                for record in records:
+                for record in await self._triaged(records) if self.triage else records:
                     await self.batches.put(record)  # waits while the handlers are behind
             if self.after_fetch is not None:
                 await self.after_fetch(records)
+
+    async def _triaged(self, records: list[Record]) -> list[Record]:
+        """The records triage does not answer; the answers of the others are on their way."""
+        assert self.triage is not None
+        rest: list[Record] = []
+        answered: list[Record] = []
+        outputs: list[Output] = []
+        for record in records:
+            try:
+                out = self.triage(record)
+            except Exception:  # a bug in triage: the stage (and its error path) handles the record
+                log.exception("%s: triage failed on %s", self.name, record.where())
+                out = None
+            if out is None:
+                rest.append(record)
+            else:
+                answered.append(record)
+                outputs.extend(out)
+        if answered:
+            self.triaged += len(answered)
+            await self._triage_sends.acquire()  # waits while TRIAGE_SENDS are unacknowledged
+            task = asyncio.create_task(self._send_triaged(answered, outputs), name=f"{self.name}-triaged")
+            self._triage_tasks.add(task)
+            task.add_done_callback(self._triage_tasks.discard)
+        return rest
+
+    async def _send_triaged(self, records: list[Record], outputs: list[Output]) -> None:
+        try:
+            await self._send(outputs)
+            self.offsets.done(records)
+        finally:
+            self._triage_sends.release()
 
     async def _work(self) -> None:
         while True:

@@ -31,7 +31,7 @@ from indexer.answering import Out
 from lookalike import contracts as c
 from lookalike.runtime import Loop, Output, Record, Source
 from lookalike.settings import WorkerSettings
-from workers.app import EmbeddingWorker, ModelSet
+from workers.app import QUERY_FETCH_MAX, EmbeddingWorker, ModelSet
 
 if TYPE_CHECKING:
     from indexer.service import Indexer
@@ -93,4 +93,5 @@ class OneHop:
         return Loop(name="embed-answer-queries", service="indexer", sender=sender,
                     source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
                     handle=self.handle, on_error=self.embedding.query_failed, in_flight=IN_FLIGHT,
-                    batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000)
+                    batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000,
+                    triage=self.embedding.late, fetch_max=max(s.query_batch_max, QUERY_FETCH_MAX))

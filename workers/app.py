@@ -36,7 +36,15 @@ from lookalike import metrics, rollout
 from lookalike.clients import confluent_config
 from lookalike.device_decode import decode_batch
 from lookalike.embedder import Embedder, pick_device, serving_precision
-from lookalike.errors import BadHeader, ErrorCode, InvalidMessage, ModelArtifactError, Overloaded, code_of
+from lookalike.errors import (
+    BadHeader,
+    DeadlineExceeded,
+    ErrorCode,
+    InvalidMessage,
+    ModelArtifactError,
+    Overloaded,
+    code_of,
+)
 from lookalike.health import HEARTBEAT_EVERY_S, beat, heartbeat_path
 from lookalike.imaging import DecodeBudget
 from lookalike.rollout import RolloutState
@@ -52,6 +60,7 @@ from workers.stages import Source as Origin
 
 log = logging.getLogger(__name__)
 SHED_CODES = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.OVERLOADED})  # counted, logged at debug: a burst has many
+QUERY_FETCH_MAX = 256  # queries read at once: a backlog of late ones is answered 256 at a time
 PACE_WEIGHT = 0.3  # of the last batch in the embedding pace (seconds per query image)
 Event = tuple[bytes | None, bytes | None, dict[str, bytes], Origin]  # what the stages take
 
@@ -296,6 +305,20 @@ class EmbeddingWorker:
         metrics.observe_batch(service, "query", len(records), time.perf_counter() - started)
         return vectors, [Output(reply_to, key, value, headers) for reply_to, (key, value, headers) in errors]
 
+    def late(self, record: Record) -> list[Output] | None:
+        """Triage of the query loop (:class:`lookalike.runtime.Loop`): a query already past its
+        deadline is answered ``deadline_exceeded`` as it is read, without a turn in the inference
+        thread; None for the others (a malformed deadline too: the stage says bad_header)."""
+        try:
+            deadline = c.query_deadline_ms(record.headers, record.timestamp_ms, self.settings.query_deadline_ms)
+            c.check_deadline(deadline, time.time() * 1000, "worker")
+        except DeadlineExceeded as exc:
+            metrics.observe_error("worker", exc.code)
+            return self.query_failed(record, exc)
+        except InvalidMessage:
+            return None
+        return None
+
     def query_failed(self, record: Record, exc: Exception) -> list[Output]:
         """A query the stage failed on (a bug, or its reply refused by the broker) still gets
         an error reply, at its reply-to if that one is valid."""
@@ -344,7 +367,8 @@ class Worker:
         return Loop(name="embed-queries", service="worker", sender=self.query_sender,
                     source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
                     handle=self.embed_queries, on_error=self.embedding.query_failed,
-                    batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000)
+                    batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000,
+                    triage=self.embedding.late, fetch_max=max(s.query_batch_max, QUERY_FETCH_MAX))
 
     # -- catalog --------------------------------------------------------------------
     def group(self, version: str) -> str:

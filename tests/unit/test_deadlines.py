@@ -115,6 +115,19 @@ def test_the_worker_sheds_what_it_would_finish_after_the_deadline(embedder: Embe
     assert [r[0] for r in records] == [b"item"] and not errors
 
 
+def test_the_read_loop_answers_late_queries_without_the_inference_thread(embedder: Embedder) -> None:
+    from lookalike.runtime import Record
+
+    w = worker(embedder)
+    topic = w.settings.queries_topic
+    late = Record(topic, 0, 7, b"late", jpeg_bytes(1), {}, timestamp_ms=now_ms() - 60_000)
+    [out] = w.late(late)
+    assert out.topic == w.settings.replies_topic and out.key == b"late"
+    assert json.loads(out.value)["error"]["code"] == "deadline_exceeded"
+    assert w.late(Record(topic, 0, 8, b"fresh", jpeg_bytes(1), {}, timestamp_ms=now_ms())) is None
+    assert w.late(Record(topic, 0, 9, b"garbled", jpeg_bytes(1), {c.H_DEADLINE: b"x"})) is None  # the stage: bad_header
+
+
 # -- the indexer ------------------------------------------------------------------
 def test_the_indexer_does_not_search_a_late_query_vector() -> None:
     ix = indexer()

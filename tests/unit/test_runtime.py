@@ -221,3 +221,60 @@ def test_a_service_freezes_its_heap_as_set_up_before_its_loops_run() -> None:
     before, during = (int(n) for n in out.stdout.split())
     assert before == 0
     assert during > 1000  # the modules, and what main's caller set up
+
+
+def test_triaged_records_skip_the_stage_and_their_acks_are_awaited_apart() -> None:
+    """Load shedding's fast lane: a record triage answers never reaches the stage, is answered
+    even while the stage is stuck on a batch, and is committed once its answer is acknowledged."""
+    records = [rec(i, b"late" if i % 2 else b"fresh") for i in range(6)]
+    source, sender = FakeSource(records), FakeSender(flaky=b"late-answer")
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handle(batch: list[Record]) -> list[Output]:
+        await release.wait()  # the stage is busy until the late ones are answered
+        handled.extend(r.key or b"" for r in batch)
+        return [Output("out", r.key, r.value, answers=r) for r in batch]
+
+    def triage(record: Record) -> list[Output] | None:
+        return [Output("out", record.key, b"late-answer", answers=record)] if record.value == b"late" else None
+
+    loop = Loop(name="t", service="test", source=source, sender=sender, handle=handle,  # type: ignore[arg-type]
+                batch_max=1, fetch_max=6, triage=triage)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(loop.run())
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(sender.sent) < 3:  # the three late ones (one of them sent twice: a timeout, retried)
+            assert asyncio.get_running_loop().time() < deadline, "the late records were not answered"
+            await asyncio.sleep(0.01)
+        assert not handled  # ... while the stage still held its first batch
+        release.set()
+        while len(sender.sent) < 6:
+            assert asyncio.get_running_loop().time() < deadline, "the fresh records were not answered"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert handled == [b"k0", b"k2", b"k4"]
+    assert sorted(o.key for o in sender.sent if o.value == b"late-answer") == [b"k1", b"k3", b"k5"]
+    assert loop.triaged == 3
+    assert source.last_commit() == {("in", 0): 6}
+
+
+def test_a_triage_that_fails_leaves_the_record_to_the_stage() -> None:
+    source, sender = FakeSource([rec(0, b"boom"), rec(1)]), FakeSender()
+
+    async def handle(batch: list[Record]) -> list[Output]:
+        return [Output("out", r.key, r.value, answers=r) for r in batch]
+
+    def triage(record: Record) -> list[Output] | None:
+        raise RuntimeError("a triage bug")
+
+    loop = Loop(name="t", service="test", source=source, sender=sender, handle=handle,  # type: ignore[arg-type]
+                batch_max=4, triage=triage)
+    asyncio.run(run_until(loop, lambda: len(sender.sent) == 2))
+    assert sorted(o.value for o in sender.sent) == [b"boom", b"ok"] and loop.triaged == 0
