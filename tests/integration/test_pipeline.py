@@ -293,3 +293,22 @@ def test_the_query_path_embeds_where_it_is_told(pipeline) -> None:  # type: igno
     consumer.close()
     assert marks[reply["request_id"]] == [one_hop]  # one vector record per query, either way
     assert marks[waited["request_id"]] == [False]  # answered by the indexers' query loop
+
+
+def test_queries_past_their_deadline_get_deadline_exceeded_and_the_rest_are_answered(pipeline) -> None:  # type: ignore[no-untyped-def]
+    """A backlog of queries already past their deadlines (deadline-ms) is answered, each once,
+    deadline_exceeded; a query with time left between them is answered as usual."""
+    image = jpeg_bytes(seed=999)
+    past = str(int(time.time() * 1000) - 1000).encode()
+    with pipeline.client() as client:
+        late = [client.send(image, headers={c.H_DEADLINE: past}) for _ in range(100)]
+        fresh = client.send(image, headers={c.H_DEADLINE: str(int(time.time() * 1000) + 60_000).encode()})
+        late += [client.send(image, headers={c.H_DEADLINE: past}) for _ in range(100)]
+        replies = {rid: client.wait(rid, timeout_s=60) for rid in [*late, fresh]}
+    assert replies[fresh]["status"] == "ok", replies[fresh]
+    codes = {replies[rid]["error"]["code"] for rid in late if replies[rid]["status"] == "error"}
+    assert codes == {"deadline_exceeded"} and all(replies[rid]["status"] == "error" for rid in late)
+    for rid in late[:3]:
+        jsonschema.validate(replies[rid], c.schema("reply"))
+        assert "not worked on" in replies[rid]["error"]["message"]
+    assert pipeline.alive()
