@@ -43,7 +43,10 @@ def test_tokens_never_exceed_the_burst(bucket_factory) -> None:  # type: ignore[
     bucket = bucket_factory(rate_per_s=100.0, burst=2)
     bucket.take("idle")
     time.sleep(0.2)  # would earn 20 tokens without the cap
-    assert [bucket.take("idle").allowed for _ in range(3)] == [True, True, False]
+    # What the bucket says it holds, not how many takes pass: takes in a row on a loaded box are
+    # milliseconds apart, and at 100/s each millisecond earns a tenth of a token.
+    after = bucket.take("idle")
+    assert after.allowed and after.tokens_left == pytest.approx(1.0)  # the burst of 2 less this one, not ~20
 
 
 def test_concurrent_takes_are_atomic(bucket_factory) -> None:  # type: ignore[no-untyped-def]
