@@ -538,7 +538,8 @@ def vm_rss_kb(pid: int) -> int | None:
 
 
 def du_bytes(path: Path) -> int:
-    done = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=False)
+    """Disk used (not the apparent size: the broker preallocates 10 MB sparse index files per segment)."""
+    done = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=False)
     return int(done.stdout.split()[0]) if done.returncode == 0 and done.stdout else 0
 
 
