@@ -165,7 +165,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         row(f"burst: {b['burst_rate_per_s']:g}/s for {b['burst_s']:g}s, queries without any reply", lost, "queries",
             0, target_text="0")
         row(f"burst: answered p99 / deadline ({d:g} ms)", b["burst_answered_p99_over_deadline"], "×", 2.0)
-        row(f"burst: back to normal (every 1 s window ok, p99 ≤ {b['recovery_bar_ms'] or 0:.0f} ms) after",
+        row(f"burst: back to normal (5 windows of 1 s in a row all ok, p99 ≤ {b['recovery_bar_ms'] or 0:.0f} ms) after",
             b["recovered_after_s"], "s", 10.0)
     so = result.get("scale_out")
     if so:

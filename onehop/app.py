@@ -90,8 +90,10 @@ class OneHop:
     def loop(self) -> Loop:
         s, sender = self.settings, self.indexer.sender
         assert sender is not None, "the loops start inside Indexer.run()"
-        return Loop(name="embed-answer-queries", service="indexer", sender=sender,
+        loop = Loop(name="embed-answer-queries", service="indexer", sender=sender,
                     source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
                     handle=self.handle, on_error=self.embedding.query_failed, in_flight=IN_FLIGHT,
                     batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000,
                     triage=self.embedding.late, fetch_max=max(s.query_batch_max, QUERY_FETCH_MAX))
+        self.embedding.queued = loop.batches.__len__
+        return loop

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
@@ -141,6 +141,7 @@ class EmbeddingWorker:
         self.reply_topics = ReplyTopics(settings)
         self.guard = QueryGuard(settings)
         self.embed_s_per_query = 0.0  # the query path's pace, for shedding (0: not measured yet)
+        self.queued: Callable[[], int] = lambda: 0  # queries read and waiting for a batch (the query loop's)
 
     def catalog_batch(self, events: Sequence[Event],
                       version: str, dead_letters: bool = True):
@@ -306,18 +307,28 @@ class EmbeddingWorker:
         return vectors, [Output(reply_to, key, value, headers) for reply_to, (key, value, headers) in errors]
 
     def late(self, record: Record) -> list[Output] | None:
-        """Triage of the query loop (:class:`lookalike.runtime.Loop`): a query already past its
-        deadline is answered ``deadline_exceeded`` as it is read, without a turn in the inference
-        thread; None for the others (a malformed deadline too: the stage says bad_header)."""
+        """Triage of the query loop (:class:`lookalike.runtime.Loop`), as each query is read: one
+        already past its deadline is answered ``deadline_exceeded``, and an image query whose
+        deadline comes before the queries queued ahead of it and its own batch are embedded (at
+        the measured pace) is shed as ``overloaded``, both without a turn in the inference thread.
+        None for the others (a malformed deadline too: the stage says bad_header)."""
+        now_ms = time.time() * 1000
         try:
             deadline = c.query_deadline_ms(record.headers, record.timestamp_ms, self.settings.query_deadline_ms)
-            c.check_deadline(deadline, time.time() * 1000, "worker")
-        except DeadlineExceeded as exc:
+            c.check_deadline(deadline, now_ms, "worker")
+            if deadline is None or not self.embed_s_per_query or c.H_ITEM_ID in record.headers:
+                return None
+            ahead_ms = self.embed_s_per_query * (self.queued() + self.settings.query_batch_max) * 1000
+            if deadline - now_ms >= ahead_ms:
+                return None
+            raise Overloaded(f"the worker is over capacity: the {self.queued()} queries queued ahead and this one's "
+                             f"batch take ~{ahead_ms:.0f} ms at {self.embed_s_per_query * 1000:.1f} ms per image, "
+                             f"past the query's deadline in {deadline - now_ms:.0f} ms; not embedded, ask again later")
+        except (DeadlineExceeded, Overloaded) as exc:
             metrics.observe_error("worker", exc.code)
             return self.query_failed(record, exc)
         except InvalidMessage:
             return None
-        return None
 
     def query_failed(self, record: Record, exc: Exception) -> list[Output]:
         """A query the stage failed on (a bug, or its reply refused by the broker) still gets
@@ -364,11 +375,13 @@ class Worker:
 
     def query_loop(self) -> Loop:
         s = self.settings
-        return Loop(name="embed-queries", service="worker", sender=self.query_sender,
+        loop = Loop(name="embed-queries", service="worker", sender=self.query_sender,
                     source=Source(s, group=s.worker_group, name="queries"), topics=[s.queries_topic],
                     handle=self.embed_queries, on_error=self.embedding.query_failed,
                     batch_max=s.query_batch_max, batch_wait_s=s.query_batch_wait_ms / 1000,
                     triage=self.embedding.late, fetch_max=max(s.query_batch_max, QUERY_FETCH_MAX))
+        self.embedding.queued = loop.batches.__len__
+        return loop
 
     # -- catalog --------------------------------------------------------------------
     def group(self, version: str) -> str:

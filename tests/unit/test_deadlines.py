@@ -126,6 +126,14 @@ def test_the_read_loop_answers_late_queries_without_the_inference_thread(embedde
     assert json.loads(out.value)["error"]["code"] == "deadline_exceeded"
     assert w.late(Record(topic, 0, 8, b"fresh", jpeg_bytes(1), {}, timestamp_ms=now_ms())) is None
     assert w.late(Record(topic, 0, 9, b"garbled", jpeg_bytes(1), {c.H_DEADLINE: b"x"})) is None  # the stage: bad_header
+    # Over capacity: 20 queued ahead + a batch of 16 at 0.1 s an image is 3.6 s of work.
+    w.embed_s_per_query, w.queued = 0.1, lambda: 20
+    soon = {c.H_DEADLINE: str(now_ms() + 1_000).encode()}
+    [out] = w.late(Record(topic, 0, 10, b"soon", jpeg_bytes(1), soon))
+    reply = json.loads(out.value)
+    assert reply["error"]["code"] == "overloaded" and "20 queries queued ahead" in reply["error"]["message"]
+    assert w.late(Record(topic, 0, 11, b"later", jpeg_bytes(1), {c.H_DEADLINE: str(now_ms() + 60_000).encode()})) is None
+    assert w.late(Record(topic, 0, 12, b"item", None, {**soon, c.H_ITEM_ID: b"15970"})) is None  # nothing to embed
 
 
 # -- the indexer ------------------------------------------------------------------
