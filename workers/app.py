@@ -277,21 +277,31 @@ class EmbeddingWorker:
         return vectors, errors
 
     def shed(self, queries: list[Query], errors: list[tuple[str, OutRecord]], version: str | None) -> list[Query]:
-        """Load shedding: the image queries this batch would finish after their deadlines at the
-        pace measured so far get ``overloaded`` now instead of a late answer (a backlog then
-        drains at the cost of error replies, not of embeddings). Returns the queries kept."""
-        images = sum(q.pixels is not None for q in queries)
-        if not self.embed_s_per_query or not images:
+        """Load shedding: an image query that would be finished after its deadline at the pace
+        measured so far (the images kept before it and itself) gets ``overloaded`` now instead of
+        a late answer. One image query is always kept, so the pace is measured again and a pace
+        that was too slow (a stall) cannot shed everything for ever. Returns the queries kept."""
+        pace_ms = self.embed_s_per_query * 1000
+        if not pace_ms:
             return queries
-        done_ms = time.time() * 1000 + self.embed_s_per_query * images * 1000
-        kept = []
+        now_ms = time.time() * 1000
+        kept: list[Query] = []
+        shed: list[Query] = []
+        images = 0
         for query in queries:
-            if query.pixels is None or query.deadline_ms is None or query.deadline_ms >= done_ms:
+            if query.pixels is None or query.deadline_ms is None or query.deadline_ms >= now_ms + pace_ms * (images + 1):
                 kept.append(query)
-                continue
-            exc = Overloaded(f"the worker would answer {done_ms - query.deadline_ms:.0f} ms after the query's "
-                             f"deadline at its present pace ({self.embed_s_per_query * 1000:.1f} ms per image); "
-                             "not embedded, ask again later")
+                images += query.pixels is not None
+            else:
+                shed.append(query)
+        if shed and not images:
+            latest = max(shed, key=lambda q: q.deadline_ms or 0)
+            shed.remove(latest)
+            kept.append(latest)
+        for query in shed:
+            exc = Overloaded(f"the worker would answer after the query's deadline (in "
+                             f"{(query.deadline_ms or 0) - now_ms:.0f} ms) at its present pace "
+                             f"({pace_ms:.1f} ms per image); not embedded, ask again later")
             metrics.observe_error("worker", exc.code)
             errors.append((query.options.reply_to,
                            stages.error_reply_record(Rejected(query.request_key, None, {}, exc, query.source), version)))
@@ -309,14 +319,16 @@ class EmbeddingWorker:
     def late(self, record: Record) -> list[Output] | None:
         """Triage of the query loop (:class:`lookalike.runtime.Loop`), as each query is read: one
         already past its deadline is answered ``deadline_exceeded``, and an image query whose
-        deadline comes before the queries queued ahead of it and its own batch are embedded (at
-        the measured pace) is shed as ``overloaded``, both without a turn in the inference thread.
+        deadline comes before the queries queued ahead of it (some must be) and its own batch are
+        embedded (at the measured pace) is shed as ``overloaded``, both without a turn in the
+        inference thread.
         None for the others (a malformed deadline too: the stage says bad_header)."""
         now_ms = time.time() * 1000
         try:
             deadline = c.query_deadline_ms(record.headers, record.timestamp_ms, self.settings.query_deadline_ms)
             c.check_deadline(deadline, now_ms, "worker")
-            if deadline is None or not self.embed_s_per_query or c.H_ITEM_ID in record.headers:
+            # Nothing queued: the query is next, and it keeps the pace measured (a stall cannot shed all for ever).
+            if deadline is None or not self.embed_s_per_query or c.H_ITEM_ID in record.headers or not self.queued():
                 return None
             ahead_ms = self.embed_s_per_query * (self.queued() + self.settings.query_batch_max) * 1000
             if deadline - now_ms >= ahead_ms:

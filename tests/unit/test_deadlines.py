@@ -99,17 +99,23 @@ def test_the_worker_answers_a_late_query_at_once_and_embeds_the_others(embedder:
 
 def test_the_worker_sheds_what_it_would_finish_after_the_deadline(embedder: Embedder) -> None:
     w = worker(embedder)
-    w.embed_s_per_query = 0.5  # as if each image took 0.5 s: 4 images finish in ~2 s
+    w.embed_s_per_query = 0.5  # as if each image took 0.5 s: the first done in 0.5 s, the second in 1 s, ...
     image = jpeg_bytes(2)
     src = Source(w.settings.queries_topic, 0, 1)
-    soon = {c.H_DEADLINE: str(now_ms() + 1_000).encode()}
+    soon = {c.H_DEADLINE: str(now_ms() + 900).encode()}
     later = {c.H_DEADLINE: str(now_ms() + 60_000).encode()}
     records, errors = w.query_batch([(b"a", image, soon, src), (b"b", image, later, src),
                                      (b"c", image, soon, src), (b"d", image, {}, src)])  # d: no deadline
-    assert [r[0] for r in records] == [b"b", b"d"]
+    assert [r[0] for r in records] == [b"a", b"b", b"d"]  # a makes it as the first; c, the third, would not
     got = replies(errors)
-    assert {k: r["error"]["code"] for k, r in got.items()} == {"a": "overloaded", "c": "overloaded"}
-    assert "present pace" in got["a"]["error"]["message"]
+    assert {k: r["error"]["code"] for k, r in got.items()} == {"c": "overloaded"}
+    assert "present pace" in got["c"]["error"]["message"]
+    # A pace that is far too slow (a stall) never sheds everything: one query goes on and measures it again.
+    w.embed_s_per_query = 20.0
+    ten_s = {c.H_DEADLINE: str(now_ms() + 10_000).encode()}  # both would be shed at 20 s an image
+    records, errors = w.query_batch([(b"e", image, soon, src), (b"f", image, ten_s, src)])
+    assert [r[0] for r in records] == [b"f"] and set(replies(errors)) == {"e"}  # the later deadline goes on
+    assert w.embed_s_per_query < 20.0
     item = {c.H_DEADLINE: str(now_ms() + 1_000).encode(), c.H_ITEM_ID: b"15970"}
     records, errors = w.query_batch([(b"item", None, item, src)])  # nothing to embed: never shed
     assert [r[0] for r in records] == [b"item"] and not errors
@@ -126,6 +132,8 @@ def test_the_read_loop_answers_late_queries_without_the_inference_thread(embedde
     assert json.loads(out.value)["error"]["code"] == "deadline_exceeded"
     assert w.late(Record(topic, 0, 8, b"fresh", jpeg_bytes(1), {}, timestamp_ms=now_ms())) is None
     assert w.late(Record(topic, 0, 9, b"garbled", jpeg_bytes(1), {c.H_DEADLINE: b"x"})) is None  # the stage: bad_header
+    w.embed_s_per_query = 0.1
+    assert w.late(Record(topic, 0, 13, b"alone", jpeg_bytes(1), {c.H_DEADLINE: str(now_ms() + 500).encode()})) is None
     # Over capacity: 20 queued ahead + a batch of 16 at 0.1 s an image is 3.6 s of work.
     w.embed_s_per_query, w.queued = 0.1, lambda: 20
     soon = {c.H_DEADLINE: str(now_ms() + 1_000).encode()}
