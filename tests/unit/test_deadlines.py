@@ -9,7 +9,6 @@ import json
 import time
 
 import pytest
-import torch
 from pydantic import SecretStr
 
 from gateway.bus import Query as HttpQuery
@@ -17,11 +16,8 @@ from gateway.bus import record_headers
 from gateway.statuses import http_status, retry_after_s
 from lookalike import auth
 from lookalike import contracts as c
-from lookalike.artifacts import ModelCard
 from lookalike.embedder import Embedder
 from lookalike.errors import BadHeader, DeadlineExceeded, ErrorCode
-from lookalike.imaging import PreprocessSpec
-from lookalike.model import EmbeddingNet, ModelSpec
 from lookalike.settings import WorkerSettings
 from tests.images import jpeg_bytes
 from tests.unit.test_answering import VECTOR, indexer, query_headers
@@ -52,14 +48,6 @@ def test_check_deadline_refuses_only_after_the_deadline() -> None:
 
 
 # -- the worker -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    torch.manual_seed(0)
-    spec = ModelSpec(input_size=32, channels=(8, 16), num_classes=3)
-    card = ModelCard("test-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=32), ["a", "b", "c"], "0" * 64)
-    return Embedder(EmbeddingNet(spec), card, torch.device("cpu"))
-
-
 def worker(embedder: Embedder, **settings):  # type: ignore[no-untyped-def]
     from workers.app import EmbeddingWorker, ModelSet
 

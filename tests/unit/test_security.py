@@ -11,17 +11,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import SecretStr
 
 from control.stack.local import KafkaBroker, RedisServer
 from lookalike import auth
 from lookalike import contracts as c
-from lookalike.artifacts import ModelCard
 from lookalike.clients import confluent_config, redacted
 from lookalike.embedder import Embedder
-from lookalike.imaging import PreprocessSpec
-from lookalike.model import EmbeddingNet, ModelSpec
 from lookalike.settings import CommonSettings, StackSettings, WorkerSettings
 from tests.images import jpeg_bytes
 from tests.tls import make_tls
@@ -90,14 +86,6 @@ def test_the_codebase_never_logs_a_raw_client_config() -> None:
     pattern = re.compile(r"log\.\w+\([^)]*(confluent_config|producer_config)\(")
     offenders = [str(p) for p in source_files() if pattern.search(p.read_text())]
     assert not offenders
-
-
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    torch.manual_seed(0)
-    spec = ModelSpec(input_size=32, channels=(8, 16), num_classes=3)
-    card = ModelCard("test-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=32), ["a", "b", "c"], "0" * 64)
-    return Embedder(EmbeddingNet(spec), card, torch.device("cpu"))
 
 
 def test_worker_answers_unsigned_and_forged_queries_with_unauthorized(embedder: Embedder) -> None:

@@ -6,16 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from indexer import stages as istages
 from indexer.index import Delete, Upsert, VectorIndex
 from lookalike import contracts as c
-from lookalike.artifacts import ModelCard
 from lookalike.embedder import Embedder
 from lookalike.errors import InvalidMessage, ModelMismatch
 from lookalike.imaging import PreprocessSpec
-from lookalike.model import EmbeddingNet, ModelSpec
 from lookalike.settings import WorkerSettings
 from tests.images import jpeg_bytes
 from workers import stages
@@ -24,14 +21,6 @@ from workers.stages import CatalogImage, CatalogRemoval, Rejected, Source
 SETTINGS = WorkerSettings(_env_file=None)
 SRC = Source("lookalike.catalog", 1, 42, 1_700_000_000_000)
 INPUT = PreprocessSpec(size=32)  # the test model's
-
-
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    torch.manual_seed(0)
-    spec = ModelSpec(input_size=32, channels=(8, 16), num_classes=3)
-    card = ModelCard("test-v1", "2026-01-01T00:00:00+00:00", spec, PreprocessSpec(size=32), ["a", "b", "c"], "0" * 64)
-    return Embedder(EmbeddingNet(spec), card, torch.device("cpu"))
 
 
 def test_catalog_image_and_tombstone() -> None:
