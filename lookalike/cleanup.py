@@ -148,8 +148,7 @@ def find(settings: CommonSettings, prefixes: Sequence[str], timeout_s: float = 3
     prefixes = [check_prefix(p) for p in prefixes]
     admin = _admin(settings)
     topics = sorted(t for t in admin.list_topics(timeout=timeout_s).topics if carries(t, prefixes))
-    listed = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
-    groups = sorted(g.group_id for g in listed.valid if carries(g.group_id, prefixes))
+    groups = sorted(g for g in list_groups(admin, timeout_s) if carries(g, prefixes))
     keys = matching_keys(redis_client(settings), prefixes)
     return Leftovers(topics, groups, keys)
 
@@ -204,6 +203,24 @@ def _delete_groups(admin: AdminClient, groups: Sequence[str], deadline: float) -
     return sorted(left)
 
 
+def list_groups(admin: AdminClient, timeout_s: float = 30.0) -> list[str]:
+    """Every consumer group the broker knows. A broker just started answers ListGroups with
+    COORDINATOR_LOAD_IN_PROGRESS while it reads ``__consumer_offsets`` back, and the groups
+    listed then are none of the stored ones: asked again until no error comes with the list,
+    and an error still there at ``timeout_s`` is raised, never counted as zero groups."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        listed = admin.list_consumer_groups(request_timeout=left).result(timeout=left)
+        if not listed.errors:
+            return [g.group_id for g in listed.valid]
+        if time.monotonic() >= deadline:
+            error = listed.errors[0]
+            error = error.args[0] if isinstance(error, KafkaException) else error
+            raise KafkaException(KafkaError(error.code(), f"listing consumer groups: {error.str()}"))
+        time.sleep(0.5)
+
+
 def _admin(settings: CommonSettings) -> AdminClient:
     # librdkafka logs each failed connect attempt (20 a second while the broker is away); the
     # calls here fail with one exception instead, which the CLI turns into one line.
@@ -220,5 +237,5 @@ def counts(settings: CommonSettings, timeout_s: float = 30.0) -> Counts:
     """The broker's topic and consumer-group counts and the Redis database's key count."""
     admin = _admin(settings)
     topics = [t for t in admin.list_topics(timeout=timeout_s).topics if not t.startswith("__")]
-    groups = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s).valid
+    groups = list_groups(admin, timeout_s)
     return Counts(len(topics), len(groups), int(redis_client(settings).dbsize()))

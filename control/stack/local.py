@@ -218,6 +218,20 @@ class KafkaBroker:
         if self.daemon.pid() is None:
             self.daemon.start(self._java("kafka.Kafka", str(config), heap=self.settings.kafka_heap))
         self.daemon.wait_until(self.answers, self.settings.start_timeout_s, "the Kafka broker")
+        self.daemon.wait_until(self.groups_loaded, self.settings.start_timeout_s, "the Kafka group coordinator")
+
+    def groups_loaded(self) -> bool:
+        """The group coordinator has read ``__consumer_offsets`` back: until then a just started
+        broker answers ListGroups with COORDINATOR_LOAD_IN_PROGRESS (and lists none of the stored
+        groups), and a consumer's first join or commit waits on it."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 2})  # held: a client
+        try:  # collected while its request is in flight fails it with _DESTROY
+            listed = admin.list_consumer_groups(request_timeout=2).result(timeout=3)
+        except Exception:
+            return False
+        return not listed.errors
 
     def _cluster_id(self) -> str:
         path = self.dir / "cluster.id"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from concurrent.futures import Future
+from types import SimpleNamespace
 
-from lookalike.cleanup import THROWAWAY_PREFIXES, carries, check_prefix, key_carries, key_owner, production_names
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from lookalike.cleanup import THROWAWAY_PREFIXES, carries, check_prefix, key_carries, key_owner, list_groups, production_names
 from lookalike.errors import ConfigError
 from lookalike.settings import IndexerSettings
 from lookalike.snapshots import snapshot_namespace
@@ -74,3 +78,33 @@ def test_a_prefix_that_could_reach_production_is_refused(prefix: str) -> None:
 
 def test_the_throwaway_prefixes_are_accepted() -> None:
     assert [check_prefix(p) for p in THROWAWAY_PREFIXES] == list(THROWAWAY_PREFIXES)
+
+
+class _Listing:
+    """What ``AdminClient.list_consumer_groups`` returns: one answer of the broker per call."""
+
+    def __init__(self, answers: list[tuple[list[str], list[KafkaError]]]) -> None:
+        self.answers, self.calls = answers, 0
+
+    def list_consumer_groups(self, request_timeout: float) -> Future:  # type: ignore[type-arg]
+        names, errors = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        future: Future = Future()  # type: ignore[type-arg]
+        future.set_result(SimpleNamespace(valid=[SimpleNamespace(group_id=n) for n in names],
+                                          errors=[KafkaException(e) for e in errors]))
+        return future
+
+
+def test_groups_are_listed_again_while_the_coordinator_loads() -> None:
+    # What a broker restarted on stored data answered the CI run's first count: no groups, and
+    # the error saying why; counted as 0, it made "before" differ from "after".
+    loading = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    admin = _Listing([([], [loading]), ([], [loading]), (["g1", "g2"], [])])
+    assert list_groups(admin, timeout_s=10) == ["g1", "g2"]  # type: ignore[arg-type]
+    assert admin.calls == 3
+
+
+def test_an_error_still_there_at_the_timeout_is_raised_not_counted_as_zero() -> None:
+    admin = _Listing([([], [KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)])])
+    with pytest.raises(KafkaException, match="listing consumer groups"):
+        list_groups(admin, timeout_s=0.0)  # type: ignore[arg-type]
