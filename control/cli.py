@@ -400,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true", help="gc: remove what it lists")
     p.add_argument("--prefix", action="append", metavar="P",
                    help="gc: only names under P (repeatable; default: the tests' and benchmarks' prefixes)")
+    # also after the action (`stack gc -v`, as gc's own hint says); SUPPRESS keeps a `-v` given
+    # before `stack` from being reset to False here
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="gc: list every name (the first 20 of each kind otherwise)")
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("services", help="the worker, indexer, feedback aggregator and trainer as local daemons")
