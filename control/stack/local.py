@@ -189,13 +189,17 @@ class KafkaBroker:
     def running(self) -> bool:
         return self.daemon.pid() is not None and port_open(HOST, self.settings.kafka_port)
 
+    def admin_config(self) -> dict[str, object]:
+        """How the start-up checks reach the broker (the loopback PLAINTEXT listener here)."""
+        return {"bootstrap.servers": self.bootstrap}
+
     def answers(self) -> bool:
         from confluent_kafka.admin import AdminClient
 
         if not port_open(HOST, self.settings.kafka_port):
             return False
         try:
-            AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+            AdminClient(self.admin_config()).list_topics(timeout=2)
             return True
         except Exception:
             return False
@@ -226,7 +230,7 @@ class KafkaBroker:
         groups), and a consumer's first join or commit waits on it."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 2})  # held: a client
+        admin = AdminClient(self.admin_config() | {"log_level": 2})  # held: a client
         try:  # collected while its request is in flight fails it with _DESTROY
             listed = admin.list_consumer_groups(request_timeout=2).result(timeout=3)
         except Exception:
