@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from feedback.policy import PolicyInputs, TriggerPolicy, due_reasons
@@ -327,6 +328,37 @@ def test_a_label_is_a_pair_when_counted_even_before_the_query_vector_is_read(
     pairs = {(p["query_item"], p["item_id"], p["label"]) for p in store.pairs()}
     assert pairs == {("q1", "i1", 1), ("q1", "i2", -1)}
     assert agg.alive()
+
+
+def test_feedback_waiting_for_its_reply_survives_redis_going_away_mid_join(
+        cluster: Cluster, tmp_path: Path, throwaway: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feedback that came before its reply waits in Redis (its Kafka offsets committed). The reply
+    joins it; when Redis goes away after the first events are applied, the batch's retry (what
+    ``until_done`` does) applies the rest and none twice: every event counted exactly once."""
+    store = FeedbackStore.connect(settings_from(env_for(cluster, throwaway(), tmp_path)))
+    items = [f"i{n}" for n in range(5)]
+    events = [make_feedback("impression", request_id="r1", item_id=i, user_id="u") for i in items]
+    events += [make_feedback("click", request_id="r1", item_id="i1", user_id="u"),
+               make_feedback("purchase", request_id="r1", item_id="i1", user_id="u")]
+    assert [store.record_feedback(e) for e in events] == ["pending"] * 7
+    applied, real_apply = [], store._apply
+
+    def redis_goes_away_at_the_third(*args: Any, **kwargs: Any) -> Any:
+        if len(applied) == 2:
+            applied.append("failed")
+            raise redis.ConnectionError("Connection reset by peer")
+        applied.append(real_apply(*args, **kwargs))
+        return applied[-1]
+
+    monkeypatch.setattr(store, "_apply", redis_goes_away_at_the_third)
+    reply = [(ReplyFacts("r1", "mA", tuple(items)), int(time.time() * 1000))]
+    with pytest.raises(redis.ConnectionError):
+        store.record_replies(reply)
+    store.record_replies(reply)  # the retry, Redis back
+    totals = store.totals()
+    assert (totals.get("events"), totals.get("replies")) == (7, 1), totals
+    assert applied.count("applied") == 7 and applied.count("duplicate") == 2  # the two done before: not again
+    assert store.r.exists(store.key("pending", "r1")) == 0
 
 
 def test_loading_the_first_catalog_is_not_growth(cluster: Cluster, tmp_path: Path, throwaway: Callable[[], str]) -> None:
