@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from lookalike import contracts as c
 from lookalike.catalog import CatalogItem
@@ -398,11 +398,36 @@ class Bench:
         removed, self.added = len(self.added), []
         return removed
 
-    def forget_requests(self) -> int:
+    def forget_requests(self, wait_s: float = 60.0) -> int:
         """Remove the feedback aggregator's join records of this run's queries (``…:req:bench-{run}-…``,
         kept a day otherwise): the requests were the benchmark's, so are their records. The
-        aggregator's windows of the serving model are the stack's own figures and stay."""
+        aggregator's windows of the serving model are the stack's own figures and stay.
+
+        First waits (``wait_s`` at most) for the aggregator to have read the replies and query
+        vectors this run caused: it commits only once a record's effect is in Redis, and a join
+        record it wrote after the removal stayed behind (9 of one run's, seen in a key listing)."""
+        self._wait_for_the_aggregator(wait_s)
         return unlink_matching(redis_client(self.settings), f"lookalike:feedback:*:req:bench-{self.run_id}-*")
+
+    def _wait_for_the_aggregator(self, wait_s: float) -> bool:
+        from lookalike.settings import FeedbackSettings
+
+        group = FeedbackSettings().feedback_group  # the services' group, from the same environment
+        consumer = Consumer(confluent_config(self.settings, **{"group.id": group, "enable.auto.commit": False}))
+        try:
+            ends = [tp for topic in (self.settings.replies_topic, self.settings.query_vectors_topic)
+                    for tp in end_assignment(consumer, topic) if tp.offset > 0]
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                done = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(ends, timeout=10)}
+                if all(done.get((tp.topic, tp.partition), -1) >= tp.offset for tp in ends):
+                    return True
+                time.sleep(0.5)
+            return False
+        except (LookupError, KafkaException):  # no aggregator's topics here: nothing to wait for
+            return False
+        finally:
+            consumer.close()
 
     def close(self) -> None:
         self.producer.flush(10)
