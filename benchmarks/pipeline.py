@@ -410,24 +410,24 @@ class Bench:
         return unlink_matching(redis_client(self.settings), f"lookalike:feedback:*:req:bench-{self.run_id}-*")
 
     def _wait_for_the_aggregator(self, wait_s: float) -> bool:
+        from lookalike.metrics import LagProbe
         from lookalike.settings import FeedbackSettings
 
         group = FeedbackSettings().feedback_group  # the services' group, from the same environment
-        consumer = Consumer(confluent_config(self.settings, **{"group.id": group, "enable.auto.commit": False}))
+        probe = LagProbe(self.settings, "bench", group, [self.settings.replies_topic, self.settings.query_vectors_topic])
         try:
-            ends = [tp for topic in (self.settings.replies_topic, self.settings.query_vectors_topic)
-                    for tp in end_assignment(consumer, topic) if tp.offset > 0]
+            ends = {topic: probe.ends(topic) for topic in probe.topics}  # what this run's traffic reached
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
-                done = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(ends, timeout=10)}
-                if all(done.get((tp.topic, tp.partition), -1) >= tp.offset for tp in ends):
+                if all(done >= ends[topic][p] for topic in probe.topics
+                       for p, done in probe.committed(topic, ends[topic]).items()):
                     return True
                 time.sleep(0.5)
             return False
-        except (LookupError, KafkaException):  # no aggregator's topics here: nothing to wait for
+        except KafkaException:  # no aggregator's group here: nothing to wait for
             return False
         finally:
-            consumer.close()
+            probe.close()
 
     def close(self) -> None:
         self.producer.flush(10)

@@ -132,16 +132,21 @@ class LagProbe:
         return {p: self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1]
                 for p in meta.partitions}
 
-    def __call__(self) -> None:
+    def committed(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        """The group's committed offset of each of ``topic``'s ``partitions`` (0 where it has none)."""
         from confluent_kafka import TopicPartition
 
+        committed = self.consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=5)
+        return {tp.partition: tp.offset if tp.offset >= 0 else 0 for tp in committed}
+
+    def __call__(self) -> None:
         for topic in self.topics:
             ends = self.ends(topic)
-            committed = self.consumer.committed([TopicPartition(topic, p) for p in ends], timeout=5)
-            for tp in committed:
-                done = tp.offset if tp.offset >= 0 else 0
-                CONSUMER_LAG.labels(self.service, self.group, topic, str(tp.partition)).set(
-                    max(0, ends[tp.partition] - done))
+            for partition, done in self.committed(topic, ends).items():
+                CONSUMER_LAG.labels(self.service, self.group, topic, str(partition)).set(max(0, ends[partition] - done))
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 def feed_lag(probe: LagProbe, topic: str, applied: Callable[[], Mapping[int, int]]) -> Callable[[], None]:
