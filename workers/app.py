@@ -328,9 +328,10 @@ class EmbeddingWorker:
             deadline = c.query_deadline_ms(record.headers, record.timestamp_ms, self.settings.query_deadline_ms)
             c.check_deadline(deadline, now_ms, "worker")
             # Nothing queued: the query is next, and it keeps the pace measured (a stall cannot shed all for ever).
-            if deadline is None or not self.embed_s_per_query or c.H_ITEM_ID in record.headers or not self.queued():
+            queued = self.queued()
+            if deadline is None or not self.embed_s_per_query or c.H_ITEM_ID in record.headers or not queued:
                 return None
-            ahead_ms = self.embed_s_per_query * (self.queued() + self.settings.query_batch_max) * 1000
+            ahead_ms = self.embed_s_per_query * (queued + self.settings.query_batch_max) * 1000
             if deadline - now_ms >= ahead_ms:
                 return None
             raise Overloaded(f"the worker is over capacity: the {self.queued()} queries queued ahead and this one's "
