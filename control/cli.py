@@ -300,7 +300,7 @@ def _demo(args: argparse.Namespace) -> int:
                                     champion_epochs=args.champion_epochs, trainer_epochs=args.trainer_epochs,
                                     catalog_items=args.catalog_items, out=Path(args.out), keep=args.keep))
     return run_demo(Path(args.data), limit=args.limit, queries=args.queries, gallery=Path(args.gallery),
-                    epochs=args.epochs)
+                    epochs=args.epochs, train=args.train)
 
 
 def _page(args: argparse.Namespace) -> int:
@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(default_data()), help="catalog folder (env LOOKALIKE_DATA)")
     p.add_argument("--limit", type=int)
     p.add_argument("--queries", type=int, default=6)
-    p.add_argument("--epochs", type=int, help="training epochs (default: the training config's)")
+    p.add_argument("--epochs", type=int, help="train the default recipe this many epochs (implies --train)")
+    p.add_argument("--train", action="store_true",
+                   help="with no champion in the store, train the default recipe instead of installing the shipped model")
     p.add_argument("--gallery", default="out/demo-gallery.png")
     loop = p.add_argument_group("the feedback loop (--loop, docs/feedback.md#the-loop-watched)")
     loop.add_argument("--loop", action="store_true", help="run the loop on the running stack instead of the demo")

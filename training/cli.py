@@ -18,6 +18,7 @@ from lookalike.artifacts import CHAMPION, ModelCard, ModelStore
 from lookalike.errors import LookalikeError
 from lookalike.model import ARCHITECTURES
 from lookalike.settings import CommonSettings, default_data
+from training import shipped
 from training.train import TrainConfig, train
 
 # What people read in ``lookalike train --help`` for each TrainConfig field (the rest say
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reuse", action="store_true", help="if the store has a champion, show it and exit without training"
     )
+    parser.add_argument(
+        "--shipped", action="store_true",
+        help="instead of training, install the model shipped in training/shipped (its README says how it was "
+             "trained) and put it through the gate; with --reuse, only if the store has no champion",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -145,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and CHAMPION in store.aliases():
             card = store.card(CHAMPION)
             print(f"{CHAMPION} exists, not training: {describe(card)}")
+            return 0
+        if args.shipped:
+            card, decision = shipped.install(store)
+            print(f"installed the shipped model, not training ({decision.reason}): {describe(card)}")
+            print(f"  how it was trained: {shipped.SHIPPED_DIR / 'README.md'}; stored in {store.root / card.version}")
             return 0
         if not args.data.is_dir():
             print(f"error: no catalog folder at {args.data} (set --data or LOOKALIKE_DATA)", file=sys.stderr)
