@@ -8,20 +8,20 @@ reproduced it. :func:`install` copies it into a model store and puts it through 
 champion, recorded as any first model is; in one with a champion it is compared like any
 challenger. The weights are loaded once before that, so a changed file is refused by the
 card's checksum, never served. ``lookalike train`` still trains from scratch; this is only
-what ``lookalike train --reuse --shipped`` (the demo, compose's ``train`` service) takes
+what ``lookalike train --reuse --shipped`` (the demo, compose's ``model`` service) takes
 when the store has no champion.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from lookalike.artifacts import CARD_FILE, ModelCard, ModelStore
+from lookalike.artifacts import CARD_FILE, WEIGHTS_FILE, ModelCard, ModelStore, sha256_file
 from lookalike.errors import ModelArtifactError
 from lookalike.registry import Decision, Registry
+from training.evaluate import load_split
 
 SHIPPED_DIR = Path(__file__).with_name("shipped")
 
@@ -40,19 +40,8 @@ def install(store: ModelStore, root: Path = SHIPPED_DIR) -> tuple[ModelCard, Dec
     version = shipped_version(root)
     card = shipped.card(version)
     shipped.load(version)  # the weights against the card's checksum, and against its spec
-    split_name = card.training.get("split_file")
-    if card.data_split_sha256 and not split_name:
-        raise ModelArtifactError(f"shipped model {version} names split {card.data_split_sha256[:12]} but no split file")
-    if split_name:
-        source = root / split_name
-        if not source.is_file():
-            raise ModelArtifactError(f"shipped model {version}: its split file {split_name} is not in {root}")
-        target = store.root / split_name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        elif json.loads(target.read_text("utf-8")) != json.loads(source.read_text("utf-8")):
-            raise ModelArtifactError(f"{target} differs from the shipped split file of the same name")
+    split = load_split(shipped, card.training, card.data_split_sha256)  # checked against the card's checksum
+    split.save(store.root / card.training.get("split_file", f"splits/{split.sha256}.json"))  # as train() saves it
     if version not in store.versions():
         store.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=store.root, prefix=".staging-"))
@@ -63,5 +52,6 @@ def install(store: ModelStore, root: Path = SHIPPED_DIR) -> tuple[ModelCard, Dec
             staging.replace(store.root / version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    store.load(version)  # what the store now holds loads and matches its checksum
+    if sha256_file(store.root / version / WEIGHTS_FILE) != card.weights_sha256:  # the copy is what was loaded
+        raise ModelArtifactError(f"model {version} in {store.root}: its weights differ from the shipped ones")
     return store.card(version), Registry(store).propose(version)
