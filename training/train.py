@@ -152,6 +152,14 @@ class TrainConfig:
     # and that model is stored with the recipe's figures; its card says so
     # (``training.final_fit``). Twice the training time.
     final_fit: Literal["split", "all"] = "split"
+    # Distillation: a model of the store (a version or an alias) whose unit embeddings this
+    # network learns to reproduce, ``distill_weight * (1 - cosine)`` added to the classifier's
+    # loss: a big teacher's features in a net that is cheaper per query (effnet-lite0 into
+    # res-cnn). Its targets are its embeddings of each training image and of its mirror image,
+    # averaged (flips stay free). It must have been trained on this run's split and not on all
+    # items: a teacher that learned the held-out views would leak them into the student's figures.
+    teacher: str | None = None
+    distill_weight: float = 1.0
 
     def uses_imagenet_weights(self) -> bool:
         return self.arch == "effnet-lite0" and self.pretrained
@@ -197,6 +205,7 @@ class LabelledPixels:
     items: list[CatalogItem] = field(default_factory=list)  # every labelled item the split was drawn from
     train_aux: np.ndarray | None = None  # int64 (N_train, len(aux_labels)); -1: no label
     aux_classes: tuple[tuple[str, ...], ...] = ()  # per auxiliary label, its classes in index order
+    train_teacher: np.ndarray | None = None  # float32 (N_train, D): the teacher's unit embeddings
 
 
 @dataclass
@@ -285,7 +294,35 @@ def all_items(config: TrainConfig, data: LabelledPixels, progress: bool = True
     x = np.concatenate([data.train_x, data.test_x, newest_x])
     y = np.concatenate([data.train_y, data.test_y, newest_y])
     aux, aux_classes = aux_targets(config, select(data.items, ids))
-    return replace(data, train_x=x, train_y=y, test_x=x[:0], test_y=y[:0], train_aux=aux, aux_classes=aux_classes), ids
+    return replace(data, train_x=x, train_y=y, test_x=x[:0], test_y=y[:0], train_aux=aux, aux_classes=aux_classes,
+                   train_teacher=None), ids
+
+
+def teacher_for(store: ModelStore, config: TrainConfig, split: Split) -> ModelCard:
+    """The card of ``config.teacher``, refused unless it learned from ``split``'s training
+    items only and its embedding has this recipe's size."""
+    card = store.card(config.teacher)
+    if card.data_split_sha256 != split.sha256:
+        raise ValueError(f"teacher {card.version} was trained on split {str(card.data_split_sha256)[:12]}, this run's "
+                         f"is {split.sha256[:12]}: its targets would not keep this split's views held out")
+    if (card.training.get("final_fit") or {}).get("trained_on") == "all":
+        raise ValueError(f"teacher {card.version} was trained on all items, held-out views included: "
+                         "distil from its recipe's run on the split (--final-fit split)")
+    if card.embedding_dim != config.embedding_dim:
+        raise ValueError(f"teacher {card.version} embeds in {card.embedding_dim} dimensions, this recipe in "
+                         f"{config.embedding_dim}")
+    return card
+
+
+def teacher_targets(store: ModelStore, card: ModelCard, config: TrainConfig, items: Sequence[CatalogItem],
+                    ids: Sequence[str], device: torch.device, progress: bool = True) -> np.ndarray:
+    """float32 (len(ids), D): the teacher's unit embedding of each item (in ``ids`` order)
+    averaged with that of its mirror image, as its own preprocessing feeds it."""
+    teacher, _ = store.load(card.version)
+    pixels = load_pixels(select(items, tuple(ids)), card.preprocess, config.cache_dir, progress=progress)
+    teacher = teacher.to(device)
+    both = embed_all(teacher, pixels, card.preprocess) + embed_all(teacher, pixels[:, :, ::-1], card.preprocess)
+    return unit_rows(both)
 
 
 def new_model(config: TrainConfig, spec: ModelSpec, device: torch.device) -> EmbeddingNet:
@@ -452,7 +489,8 @@ class AuxiliaryHeads(nn.Module):
     def __init__(self, model: EmbeddingNet, sizes: Sequence[int], with_embedding: bool = False) -> None:
         super().__init__()
         if model.arch.loss != "cosface":
-            raise ValueError(f"auxiliary labels need a cosine classifier, which {model.spec.arch} has not")
+            raise ValueError(f"auxiliary labels, batch losses and distillation need a cosine classifier, "
+                             f"which {model.spec.arch} has not")
         self.model = model
         self.with_embedding = with_embedding
         dim = model.spec.embedding_dim
@@ -471,19 +509,31 @@ class MultiTaskLoss:
     """The main loss on the first ``num_classes`` columns and target 0, plus ``weight`` times
     the same loss for each extra label (targets (B, 1 + T); -1: the item has no such label),
     plus ``batch_weight`` times ``batch_loss(unit embeddings, target 0)`` when the last
-    ``embedding_dim`` columns are the unit embeddings (:class:`AuxiliaryHeads` ``with_embedding``)."""
+    ``embedding_dim`` columns are the unit embeddings (:class:`AuxiliaryHeads` ``with_embedding``),
+    plus, with a ``teacher`` (N, D) of unit rows, ``teacher_weight`` times the mean of
+    ``1 - cosine`` between each unit embedding and its teacher row (the targets' last column,
+    after the labels: the example's row in ``teacher``)."""
 
     def __init__(self, loss_fn: LossFn, num_classes: int, sizes: Sequence[int], weight: float,
-                 batch_loss: LossFn | None = None, batch_weight: float = 1.0, embedding_dim: int = 0) -> None:
+                 batch_loss: LossFn | None = None, batch_weight: float = 1.0, embedding_dim: int = 0,
+                 teacher: torch.Tensor | None = None, teacher_weight: float = 1.0) -> None:
         self.loss_fn, self.num_classes, self.sizes, self.weight = loss_fn, num_classes, list(sizes), weight
         self.batch_loss, self.batch_weight, self.embedding_dim = batch_loss, batch_weight, embedding_dim
-        if batch_loss is not None and embedding_dim < 1:
-            raise ValueError("a batch loss needs the embedding's size")
+        self.teacher, self.teacher_weight = teacher, teacher_weight
+        if (batch_loss is not None or teacher is not None) and embedding_dim < 1:
+            raise ValueError("a batch loss or a teacher needs the embedding's size")
+        if teacher is not None and teacher.shape[1] != embedding_dim:
+            raise ValueError(f"the teacher's embeddings have {teacher.shape[1]} dimensions, this network's "
+                             f"{embedding_dim}")
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(logits[:, : self.num_classes], targets[:, 0])
+        unit = logits[:, -self.embedding_dim :] if self.embedding_dim else None
         if self.batch_loss is not None:
-            loss = loss + self.batch_weight * self.batch_loss(logits[:, -self.embedding_dim :], targets[:, 0])
+            loss = loss + self.batch_weight * self.batch_loss(unit, targets[:, 0])
+        if self.teacher is not None:
+            wanted = self.teacher.to(logits.device)[targets[:, -1]]
+            loss = loss + self.teacher_weight * (1 - (unit * wanted).sum(dim=1)).mean()
         start = self.num_classes
         for column, size in enumerate(self.sizes, start=1):
             known = targets[:, column] >= 0
@@ -562,7 +612,8 @@ def train_epoch(
     """One epoch (shuffled, or as many class-balanced batches); returns the mean training loss.
 
     ``model`` may be :class:`AuxiliaryHeads` (then ``loss_fn`` is a :class:`MultiTaskLoss`
-    and the targets carry the extra labels); ``after_step`` runs after each optimiser step.
+    and the targets carry the extra labels and, with a teacher, each example's row of
+    ``data.train_teacher``); ``after_step`` runs after each optimiser step.
     """
     device = next(model.parameters()).device
     spec = config.preprocess_spec()
@@ -579,8 +630,10 @@ def train_epoch(
         if len(idx) < 2:  # batch norm cannot train on one example
             continue
         labels = data.train_y[idx]
-        if isinstance(model, AuxiliaryHeads):  # (B, 1 + T)
-            labels = labels[:, None] if data.train_aux is None else np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)
+        if isinstance(model, AuxiliaryHeads):  # (B, 1 + T), then the rows of the teacher's targets
+            columns = [labels[:, None]] + ([data.train_aux[idx]] if data.train_aux is not None else []) \
+                + ([idx[:, None].astype(np.int64)] if data.train_teacher is not None else [])
+            labels = np.concatenate(columns, axis=1)
         inputs, targets = to_batch(data.train_x[idx], labels, spec, device, layout_of(model))
         if config.shoot_augment:
             inputs = imitate_shoot(inputs, spec, generator, config.shoot_strength)
@@ -631,17 +684,22 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
     epoch with the best validation accuracy (stop early when it stops improving). The
     golden test split is not looked at."""
     val = validation_mask(data.train_y, config.val_fraction, config.split_seed + 1)
-    fit_data = replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val])
+    fit_data = replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val],
+                       train_aux=None if data.train_aux is None else data.train_aux[~val],
+                       train_teacher=None if data.train_teacher is None else data.train_teacher[~val])
     val_x, val_y = data.train_x[val], data.train_y[val]
     loss_fn = config.loss_fn()
     trained: nn.Module = model
     step_loss: LossFn = loss_fn
     batch_loss = BATCH_LOSSES[config.batch_loss] if config.batch_loss != "none" else None
-    if (config.aux_labels and data.train_aux is not None) or batch_loss is not None:
+    teacher = None if fit_data.train_teacher is None else torch.from_numpy(fit_data.train_teacher)
+    if (config.aux_labels and data.train_aux is not None) or batch_loss is not None or teacher is not None:
         sizes = [len(names) for names in data.aux_classes] if data.train_aux is not None else []
-        trained = AuxiliaryHeads(model, sizes, with_embedding=batch_loss is not None).to(next(model.parameters()).device)
+        trained = AuxiliaryHeads(model, sizes, with_embedding=batch_loss is not None or teacher is not None
+                                 ).to(next(model.parameters()).device)
         step_loss = MultiTaskLoss(loss_fn, model.spec.num_classes, sizes, config.aux_weight,
-                                  batch_loss, config.batch_loss_weight, model.spec.embedding_dim)
+                                  batch_loss, config.batch_loss_weight, model.spec.embedding_dim,
+                                  teacher, config.distill_weight)
     ema = None
     if config.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -750,6 +808,13 @@ def retrieval_metrics(
     return {"top1_accuracy": hits_at_1 / len(test_vecs), f"precision_at_{k}": precision_sum / len(test_vecs)}
 
 
+def teacher_record(card: ModelCard) -> dict[str, Any]:
+    """What a student's card says of its teacher."""
+    return {"version": card.version, "arch": card.spec.arch, "input_size": card.preprocess.size,
+            **{k: card.metrics[k] for k in ("period_precision_at_5", "unseen_brand_precision_at_5", "precision_at_5")
+               if k in card.metrics}}
+
+
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), float32."""
     vectors = np.asarray(vectors, np.float32)
@@ -795,6 +860,13 @@ def train(
         sum(p.numel() for p in model.parameters()),
         config.epochs,
     )
+    teacher = None
+    if config.teacher is not None:
+        teacher = teacher_for(store, config, data.split)
+        log.info("distilling %s (%s, %d px) into %s", teacher.version, teacher.spec.arch, teacher.preprocess.size,
+                 config.arch)
+        data = replace(data, train_teacher=teacher_targets(store, teacher, config, data.items, data.split.train_ids,
+                                                           device, progress))
     extra_loss, pair_stats = pair_loss(config, data, data.split.train_ids, data.split.test_ids + data.split.period_ids,
                                        feedback_pairs, pair_options)
     result = fit(model, data, config, progress, extra_loss)
@@ -829,6 +901,9 @@ def train(
     if config.final_fit == "all":  # the recipe is measured; the stored model learns from everything
         refit_started = time.perf_counter()
         everything, ids = all_items(config, data, progress)
+        if teacher is not None:
+            everything = replace(everything, train_teacher=teacher_targets(store, teacher, config, data.items, ids,
+                                                                           device, progress))
         seed_everything(config.seed)
         model = new_model(config, model_spec, device)
         refit_loss, refit_pairs = pair_loss(config, everything, ids, (), feedback_pairs, pair_options)
@@ -863,6 +938,7 @@ def train(
         **({"without_ema": without_ema} if without_ema is not None else {}),
         **({"final_fit": final_fit} if final_fit is not None else {}),
         **({"pretrained": dict(imagenet.PROVENANCE)} if config.uses_imagenet_weights() else {}),
+        **({"teacher": teacher_record(teacher)} if teacher is not None else {}),
         **dict(card_extra or {}),
     }
     card = store.save(

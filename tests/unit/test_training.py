@@ -658,6 +658,71 @@ def test_final_fit_all_stores_a_model_trained_on_every_item_with_the_recipes_fig
                                                     served_model.state_dict().values(), strict=True))
 
 
+def test_a_teacher_adds_one_minus_cosine_to_its_rows() -> None:
+    spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
+    model = EmbeddingNet(spec).eval()
+    net = AuxiliaryHeads(model, [2], with_embedding=True)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = net(x)
+    teacher = torch.nn.functional.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    targets = torch.tensor([[0, 1, 7], [1, -1, 2], [2, 0, 9], [0, 1, 0]])  # class, aux label, teacher row
+    main = CosFaceLoss()
+    loss = MultiTaskLoss(main, 3, [2], 0.5, embedding_dim=8, teacher=teacher, teacher_weight=2.0)(out, targets)
+    unit = out[:, -8:]
+    expected = (main(out[:, :3], targets[:, 0]) + 0.5 * main(out[[0, 2, 3], 3:5], targets[[0, 2, 3], 1])
+                + 2.0 * (1 - (unit * teacher[[7, 2, 9, 0]]).sum(dim=1)).mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="dimensions"):
+        MultiTaskLoss(main, 3, [], 0.3, embedding_dim=8, teacher=teacher[:, :4])
+
+
+def test_distillation_pulls_the_students_embeddings_to_the_teachers(shapes_catalog: Path, tmp_path: Path) -> None:
+    """A student with a teacher lands near the teacher's embeddings; the same student without one
+    does not (its space is its own); the card names the teacher."""
+    from training.train import teacher_for, teacher_targets
+
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path / "cache", epochs=4)
+    store = ModelStore(tmp_path / "models")
+    teacher = train(config, store, progress=False)
+    student_config = replace(config, channels=(8, 16), epochs=8, size=24)  # another net, another input size
+    data = prepare_data(student_config, progress=False)
+    targets = teacher_targets(store, teacher_for(store, replace(student_config, teacher=teacher.version), data.split),
+                              student_config, data.items, data.split.train_ids, torch.device("cpu"), progress=False)
+    assert targets.shape == (len(data.train_y), 32)
+    assert np.allclose(np.linalg.norm(targets, axis=1), 1, atol=1e-5)
+
+    def agreement(card: ModelCard) -> float:
+        model, _ = store.load(card.version)
+        return float((embed_all(model, data.train_x, student_config.preprocess_spec()) * targets).sum(axis=1).mean())
+
+    alone = train(student_config, store, progress=False)
+    taught = train(replace(student_config, teacher=teacher.version, distill_weight=20.0), store, progress=False)
+    assert "teacher" not in alone.training
+    assert taught.training["teacher"]["version"] == teacher.version and taught.training["teacher"]["input_size"] == 32
+    assert agreement(taught) > 0.6 and agreement(alone) < 0.3
+
+
+def test_a_teacher_that_saw_the_held_out_views_is_refused(shapes_catalog: Path, tmp_path: Path) -> None:
+    from training.train import teacher_for
+
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path / "cache", epochs=1, split="period")
+    store = ModelStore(tmp_path / "models")
+    on_all = train(replace(config, final_fit="all"), store, progress=False)
+    other_split = train(replace(config, split_seed=99), store, progress=False)
+    split = prepare_data(config, progress=False).split
+    with pytest.raises(ValueError, match="trained on all items"):
+        teacher_for(store, replace(config, teacher=on_all.version), split)
+    with pytest.raises(ValueError, match="split"):
+        teacher_for(store, replace(config, teacher=other_split.version), split)
+    with pytest.raises(ValueError, match="dimensions"):
+        teacher_for(store, replace(config, teacher=other_split.version, embedding_dim=16), other_split_of(config))
+
+
+def other_split_of(config: TrainConfig) -> Split:
+    return prepare_data(replace(config, split_seed=99), progress=False).split
+
+
 # --- CLI -----------------------------------------------------------------------------
 
 
