@@ -155,11 +155,16 @@ class TrainConfig:
     # Distillation: a model of the store (a version or an alias) whose unit embeddings this
     # network learns to reproduce, ``distill_weight * (1 - cosine)`` added to the classifier's
     # loss: a big teacher's features in a net that is cheaper per query (effnet-lite0 into
-    # res-cnn). Its targets are its embeddings of each training image and of its mirror image,
-    # averaged (flips stay free). It must have been trained on this run's split and not on all
-    # items: a teacher that learned the held-out views would leak them into the student's figures.
+    # res-cnn). It must have been trained on this run's split and not on all items: a teacher
+    # that learned the held-out views would leak them into the student's figures.
     teacher: str | None = None
     distill_weight: float = 1.0
+    # What the teacher embeds. "catalog": each training image and its mirror image once,
+    # averaged (cheap; but it learned those very images, so its targets say little more than
+    # the labels do). "augmented": every step, the same augmented view the student sees (the
+    # same draws, at the teacher's input size and in its preprocessing): targets on images it
+    # has not learned, at the cost of a teacher forward pass per batch.
+    teacher_views: Literal["catalog", "augmented"] = "augmented"
 
     def uses_imagenet_weights(self) -> bool:
         return self.arch == "effnet-lite0" and self.pretrained
@@ -205,7 +210,7 @@ class LabelledPixels:
     items: list[CatalogItem] = field(default_factory=list)  # every labelled item the split was drawn from
     train_aux: np.ndarray | None = None  # int64 (N_train, len(aux_labels)); -1: no label
     aux_classes: tuple[tuple[str, ...], ...] = ()  # per auxiliary label, its classes in index order
-    train_teacher: np.ndarray | None = None  # float32 (N_train, D): the teacher's unit embeddings
+    teacher: Teacher | None = None  # distillation: the teacher over the training rows
 
 
 @dataclass
@@ -295,7 +300,7 @@ def all_items(config: TrainConfig, data: LabelledPixels, progress: bool = True
     y = np.concatenate([data.train_y, data.test_y, newest_y])
     aux, aux_classes = aux_targets(config, select(data.items, ids))
     return replace(data, train_x=x, train_y=y, test_x=x[:0], test_y=y[:0], train_aux=aux, aux_classes=aux_classes,
-                   train_teacher=None), ids
+                   teacher=None), ids
 
 
 def teacher_for(store: ModelStore, config: TrainConfig, split: Split) -> ModelCard:
@@ -314,15 +319,48 @@ def teacher_for(store: ModelStore, config: TrainConfig, split: Split) -> ModelCa
     return card
 
 
-def teacher_targets(store: ModelStore, card: ModelCard, config: TrainConfig, items: Sequence[CatalogItem],
-                    ids: Sequence[str], device: torch.device, progress: bool = True) -> np.ndarray:
-    """float32 (len(ids), D): the teacher's unit embedding of each item (in ``ids`` order)
-    averaged with that of its mirror image, as its own preprocessing feeds it."""
-    teacher, _ = store.load(card.version)
+View = Callable[[torch.Tensor, PreprocessSpec, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A stored model whose unit embeddings a student learns to reproduce, over the rows of a
+    run's training set: their pixels in the teacher's preprocessing and, with views
+    "catalog", its embeddings of them (each averaged with its mirror image's)."""
+
+    card: ModelCard
+    net: EmbeddingNet  # batch norms folded, in eval mode, on the training device
+    pixels: np.ndarray  # uint8 (N, S, S, 3) at the teacher's input size
+    fixed: np.ndarray | None  # float32 (N, D) unit rows; None: embed the student's views
+
+    def rows(self, which: np.ndarray) -> Teacher:
+        """The teacher over ``pixels[which]`` (a mask or indices)."""
+        return replace(self, pixels=self.pixels[which], fixed=None if self.fixed is None else self.fixed[which])
+
+    def targets(self, idx: np.ndarray, view: View | None = None, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) unit targets of rows ``idx``: the fixed ones, or the teacher's embeddings of
+        ``view(its pixels, its spec, a generator in state draws)``, the student's augmentation
+        with the student's draws."""
+        device = next(self.net.parameters()).device
+        if self.fixed is not None:
+            return torch.from_numpy(self.fixed[idx]).to(device)
+        inputs = torch.from_numpy(normalise(self.pixels[idx], self.card.preprocess)).to(device)
+        if view is not None and draws is not None:
+            inputs = view(inputs, self.card.preprocess, torch.Generator().set_state(draws))
+        with torch.no_grad():  # not inference mode: the targets enter the student's autograd graph
+            return F.normalize(self.net.embed(inputs.contiguous(memory_format=torch.channels_last)), dim=1)
+
+
+def load_teacher(store: ModelStore, card: ModelCard, config: TrainConfig, items: Sequence[CatalogItem],
+                 ids: Sequence[str], device: torch.device, progress: bool = True) -> Teacher:
+    """The teacher ``card`` over the items ``ids`` (in that order), as ``config.teacher_views`` asks."""
+    net, _ = store.load(card.version)
+    net = fold_batchnorm(net.eval()).to(device, memory_format=torch.channels_last)
     pixels = load_pixels(select(items, tuple(ids)), card.preprocess, config.cache_dir, progress=progress)
-    teacher = teacher.to(device)
-    both = embed_all(teacher, pixels, card.preprocess) + embed_all(teacher, pixels[:, :, ::-1], card.preprocess)
-    return unit_rows(both)
+    fixed = None
+    if config.teacher_views == "catalog":
+        fixed = unit_rows(embed_all(net, pixels, card.preprocess) + embed_all(net, pixels[:, :, ::-1], card.preprocess))
+    return Teacher(card, net, pixels, fixed)
 
 
 def new_model(config: TrainConfig, spec: ModelSpec, device: torch.device) -> EmbeddingNet:
@@ -510,30 +548,32 @@ class MultiTaskLoss:
     the same loss for each extra label (targets (B, 1 + T); -1: the item has no such label),
     plus ``batch_weight`` times ``batch_loss(unit embeddings, target 0)`` when the last
     ``embedding_dim`` columns are the unit embeddings (:class:`AuxiliaryHeads` ``with_embedding``),
-    plus, with a ``teacher`` (N, D) of unit rows, ``teacher_weight`` times the mean of
-    ``1 - cosine`` between each unit embedding and its teacher row (the targets' last column,
-    after the labels: the example's row in ``teacher``)."""
+    plus, when the targets are a pair (labels, the teacher's (B, D) unit embeddings),
+    ``teacher_weight`` times the mean of ``1 - cosine`` between each unit embedding and its
+    teacher's (distillation)."""
 
     def __init__(self, loss_fn: LossFn, num_classes: int, sizes: Sequence[int], weight: float,
                  batch_loss: LossFn | None = None, batch_weight: float = 1.0, embedding_dim: int = 0,
-                 teacher: torch.Tensor | None = None, teacher_weight: float = 1.0) -> None:
+                 teacher_weight: float = 1.0) -> None:
         self.loss_fn, self.num_classes, self.sizes, self.weight = loss_fn, num_classes, list(sizes), weight
         self.batch_loss, self.batch_weight, self.embedding_dim = batch_loss, batch_weight, embedding_dim
-        self.teacher, self.teacher_weight = teacher, teacher_weight
-        if (batch_loss is not None or teacher is not None) and embedding_dim < 1:
-            raise ValueError("a batch loss or a teacher needs the embedding's size")
-        if teacher is not None and teacher.shape[1] != embedding_dim:
-            raise ValueError(f"the teacher's embeddings have {teacher.shape[1]} dimensions, this network's "
-                             f"{embedding_dim}")
+        self.teacher_weight = teacher_weight
+        if batch_loss is not None and embedding_dim < 1:
+            raise ValueError("a batch loss needs the embedding's size")
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        taught = None
+        if isinstance(targets, tuple):
+            targets, taught = targets
+            if self.embedding_dim < 1 or taught.shape[1] != self.embedding_dim:
+                raise ValueError(f"the teacher's embeddings have {taught.shape[1]} dimensions, this network's "
+                                 f"{self.embedding_dim}")
         loss = self.loss_fn(logits[:, : self.num_classes], targets[:, 0])
-        unit = logits[:, -self.embedding_dim :] if self.embedding_dim else None
+        unit = logits[:, -self.embedding_dim :] if self.embedding_dim else logits[:, :0]
         if self.batch_loss is not None:
             loss = loss + self.batch_weight * self.batch_loss(unit, targets[:, 0])
-        if self.teacher is not None:
-            wanted = self.teacher.to(logits.device)[targets[:, -1]]
-            loss = loss + self.teacher_weight * (1 - (unit * wanted).sum(dim=1)).mean()
+        if taught is not None:
+            loss = loss + self.teacher_weight * (1 - (unit * taught).sum(dim=1)).mean()
         start = self.num_classes
         for column, size in enumerate(self.sizes, start=1):
             known = targets[:, column] >= 0
@@ -612,11 +652,12 @@ def train_epoch(
     """One epoch (shuffled, or as many class-balanced batches); returns the mean training loss.
 
     ``model`` may be :class:`AuxiliaryHeads` (then ``loss_fn`` is a :class:`MultiTaskLoss`
-    and the targets carry the extra labels and, with a teacher, each example's row of
-    ``data.train_teacher``); ``after_step`` runs after each optimiser step.
+    and the targets carry the extra labels and, with ``data.teacher``, its embeddings of the
+    batch); ``after_step`` runs after each optimiser step.
     """
     device = next(model.parameters()).device
     spec = config.preprocess_spec()
+    view = training_view(config)
     n = len(data.train_y)
     if config.sampler == "balanced":
         n_batches = -(-n // config.batch_size)
@@ -630,17 +671,13 @@ def train_epoch(
         if len(idx) < 2:  # batch norm cannot train on one example
             continue
         labels = data.train_y[idx]
-        if isinstance(model, AuxiliaryHeads):  # (B, 1 + T), then the rows of the teacher's targets
-            columns = [labels[:, None]] + ([data.train_aux[idx]] if data.train_aux is not None else []) \
-                + ([idx[:, None].astype(np.int64)] if data.train_teacher is not None else [])
-            labels = np.concatenate(columns, axis=1)
+        if isinstance(model, AuxiliaryHeads):  # (B, 1 + T)
+            labels = labels[:, None] if data.train_aux is None else np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)
         inputs, targets = to_batch(data.train_x[idx], labels, spec, device, layout_of(model))
-        if config.shoot_augment:
-            inputs = imitate_shoot(inputs, spec, generator, config.shoot_strength)
-        elif config.augment:
-            inputs = augment(inputs, spec, generator)
-        elif config.flip:
-            inputs = random_flip(inputs, generator)
+        draws = generator.get_state()  # the teacher's view of the batch takes the same draws
+        inputs = view(inputs, spec, generator)
+        if data.teacher is not None:
+            targets = (targets, data.teacher.targets(idx, view, draws))
         loss = train_step(model, (inputs, targets), loss_fn, optimizer, extra_loss)
         if scheduler is not None:
             scheduler.step()
@@ -651,6 +688,17 @@ def train_epoch(
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update()
     return loss_sum / max(seen, 1)
+
+
+def training_view(config: TrainConfig) -> View:
+    """The augmentation the recipe trains with, as one function of (batch, spec, generator)."""
+    if config.shoot_augment:
+        return lambda x, spec, g: imitate_shoot(x, spec, g, config.shoot_strength)
+    if config.augment:
+        return augment
+    if config.flip:
+        return lambda x, _spec, g: random_flip(x, g)
+    return lambda x, _spec, _g: x
 
 
 def validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -686,20 +734,20 @@ def fit(model: EmbeddingNet, data: LabelledPixels, config: TrainConfig, progress
     val = validation_mask(data.train_y, config.val_fraction, config.split_seed + 1)
     fit_data = replace(data, train_x=data.train_x[~val], train_y=data.train_y[~val],
                        train_aux=None if data.train_aux is None else data.train_aux[~val],
-                       train_teacher=None if data.train_teacher is None else data.train_teacher[~val])
+                       teacher=None if data.teacher is None else data.teacher.rows(~val))
     val_x, val_y = data.train_x[val], data.train_y[val]
     loss_fn = config.loss_fn()
     trained: nn.Module = model
     step_loss: LossFn = loss_fn
     batch_loss = BATCH_LOSSES[config.batch_loss] if config.batch_loss != "none" else None
-    teacher = None if fit_data.train_teacher is None else torch.from_numpy(fit_data.train_teacher)
-    if (config.aux_labels and data.train_aux is not None) or batch_loss is not None or teacher is not None:
+    taught = data.teacher is not None
+    if (config.aux_labels and data.train_aux is not None) or batch_loss is not None or taught:
         sizes = [len(names) for names in data.aux_classes] if data.train_aux is not None else []
-        trained = AuxiliaryHeads(model, sizes, with_embedding=batch_loss is not None or teacher is not None
+        trained = AuxiliaryHeads(model, sizes, with_embedding=batch_loss is not None or taught
                                  ).to(next(model.parameters()).device)
         step_loss = MultiTaskLoss(loss_fn, model.spec.num_classes, sizes, config.aux_weight,
                                   batch_loss, config.batch_loss_weight, model.spec.embedding_dim,
-                                  teacher, config.distill_weight)
+                                  config.distill_weight)
     ema = None
     if config.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -863,10 +911,10 @@ def train(
     teacher = None
     if config.teacher is not None:
         teacher = teacher_for(store, config, data.split)
-        log.info("distilling %s (%s, %d px) into %s", teacher.version, teacher.spec.arch, teacher.preprocess.size,
-                 config.arch)
-        data = replace(data, train_teacher=teacher_targets(store, teacher, config, data.items, data.split.train_ids,
-                                                           device, progress))
+        log.info("distilling %s (%s, %d px) into %s, on %s views", teacher.version, teacher.spec.arch,
+                 teacher.preprocess.size, config.arch, config.teacher_views)
+        data = replace(data, teacher=load_teacher(store, teacher, config, data.items, data.split.train_ids, device,
+                                                  progress))
     extra_loss, pair_stats = pair_loss(config, data, data.split.train_ids, data.split.test_ids + data.split.period_ids,
                                        feedback_pairs, pair_options)
     result = fit(model, data, config, progress, extra_loss)
@@ -902,8 +950,8 @@ def train(
         refit_started = time.perf_counter()
         everything, ids = all_items(config, data, progress)
         if teacher is not None:
-            everything = replace(everything, train_teacher=teacher_targets(store, teacher, config, data.items, ids,
-                                                                           device, progress))
+            everything = replace(everything, teacher=load_teacher(store, teacher, config, data.items, ids, device,
+                                                                  progress))
         seed_everything(config.seed)
         model = new_model(config, model_spec, device)
         refit_loss, refit_pairs = pair_loss(config, everything, ids, (), feedback_pairs, pair_options)

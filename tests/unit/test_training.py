@@ -658,43 +658,70 @@ def test_final_fit_all_stores_a_model_trained_on_every_item_with_the_recipes_fig
                                                     served_model.state_dict().values(), strict=True))
 
 
-def test_a_teacher_adds_one_minus_cosine_to_its_rows() -> None:
+def test_a_teacher_adds_one_minus_cosine_to_the_embeddings() -> None:
     spec = ModelSpec(arch="res-cnn", input_size=16, channels=(4, 8), embedding_dim=8, num_classes=3)
     model = EmbeddingNet(spec).eval()
     net = AuxiliaryHeads(model, [2], with_embedding=True)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         out = net(x)
-    teacher = torch.nn.functional.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    targets = torch.tensor([[0, 1, 7], [1, -1, 2], [2, 0, 9], [0, 1, 0]])  # class, aux label, teacher row
+    taught = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    targets = torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1]])  # class, aux label
     main = CosFaceLoss()
-    loss = MultiTaskLoss(main, 3, [2], 0.5, embedding_dim=8, teacher=teacher, teacher_weight=2.0)(out, targets)
-    unit = out[:, -8:]
+    loss = MultiTaskLoss(main, 3, [2], 0.5, embedding_dim=8, teacher_weight=2.0)(out, (targets, taught))
     expected = (main(out[:, :3], targets[:, 0]) + 0.5 * main(out[[0, 2, 3], 3:5], targets[[0, 2, 3], 1])
-                + 2.0 * (1 - (unit * teacher[[7, 2, 9, 0]]).sum(dim=1)).mean())
+                + 2.0 * (1 - (out[:, -8:] * taught).sum(dim=1)).mean())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="dimensions"):
-        MultiTaskLoss(main, 3, [], 0.3, embedding_dim=8, teacher=teacher[:, :4])
+        MultiTaskLoss(main, 3, [2], 0.3, embedding_dim=8)(out, (targets, taught[:, :4]))
 
 
-def test_distillation_pulls_the_students_embeddings_to_the_teachers(shapes_catalog: Path, tmp_path: Path) -> None:
+def test_the_teacher_sees_the_students_augmented_view(shapes_catalog: Path, tmp_path: Path) -> None:
+    """With views "augmented" the teacher embeds the batch as the student's augmentation drew it
+    (the same draws, in its own preprocessing); with "catalog", its fixed flip-averaged embeddings."""
+    from training.train import load_teacher, training_view
+
+    config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path / "cache", epochs=1, shoot_augment=True)
+    store = ModelStore(tmp_path / "models")
+    card = train(config, store, progress=False)
+    data = prepare_data(config, progress=False)
+    teacher = load_teacher(store, card, config, data.items, data.split.train_ids, torch.device("cpu"), progress=False)
+    assert teacher.fixed is None and teacher.pixels.shape == (len(data.train_y), 32, 32, 3)
+    idx = np.array([3, 0, 7, 5])
+    view, generator = training_view(config), torch.Generator().manual_seed(3)
+    draws = generator.get_state()
+    student_view = view(torch.from_numpy(normalise(data.train_x[idx], config.preprocess_spec())), config.preprocess_spec(),
+                        generator)
+    model, _ = store.load(card.version)
+    with torch.no_grad():
+        expected = model.unit_embedding(student_view)
+    assert torch.allclose(teacher.targets(idx, view, draws), expected, atol=1e-4)
+    assert not torch.allclose(teacher.targets(idx), expected, atol=1e-2)  # unaugmented: another target
+    fixed = load_teacher(store, card, replace(config, teacher_views="catalog"), data.items, data.split.train_ids,
+                         torch.device("cpu"), progress=False)
+    assert fixed.fixed is not None and np.allclose(np.linalg.norm(fixed.fixed, axis=1), 1, atol=1e-5)
+    assert torch.equal(fixed.rows(idx).targets(np.arange(4)), torch.from_numpy(fixed.fixed[idx]))
+
+
+@pytest.mark.parametrize("views", ["augmented", "catalog"])
+def test_distillation_pulls_the_students_embeddings_to_the_teachers(views: str, shapes_catalog: Path,
+                                                                    tmp_path: Path) -> None:
     """A student with a teacher lands near the teacher's embeddings; the same student without one
     does not (its space is its own); the card names the teacher."""
-    from training.train import teacher_for, teacher_targets
+    from training.train import load_teacher, teacher_for
 
     config = replace(SHAPES_CONFIG, data=shapes_catalog, cache_dir=tmp_path / "cache", epochs=4)
     store = ModelStore(tmp_path / "models")
     teacher = train(config, store, progress=False)
-    student_config = replace(config, channels=(8, 16), epochs=8, size=24)  # another net, another input size
+    student_config = replace(config, channels=(8, 16), epochs=8, size=24, teacher_views=views)  # another net and size
     data = prepare_data(student_config, progress=False)
-    targets = teacher_targets(store, teacher_for(store, replace(student_config, teacher=teacher.version), data.split),
-                              student_config, data.items, data.split.train_ids, torch.device("cpu"), progress=False)
-    assert targets.shape == (len(data.train_y), 32)
-    assert np.allclose(np.linalg.norm(targets, axis=1), 1, atol=1e-5)
+    fixed = load_teacher(store, teacher_for(store, replace(student_config, teacher=teacher.version), data.split),
+                         replace(student_config, teacher_views="catalog"), data.items, data.split.train_ids,
+                         torch.device("cpu"), progress=False).fixed
 
     def agreement(card: ModelCard) -> float:
         model, _ = store.load(card.version)
-        return float((embed_all(model, data.train_x, student_config.preprocess_spec()) * targets).sum(axis=1).mean())
+        return float((embed_all(model, data.train_x, student_config.preprocess_spec()) * fixed).sum(axis=1).mean())
 
     alone = train(student_config, store, progress=False)
     taught = train(replace(student_config, teacher=teacher.version, distill_weight=20.0), store, progress=False)
