@@ -60,6 +60,8 @@ HELP = {
     "teacher": "distil this model of the store (a version or alias, trained on the same split, not on all "
                "items): learn to reproduce its embeddings, e.g. effnet-lite0's in the cheaper res-cnn ('none': off)",
     "distill_weight": "weight of the teacher's term (1 - cosine to its embedding)",
+    "teacher_views": "augmented: each step the teacher embeds the student's augmented batch (a teacher forward "
+                     "pass per batch); catalog: its embeddings of the training images, once",
     "promote": "put the new model through the promotion gate (lookalike models promote): it becomes champion "
                "only if it beats the champion by the margin. Without: it becomes the challenger, or the champion "
                "when there is none yet",
