@@ -674,7 +674,7 @@ def train_epoch(
         if isinstance(model, AuxiliaryHeads):  # (B, 1 + T)
             labels = labels[:, None] if data.train_aux is None else np.concatenate([labels[:, None], data.train_aux[idx]], axis=1)
         inputs, targets = to_batch(data.train_x[idx], labels, spec, device, layout_of(model))
-        draws = generator.get_state()  # the teacher's view of the batch takes the same draws
+        draws = None if data.teacher is None else generator.get_state()  # the teacher's view takes the same draws
         inputs = view(inputs, spec, generator)
         if data.teacher is not None:
             targets = (targets, data.teacher.targets(idx, view, draws))
